@@ -1,0 +1,98 @@
+"""Defaults shared by every named config; each file in configs/ starts from `base_config()`.
+
+Every field that exists here can be overridden on the command line as `--config.<group>.<key>=<value>`.
+The README's config reference documents each one.
+"""
+
+import ml_collections
+
+from sharding.rules import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4  # == num_heads: MHA; 1: MQA; in between: GQA
+  c.model.head_dim = 0  # 0: d_model // num_heads
+  c.model.mlp_dim = 1024
+  c.model.mlp_type = "swiglu"  # swiglu | gelu
+  c.model.norm_type = "rmsnorm"  # rmsnorm | layernorm
+  c.model.norm_eps = 1e-6
+  c.model.position_type = "rope"  # rope | learned | sinusoidal
+  c.model.rope_theta = 10_000.0
+  c.model.tie_embeddings = True
+  c.model.dropout_rate = 0.0
+  c.model.init_std = 0.02
+  c.model.vocab_multiple = 128  # embedding rows are padded to a multiple of this (and of the tensor axis)
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "float32"  # float32 | bfloat16
+  c.model.remat = "none"  # none | full | dots: what the backward pass recomputes
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.num_experts = 0  # 0: dense model
+  c.moe.top_k = 2
+  c.moe.capacity_factor = 1.25  # <= 0: dropless
+  c.moe.every = 1  # an MoE MLP every N layers, dense MLPs between
+  c.moe.num_shared_experts = 0
+  c.moe.expert_mlp_dim = 0  # 0: model.mlp_dim
+  c.moe.router_score = "softmax"  # softmax | sigmoid
+  c.moe.renormalize_gates = True
+  c.moe.aux_loss_weight = 0.01
+  c.moe.z_loss_weight = 0.001
+
+  c.data = ml_collections.ConfigDict()
+  c.data.files = ""  # comma-separated globs; empty: the Python standard library's source tree
+  c.data.text_field = "text"  # JSONL field / Parquet column holding the document text
+  c.data.hf_dataset = ""  # optional: a Hugging Face dataset name (needs network and `datasets`)
+  c.data.hf_split = "train"
+  c.data.invalid_utf8 = "replace"  # replace | skip: what to do with a file that is not valid UTF-8
+  c.data.tokenizer = ""  # path to a sentencepiece .model; empty: train one on the corpus
+  c.data.tokenizer_type = "bpe"  # bpe | unigram (only when training one)
+  c.data.vocab_size = 4096  # size of the tokenizer to train (ignored when data.tokenizer is given)
+  c.data.tokenizer_sample_bytes = 5_000_000
+  c.data.seq_len = 256
+  c.data.eval_fraction = 0.01  # fraction of documents held out, chosen by a hash of their path
+  c.data.num_workers = 2  # processes that tokenize
+  c.data.cache_dir = ""  # empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
+  c.data.shuffle = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.peak_lr = 3e-4
+  c.optim.final_lr = 3e-5
+  c.optim.warmup_steps = 100
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # applied to matrices only (embeddings included), never to norms or biases
+  c.optim.clip_norm = 1.0  # global-norm clipping; <= 0 disables
+  c.optim.zero_stage = 0  # 0 | 1 | 2: optimizer state (1) and gradients (2) sharded over `data`
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.global_batch_size = 16  # sequences per optimizer update, all processes together
+  c.train.grad_accum = 1  # microbatches per update; global_batch_size must divide evenly
+  c.train.z_loss_weight = 0.0  # weight of log(Z)^2 of the output softmax
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.train.eval_batches = 8
+  c.train.seed = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  for axis in ("stage", "data", "fsdp", "expert", "tensor"):
+    setattr(c.mesh, axis, -1 if axis == "data" else 1)
+    setattr(c.mesh, f"dcn_{axis}", 1)  # multi-slice: this axis's size across slices (over DCN)
+  # Logical axis name -> comma-separated mesh axes ("" = replicated); see sharding/rules.py.
+  c.mesh.rules = ml_collections.ConfigDict(DEFAULT_RULES)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.keep_period = 0  # > 0: checkpoints at multiples of this step are never deleted
+  c.checkpoint.init_from = ""  # a run directory or checkpoint to start a new run from
+  c.checkpoint.init_optimizer_state = False
+  c.checkpoint.async_save = True
+  return c

@@ -1,0 +1,65 @@
+"""The model's own view of the configuration: plain, frozen, validated numbers."""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int  # embedding rows, already padded (see `padded_vocab_size`)
+  max_len: int  # longest sequence the positions support
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  mlp_type: str = "swiglu"
+  norm_type: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  position_type: str = "rope"
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  init_std: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"
+  # Mixture of experts (num_experts == 0: every MLP is dense).
+  num_experts: int = 0
+  top_k: int = 2
+  capacity_factor: float = 1.25
+  moe_every: int = 1
+  num_shared_experts: int = 0
+  expert_mlp_dim: int = 0
+  router_score: str = "softmax"
+  renormalize_gates: bool = True
+
+  @property
+  def dtype(self):
+    return _DTYPES[self.compute_dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_config(cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int) -> "ModelConfig":
+    """Builds from `config.model` and `config.moe`; `vocab_size` must already be padded."""
+    head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in model_cfg.items() if k in fields}
+    moe_names = {"every": "moe_every"}
+    kwargs.update({moe_names.get(k, k): v for k, v in moe_cfg.items() if moe_names.get(k, k) in fields})
+    kwargs.update(vocab_size=vocab_size, max_len=max_len, head_dim=head_dim)
+    return cls(**kwargs)
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int, tensor_parallelism: int = 1) -> int:
+  """Rounds the embedding up so it splits evenly over the tensor axis; the tokenizer is unchanged."""
+  step = math.lcm(max(multiple, 1), max(tensor_parallelism, 1))
+  return -(-tokenizer_vocab // step) * step

@@ -1,0 +1,88 @@
+"""Shardings of the train state: parameters from their logical names, ZeRO on top, optimizer state alike."""
+
+import dataclasses
+import math
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.mesh import MeshError
+from sharding.rules import Rules, logical_to_spec
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def param_specs(abstract_params, logical_names, rules: Rules, mesh: Mesh, *, where: str = "parameter"):
+  """Mesh PartitionSpecs for every parameter; a dimension that its mesh axes do not divide is a MeshError."""
+
+  def one(path, leaf, names):
+    spec = logical_to_spec(tuple(names), rules, mesh)
+    for dim, (size, entry) in enumerate(zip(leaf.shape, spec)):
+      shards = math.prod(mesh.shape[a] for a in _axes_of(entry))
+      if size % shards:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        raise MeshError(
+          f"{where} {name} has size {size} on its {names[dim]!r} axis, not divisible by mesh axes "
+          f"{_axes_of(entry)} of size {shards}; change the model size or config.mesh / config.mesh.rules"
+        )
+    return spec
+
+  return jax.tree_util.tree_map_with_path(one, abstract_params, logical_names)
+
+
+def add_data_axis(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+  """ZeRO: additionally shard over `data` on the first dimension that stays divisible; else leave as is."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  data = mesh.shape["data"]
+  if data == 1 or any("data" in _axes_of(e) for e in entries):
+    return spec
+  for dim, size in enumerate(shape):
+    axes = _axes_of(entries[dim])
+    if size % (math.prod(mesh.shape[a] for a in axes) * data) == 0:
+      entries[dim] = ("data",) + axes if axes else "data"
+      return PartitionSpec(*entries)
+  return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class StateShardings:
+  """Where each part of the train state lives, and where gradients go before the optimizer update."""
+
+  params: object  # pytree of NamedSharding, like the params
+  opt_state: object  # pytree of NamedSharding, like the optimizer state
+  grads: object  # pytree of NamedSharding: reduce-scattered over `data` for ZeRO-2, else like params
+  replicated: NamedSharding
+
+
+def state_shardings(
+  abstract_params, logical_names, optimizer: optax.GradientTransformation, rules: Rules, mesh: Mesh, zero_stage: int
+) -> StateShardings:
+  specs = param_specs(abstract_params, logical_names, rules, mesh)
+  zero_specs = jax.tree.map(lambda s, p: add_data_axis(s, p.shape, mesh), specs, abstract_params)
+  named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree)  # noqa: E731
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params = named(specs)
+  sharded = named(zero_specs)
+  abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  opt_param_shardings = sharded if zero_stage >= 1 else params
+  opt_state = optax.tree_utils.tree_map_params(
+    optimizer,
+    lambda _, sharding: sharding,
+    abstract_opt_state,
+    opt_param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
+  return StateShardings(params, opt_state, sharded if zero_stage >= 2 else params, replicated)
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a tree, read from the shardings (the largest over devices)."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+    total += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+  return total

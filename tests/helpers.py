@@ -1,0 +1,76 @@
+"""Small configs, synthetic batches and a few-step runner shared by the tests."""
+
+import jax
+import numpy as np
+
+from configs.base import base_config
+from sharding.mesh import make_mesh
+from trainer.experiment import build
+
+VOCAB = 200  # a tokenizer's size; the model pads its embedding to a multiple of 128
+
+
+def small_config(**overrides):
+  """A model small enough that a train step compiles in about a second; overrides as {"group.key": value}."""
+  c = base_config()
+  c.model.num_layers = 2
+  c.model.d_model = 32
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.mlp_dim = 64
+  c.data.seq_len = 16
+  c.train.global_batch_size = 8
+  c.train.steps = 10
+  c.optim.warmup_steps = 2
+  c.optim.peak_lr = 1e-2
+  c.optim.final_lr = 1e-3
+  c.mesh.data = 1
+  for key, value in overrides.items():
+    group, name = key.split(".", 1)
+    if "." in name:
+      sub, name = name.split(".")
+      c[group][sub][name] = value
+    else:
+      c[group][name] = value
+  return c
+
+
+def packed_batch(rng: np.random.Generator, batch: int, length: int, vocab: int = VOCAB, docs_per_row: int = 3) -> dict:
+  """A batch shaped like the data pipeline's: several documents per row, segment ids, positions, loss mask."""
+  tokens = rng.integers(1, vocab, (batch, length + 1))
+  segment_ids = np.zeros((batch, length + 1), np.int32)
+  positions = np.zeros((batch, length + 1), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, length), docs_per_row - 1, replace=False))
+    bounds = [0, *cuts, length + 1]
+    for doc, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+      segment_ids[row, a:b] = doc + 1
+      positions[row, a:b] = np.arange(b - a)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  loss_mask = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(np.float32)
+  return {
+    "inputs": inputs.astype(np.int32),
+    "targets": targets.astype(np.int32),
+    "segment_ids": segment_ids[:, :-1],
+    "positions": positions[:, :-1],
+    "loss_mask": loss_mask,
+  }
+
+
+def run_steps(cfg, batches: list[dict], devices=None):
+  """Initialises from cfg.train.seed and runs one train step per batch; returns (losses, final params on host)."""
+  exp = build(cfg, VOCAB, mesh_for(cfg, devices))
+  state = exp.init_state()
+  losses = []
+  for batch in batches:
+    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), jax.device_get(state.params), exp
+
+
+def mesh_for(cfg, devices=None):
+  """The config's mesh over the first devices it needs (all 8 emulated ones where a size is -1)."""
+  if devices is None:
+    sizes = [cfg.mesh[axis] for axis in ("stage", "data", "fsdp", "expert", "tensor")]
+    devices = jax.devices() if -1 in sizes else jax.devices()[: int(np.prod(sizes))]
+  return make_mesh(cfg.mesh, devices)

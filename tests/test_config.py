@@ -1,0 +1,85 @@
+"""Bad configs fail before anything is built, with one line that names the key and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from trainer.config import ConfigError, check_overrides, load_config_file, validate
+
+TINY = "configs/tiny.py"
+
+
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    (
+      "--config.model.num_layerz=3",
+      r"unknown config key config\.model\.num_layerz; did you mean config\.model\.num_layers\?",
+    ),
+    ("--config.optim.peak_lr=fast", r"config\.optim\.peak_lr must be float, got 'fast'"),
+    ("--config.train.steps=1.5", r"config\.train\.steps must be int, got '1\.5'"),
+    ("--config.model.tie_embeddings=maybe", r"config\.model\.tie_embeddings must be bool"),
+    ("--config.model=3", r"config\.model is a group"),
+  ],
+)
+def test_bad_override_names_the_key(override, message):
+  with pytest.raises(ConfigError, match=message):
+    check_overrides(["train.py", "--config", TINY, override])
+
+
+def test_good_overrides_pass():
+  check_overrides(["train.py", f"--config={TINY}", "--config.model.num_layers=3", "--config.data.files=a.txt,b.txt"])
+
+
+@pytest.mark.parametrize(
+  "changes,message",
+  [
+    ({"model.d_model": 100, "model.num_heads": 3}, r"d_model=100 is not divisible by config\.model\.num_heads=3"),
+    (
+      {"model.num_heads": 4, "model.num_kv_heads": 3},
+      r"num_heads=4 is not a multiple of config\.model\.num_kv_heads=3",
+    ),
+    ({"optim.warmup_steps": 500, "train.steps": 100}, r"warmup_steps=500 is longer than the run"),
+    ({"model.mlp_type": "relu"}, r"config\.model\.mlp_type='relu' is not one of swiglu, gelu"),
+    ({"train.global_batch_size": 10, "train.grad_accum": 4}, r"global_batch_size=10 is not divisible by"),
+    ({"optim.zero_stage": 3}, r"zero_stage=3 must be 0, 1 or 2"),
+  ],
+)
+def test_inconsistent_values_are_rejected(changes, message):
+  cfg = load_config_file(TINY)
+  for key, value in changes.items():
+    group, name = key.split(".")
+    cfg[group][name] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(cfg)
+
+
+def test_every_named_config_is_valid():
+  import glob
+
+  for path in sorted(glob.glob("configs/*.py")):
+    if not path.endswith("base.py"):
+      validate(load_config_file(path))
+
+
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (
+      ["--config.model.num_layerz=3"],
+      "error: unknown config key config.model.num_layerz; did you mean config.model.num_layers?",
+    ),
+    (
+      ["--config.optim.warmup_steps=5000", "--config.train.steps=10"],
+      "error: config.optim.warmup_steps=5000 is longer",
+    ),
+  ],
+)
+def test_train_py_exits_with_one_line(args, message, tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "train.py", "--config", TINY, f"--workdir={tmp_path}", *args], capture_output=True, text=True
+  )
+  assert proc.returncode != 0
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]

@@ -1,0 +1,155 @@
+"""The model's contracts: causality, packed-document isolation, GQA/MHA equivalence, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import ModelConfig, Transformer
+
+
+def make_model(**kw) -> Transformer:
+  fields = dict(
+    vocab_size=128, max_len=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+  )
+  fields.update(kw)
+  with nnx.use_eager_sharding(False):
+    return Transformer(ModelConfig(**fields), nnx.Rngs(params=0))
+
+
+def logits_of(model, tokens, positions=None, segment_ids=None):
+  tokens = jnp.asarray(tokens)[None]
+  length = tokens.shape[1]
+  positions = jnp.arange(length)[None] if positions is None else jnp.asarray(positions)[None]
+  segment_ids = jnp.ones_like(tokens) if segment_ids is None else jnp.asarray(segment_ids)[None]
+  logits, _ = model(tokens, positions, segment_ids)
+  return np.asarray(logits[0])
+
+
+@pytest.mark.parametrize("position_type", ["rope", "learned", "sinusoidal"])
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(position_type):
+  model = make_model(position_type=position_type)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 128, 24)
+  t = 11
+  changed = tokens.copy()
+  changed[t + 1 :] = rng.integers(0, 128, len(tokens) - t - 1)
+  a, b = logits_of(model, tokens), logits_of(model, changed)
+  np.testing.assert_allclose(a[: t + 1], b[: t + 1], rtol=1e-5, atol=1e-5)
+  assert np.abs(a[t + 1 :] - b[t + 1 :]).max() > 1e-3  # later positions do see the change
+
+
+@pytest.mark.parametrize("position_type", ["rope", "learned", "sinusoidal"])
+@pytest.mark.parametrize("norm_type,mlp_type", [("rmsnorm", "swiglu"), ("layernorm", "gelu")])
+def test_packed_row_gives_each_document_its_own_logits(position_type, norm_type, mlp_type):
+  model = make_model(position_type=position_type, norm_type=norm_type, mlp_type=mlp_type)
+  rng = np.random.default_rng(1)
+  docs = [rng.integers(0, 128, n) for n in (7, 12, 5)]
+  packed = np.concatenate(docs)
+  positions = np.concatenate([np.arange(len(d)) for d in docs])
+  segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])
+  packed_logits = logits_of(model, packed, positions, segments)
+  start = 0
+  for doc in docs:
+    alone = logits_of(model, doc)
+    np.testing.assert_allclose(packed_logits[start : start + len(doc)], alone, rtol=1e-5, atol=1e-5)
+    start += len(doc)
+
+
+def _naive_mha(x_LxD, wq, wk, wv, wo, positions):
+  """Multi-head attention one head at a time, with numpy loops for the mask: an independent reference."""
+  from model.layers import rope
+
+  q = rope(jnp.einsum("LD,DNH->LNH", x_LxD, wq)[None], positions[None], 10_000.0)[0]
+  k = rope(jnp.einsum("LD,DNH->LNH", x_LxD, wk)[None], positions[None], 10_000.0)[0]
+  v = jnp.einsum("LD,DNH->LNH", x_LxD, wv)
+  length, heads, dim = q.shape
+  out = np.zeros((length, heads, dim), np.float32)
+  for h in range(heads):
+    for i in range(length):
+      scores = np.array([float(q[i, h] @ k[j, h]) / np.sqrt(dim) for j in range(i + 1)])
+      p = np.exp(scores - scores.max())
+      p /= p.sum()
+      out[i, h] = sum(p[j] * np.asarray(v[j, h]) for j in range(i + 1))
+  return jnp.einsum("LNH,NHD->LD", out, wo)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_attention_matches_naive_multi_head_reference(num_kv_heads):
+  """GQA/MQA is MHA whose kv heads are shared: it equals the naive MHA with each kv head repeated."""
+  from model.attention import Attention
+
+  cfg = ModelConfig(
+    vocab_size=128, max_len=16, num_layers=1, d_model=32, num_heads=4, num_kv_heads=num_kv_heads, head_dim=8, mlp_dim=64
+  )
+  with nnx.use_eager_sharding(False):
+    attn = Attention(cfg, nnx.Rngs(params=3))
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 10, 32))
+  positions = jnp.arange(10)[None]
+  got = attn(x, positions, jnp.ones((1, 10), jnp.int32))[0]
+  repeat = 4 // num_kv_heads
+  wk = jnp.repeat(attn.wk_DxKxH[...], repeat, axis=1)
+  wv = jnp.repeat(attn.wv_DxKxH[...], repeat, axis=1)
+  want = _naive_mha(x[0], attn.wq_DxNxH[...], wk, wv, attn.wo_NxHxD[...], positions[0])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gqa_with_all_kv_heads_equals_mha_model():
+  """num_kv_heads == num_heads is plain MHA: the same weights give the same logits whatever the grouping path."""
+  gqa = make_model(num_kv_heads=2)
+  mha = make_model(num_kv_heads=4)
+  # Give the MHA model the GQA model's weights, each kv head repeated for the query heads that share it.
+  _, gqa_params = nnx.split(gqa)
+  graphdef, mha_params = nnx.split(mha)
+  pure = gqa_params.to_pure_dict()
+  for name in ("wk_DxKxH", "wv_DxKxH"):
+    pure["blocks"]["attn"][name] = jnp.repeat(pure["blocks"]["attn"][name], 2, axis=2)
+  mha = nnx.merge(graphdef, nnx.State(pure))
+  tokens = np.random.default_rng(2).integers(0, 128, 20)
+  np.testing.assert_allclose(logits_of(gqa, tokens), logits_of(mha, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  """bf16 activations with fp32 weights: logits within 0.1 (absolute) and the loss within 1% of fp32."""
+  from model import cross_entropy_sums
+
+  f32 = make_model()
+  graphdef, params = nnx.split(f32)
+  bf16 = nnx.merge(nnx.graphdef(make_model(compute_dtype="bfloat16")), params)
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, 128, 32)
+  a, b = logits_of(f32, tokens), logits_of(bf16, tokens)
+  assert b.dtype == np.float32  # logits come out in fp32 for the loss
+  assert np.abs(a - b).max() < 0.1
+  targets = jnp.asarray(np.roll(tokens, -1))[None]
+  mask = jnp.ones((1, 32))
+  loss_a = cross_entropy_sums(jnp.asarray(a)[None], targets, mask)[0] / 32
+  loss_b = cross_entropy_sums(jnp.asarray(b)[None], targets, mask)[0] / 32
+  assert abs(float(loss_a) - float(loss_b)) / float(loss_a) < 0.01
+
+
+def test_untied_head_and_stacked_layer_axis():
+  model = make_model(tie_embeddings=False, num_layers=3)
+  _, state = nnx.split(model)
+  specs = nnx.get_partition_spec(state).to_pure_dict()
+  assert "head_DxV" in specs
+  for spec in jax.tree.leaves(specs["blocks"]):
+    assert spec[0] == "layers"  # every block parameter is stacked for the scan
+  for leaf in jax.tree.leaves(state.to_pure_dict()["blocks"]):
+    assert leaf.shape[0] == 3
+
+
+def test_cross_entropy_matches_formula_with_mask_and_z_loss():
+  from model import cross_entropy_sums
+
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (2, 5))
+  mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  nll, z, n = cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  log_z = np.log(np.exp(logits).sum(-1))
+  want_nll = sum(mask[b, t] * (log_z[b, t] - logits[b, t, targets[b, t]]) for b in range(2) for t in range(5))
+  np.testing.assert_allclose(float(nll), want_nll, rtol=1e-5)
+  np.testing.assert_allclose(float(z), (mask * log_z**2).sum(), rtol=1e-5)
+  assert float(n) == mask.sum()

@@ -1,0 +1,144 @@
+"""The training loop: build, initialise or resume, step, log, evaluate, write the run directory."""
+
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import data
+from model.config import ModelConfig
+from sharding.mesh import make_mesh
+from trainer.experiment import Experiment, build
+from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
+
+
+def evaluate(exp: Experiment, params, eval_batches: list[dict]) -> dict:
+  nll, tokens = 0.0, 0.0
+  for local_batch in eval_batches:
+    batch_nll, batch_tokens = exp.eval_step(params, data.global_batch(local_batch, exp.batch_sharding))
+    nll, tokens = nll + float(batch_nll), tokens + float(batch_tokens)
+  loss = nll / max(tokens, 1.0)
+  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
+
+
+class _Throughput:
+  """Tokens/s and MFU between two completed steps, timed on the host when their metrics arrive."""
+
+  def __init__(self, model_cfg: ModelConfig, tokens_per_step: int, seq_len: int, compute_dtype):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token(model_cfg, seq_len)
+    peak, self.peak_source = peak_flops_per_device(compute_dtype)
+    self.peak_total = peak * jax.device_count()
+    self.step, self.time = None, None
+
+  def mark(self, step: int) -> None:
+    """Step `step` has just completed."""
+    self.step, self.time = step, time.perf_counter()
+
+  def rates(self, step: int) -> dict:
+    """Rates from the last mark up to step `step`, which has just completed; then marks it."""
+    tokens = (step - self.step) * self.tokens_per_step
+    tokens_per_sec = tokens / max(time.perf_counter() - self.time, 1e-9)
+    self.mark(step)
+    return {
+      "tokens_per_sec": tokens_per_sec,
+      "tokens_per_sec_per_device": tokens_per_sec / jax.device_count(),
+      "mfu": tokens_per_sec * self.flops_per_token / self.peak_total,
+    }
+
+
+def _write_config(cfg, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train(cfg, workdir: str) -> dict:
+  """Trains `cfg` in `workdir`; returns the last train and eval metrics."""
+  is_writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh(cfg.mesh)
+  tokenizer = data.load_tokenizer(cfg.data, workdir if is_writer else None)
+  exp = build(cfg, tokenizer.vocab_size, mesh)
+  if is_writer:
+    _write_config(cfg, workdir)
+
+  state = exp.init_state()
+  start_step = int(state.step)
+  steps = cfg.train.steps
+  process_batch = cfg.train.global_batch_size // jax.process_count()
+  train_iter = data.make_train_iterator(
+    cfg.data,
+    tokenizer,
+    batch_size=process_batch,
+    seed=cfg.train.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  eval_batches = data.make_eval_batches(
+    cfg.data,
+    tokenizer,
+    batch_size=process_batch,
+    num_batches=cfg.train.eval_batches,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  writer = MetricWriter(workdir, enabled=is_writer)
+  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+  throughput = _Throughput(exp.model_cfg, tokens_per_step, cfg.data.seq_len, exp.model_cfg.dtype)
+  logging.info(
+    "model: %.1fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s); mesh %s",
+    sum(x.size for x in jax.tree.leaves(exp.abstract_params)) / 1e6,
+    throughput.flops_per_token / 1e6,
+    throughput.peak_total / jax.device_count(),
+    throughput.peak_source,
+    dict(mesh.shape),
+  )
+
+  progress = tqdm(total=steps, initial=start_step, disable=not is_writer, unit="step", dynamic_ncols=True)
+  last_train, last_eval = {}, {}
+  pending = None  # (step, device metrics) of the previous step, read only after the next one is dispatched
+
+  def log_train(step: int, metrics) -> dict:
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    record = {"step": step, "loss": host.pop("loss"), "lr": host.pop("lr"), "grad_norm": host.pop("grad_norm")}
+    record.update(throughput.rates(step))
+    record.update({k: v for k, v in host.items() if k != "tokens"})
+    writer.write(record)
+    progress.set_postfix(
+      loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}"
+    )
+    return record
+
+  def run_eval(step: int) -> dict:
+    record = {"step": step, **evaluate(exp, state.params, eval_batches)}
+    writer.write(record)
+    progress.write(f"step {step}: eval_loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})")
+    return record
+
+  if start_step == 0:
+    last_eval = run_eval(0)  # the untrained model's loss: the baseline every later eval is read against
+  throughput.mark(start_step)
+  for step in range(start_step, steps):
+    batch = data.global_batch(next(train_iter), exp.batch_sharding)
+    state, metrics = exp.train_step(state, batch)
+    done = step + 1
+    if pending is not None and pending[0] % cfg.train.log_every == 0:
+      last_train = log_train(*pending)
+    pending = (done, metrics)
+    if step == start_step:
+      jax.block_until_ready(metrics)  # includes compilation
+      if done % cfg.train.log_every:
+        throughput.mark(done)  # keep compile time out of the first logged interval
+    progress.update(1)
+    if done % cfg.train.eval_every == 0 or done == steps:
+      last_train = log_train(*pending)
+      pending = None
+      last_eval = run_eval(done)
+  progress.close()
+  writer.close()
+  if is_writer:
+    plot_losses(workdir)
+  return {"train": last_train, "eval": last_eval, "state": state, "experiment": exp}

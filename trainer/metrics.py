@@ -1,0 +1,139 @@
+"""Throughput accounting (FLOPs per token, peak FLOP/s, MFU) and the run directory's metric files."""
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from model import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (no sparsity).
+PEAK_BF16_FLOPS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,  # v5e
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,  # v6e (Trillium)
+  "TPU v6e": 918e12,
+  "NVIDIA A100": 312e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+}
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+  """Weights each token multiplies with in a forward pass (MoE: the active experts only); no embedding lookup."""
+  d, h = cfg.d_model, cfg.head_dim
+  attn = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  dense_mlp = d * cfg.mlp_dim * (3 if cfg.mlp_type == "swiglu" else 2)
+  mlp_per_layer = [dense_mlp] * cfg.num_layers
+  if cfg.num_experts > 0:
+    expert_dim = cfg.expert_mlp_dim or cfg.mlp_dim
+    expert = d * expert_dim * (3 if cfg.mlp_type == "swiglu" else 2)
+    moe_mlp = (cfg.top_k + cfg.num_shared_experts) * expert + d * cfg.num_experts
+    mlp_per_layer = [moe_mlp if (i + 1) % cfg.moe_every == 0 else dense_mlp for i in range(cfg.num_layers)]
+  return cfg.num_layers * attn + sum(mlp_per_layer) + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 * matmul weights + 12 * layers * heads * head_dim * seq_len (attention).
+
+  6 = 2 (multiply-add) x 3 (forward + two backward matmuls). The attention term counts QK^T and PV over the
+  full L x L square, as PaLM and MaxText do, although causal masking makes half of it unnecessary.
+  """
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6 * matmul_params_per_token(cfg) + attention
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large matmul on the default device: the CPU's practical peak, measured, not assumed."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def peak_flops_per_device(compute_dtype=jnp.float32) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in PEAK_BF16_FLOPS.items():
+    if kind.startswith(name):
+      return peak, f"{kind} bf16 spec sheet"
+  if jax.default_backend() == "cpu":
+    # Emulated CPU devices share the host's cores: the measured peak is for the whole host.
+    return measure_matmul_peak(compute_dtype) / jax.local_device_count(), "measured matmul on this CPU"
+  logging.warning("unknown device kind %r: MFU is reported against a measured matmul peak", kind)
+  return measure_matmul_peak(compute_dtype), "measured matmul"
+
+
+class MetricWriter:
+  """Appends metrics.jsonl lines and TensorBoard scalars; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, record: dict, histograms: dict | None = None) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    step = record["step"]
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, step)
+    for key, values in (histograms or {}).items():
+      for i, value in enumerate(values):
+        self._tb.add_scalar(f"{key}/{i}", float(value), step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str) -> str:
+  """Writes loss.png (train and eval loss against step) from metrics.jsonl; returns its path."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(workdir)
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  if train:
+    ax.plot(*zip(*train), label="train loss", lw=1)
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss", ms=3)
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_title(os.path.basename(os.path.abspath(workdir)))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = os.path.join(workdir, "loss.png")
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path

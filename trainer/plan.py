@@ -1,0 +1,51 @@
+"""`--dry_run`: compile the train step ahead of time from abstract arrays and report the per-device plan."""
+
+import json
+import os
+import re
+
+import jax
+
+from sharding.mesh import make_mesh
+from sharding.partition import bytes_per_device
+from trainer.experiment import build
+from trainer.metrics import flops_per_token
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Counts collective instructions in optimized HLO text (async `-start` forms counted once)."""
+  counts = {}
+  for op in COLLECTIVES:
+    counts[op] = len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo_text))
+  return counts
+
+
+def plan(cfg, workdir: str | None = None) -> dict:
+  """Builds the mesh and compiles the train step without allocating the model; the tokenizer is not needed:
+  the plan uses `config.data.vocab_size`."""
+  mesh = make_mesh(cfg.mesh)
+  exp = build(cfg, cfg.data.vocab_size, mesh)
+  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()
+  memory = compiled.memory_analysis()
+  tokens = cfg.train.global_batch_size * cfg.data.seq_len
+  result = {
+    "devices": jax.device_count(),
+    "mesh": dict(mesh.shape),
+    "params": int(sum(x.size for x in jax.tree.leaves(exp.abstract_params))),
+    "params_bytes_per_device": bytes_per_device(exp.abstract_params, exp.shardings.params),
+    "opt_state_bytes_per_device": bytes_per_device(
+      jax.eval_shape(lambda: exp.abstract_state().opt_state), exp.shardings.opt_state
+    ),
+    "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", 0)),
+    # The model's FLOPs (README formula), all devices together. XLA's cost analysis is no substitute: it counts
+    # the body of the layer scan once, not once per layer.
+    "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
+    "collectives": count_collectives(compiled.as_text()),
+  }
+  if workdir is not None and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "plan.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result

@@ -1,0 +1,42 @@
+"""The train state and how the model's parameters are created: abstractly, then directly in their shardings."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from model import ModelConfig, Transformer
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer updates completed
+  params: dict  # nested dict of fp32 (master) weights
+  opt_state: object
+  rng: jax.Array  # raw uint32 key; dropout at step s uses fold_in(rng, s), so resume is exact
+
+
+def abstract_model(model_cfg: ModelConfig):
+  """(graphdef, params as ShapeDtypeStructs, logical axis names per param) without allocating anything."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  return graphdef, state.to_pure_dict(), nnx.get_partition_spec(state).to_pure_dict()
+
+
+def init_params(model_cfg: ModelConfig, seed: int) -> dict:
+  """Creates the parameters; run under jit with out_shardings so each device makes only its own shards."""
+  with nnx.use_eager_sharding(False):
+    model = Transformer(model_cfg, nnx.Rngs(params=seed))
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def apply_model(graphdef, params: dict, batch: dict, dropout_key=None):
+  """Runs the model on a batch dict (inputs, positions, segment_ids); returns (logits, aux)."""
+  model = nnx.merge(graphdef, nnx.State(params))
+  return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+
+
+def new_state(params: dict, optimizer, seed: int) -> TrainState:
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed)
+  )
