@@ -102,11 +102,13 @@ def train(cfg, workdir: str) -> dict:
   pending = None  # (step, device metrics) of the previous step, read only after the next one is dispatched
 
   def log_train(step: int, metrics) -> dict:
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    record = {"step": step, "loss": host.pop("loss"), "lr": host.pop("lr"), "grad_norm": host.pop("grad_norm")}
+    host = jax.device_get(metrics)
+    arrays = {k: np.asarray(v) for k, v in host.items() if np.ndim(v) > 0}  # e.g. per-layer expert load
+    scalars = {k: float(v) for k, v in host.items() if k not in arrays and k != "tokens"}
+    record = {"step": step, "loss": scalars.pop("loss"), "lr": scalars.pop("lr"), "grad_norm": scalars.pop("grad_norm")}
     record.update(throughput.rates(step))
-    record.update({k: v for k, v in host.items() if k != "tokens"})
-    writer.write(record)
+    record.update(scalars)
+    writer.write(record, arrays)
     progress.set_postfix(
       loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}"
     )

@@ -7,6 +7,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model import ModelConfig
 
@@ -87,7 +88,9 @@ class MetricWriter:
 
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
-  def write(self, record: dict, histograms: dict | None = None) -> None:
+  def write(self, record: dict, arrays: dict | None = None) -> None:
+    """`record` goes to metrics.jsonl and TensorBoard; `arrays` (e.g. expert load [layers, experts]) to
+    TensorBoard only, one scalar per entry, tagged `name/i/j`."""
     if not self.enabled:
       return
     with open(self.path, "a") as f:
@@ -96,9 +99,9 @@ class MetricWriter:
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, step)
-    for key, values in (histograms or {}).items():
-      for i, value in enumerate(values):
-        self._tb.add_scalar(f"{key}/{i}", float(value), step)
+    for key, values in (arrays or {}).items():
+      for index, value in np.ndenumerate(values):
+        self._tb.add_scalar("/".join([key, *map(str, index)]), float(value), step)
 
   def close(self) -> None:
     if self._tb is not None:
