@@ -1,9 +1,11 @@
 """Train a model: `python train.py --config configs/tiny.py [--config.group.key=value ...] [--workdir DIR]`."""
 
+import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from trainer.config import ConfigError, check_overrides, validate
@@ -22,6 +24,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax log every step of a save at INFO
   cfg = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
     "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
@@ -47,5 +50,7 @@ if __name__ == "__main__":
     check_overrides(sys.argv)
   except ConfigError as e:
     sys.exit(f"error: {e}")
-  logging.set_verbosity(logging.INFO)
+  # Our own packages log progress at INFO; libraries (orbax, jax) only warnings and errors.
+  for package in ("trainer", "data", "sharding", "model"):
+    std_logging.getLogger(package).setLevel(std_logging.INFO)
   app.run(main)

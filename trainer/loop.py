@@ -11,8 +11,12 @@ from tqdm import tqdm
 import data
 from model.config import ModelConfig
 from sharding.mesh import make_mesh
+from trainer.checkpoint import Checkpointer, load_params
 from trainer.experiment import Experiment, build
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
+from trainer.preemption import PreemptionGuard
+
+_log = logging.getLogger(__name__)
 
 
 def evaluate(exp: Experiment, params, eval_batches: list[dict]) -> dict:
@@ -50,51 +54,57 @@ class _Throughput:
     }
 
 
-def _write_config(cfg, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+def _initial_state(exp: Experiment, checkpointer: Checkpointer, train_iter, ckpt_cfg):
+  """The newest readable checkpoint of this run, else a fresh state (optionally from another run)."""
+  state = checkpointer.restore_latest(exp.abstract_state(), train_iter)
+  if state is not None:
+    return state
+  state = exp.init_state()
+  if ckpt_cfg.init_from:
+    abstract = exp.abstract_state()
+    opt_state = abstract.opt_state if ckpt_cfg.init_optimizer_state else None
+    params, opt_state = load_params(ckpt_cfg.init_from, abstract.params, opt_state)
+    state = state.replace(params=params, opt_state=opt_state if opt_state is not None else state.opt_state)
+    _log.info("initialised parameters%s from %s", " and optimizer state" * (opt_state is not None), ckpt_cfg.init_from)
+  return state
 
 
 def train(cfg, workdir: str) -> dict:
-  """Trains `cfg` in `workdir`; returns the last train and eval metrics."""
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last train and eval metrics."""
   is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  checkpointer = Checkpointer(workdir, cfg.checkpoint)  # fails now, not at the first save, if unwritable
   mesh = make_mesh(cfg.mesh)
   tokenizer = data.load_tokenizer(cfg.data, workdir if is_writer else None)
   exp = build(cfg, tokenizer.vocab_size, mesh)
+  config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   if is_writer:
-    _write_config(cfg, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_json)
 
-  state = exp.init_state()
-  start_step = int(state.step)
-  steps = cfg.train.steps
   process_batch = cfg.train.global_batch_size // jax.process_count()
-  train_iter = data.make_train_iterator(
-    cfg.data,
-    tokenizer,
-    batch_size=process_batch,
-    seed=cfg.train.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  train_iter = data.make_train_iterator(cfg.data, tokenizer, batch_size=process_batch, seed=cfg.train.seed, **shard)
   eval_batches = data.make_eval_batches(
-    cfg.data,
-    tokenizer,
-    batch_size=process_batch,
-    num_batches=cfg.train.eval_batches,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    cfg.data, tokenizer, batch_size=process_batch, num_batches=cfg.train.eval_batches, **shard
   )
+  state = _initial_state(exp, checkpointer, train_iter, cfg.checkpoint)
+  start_step, steps = int(state.step), cfg.train.steps
+  if start_step >= steps:
+    _log.info("the run in %s is complete (step %d of %d); nothing to do", workdir, start_step, steps)
+    return {"train": {}, "eval": {}, "state": state, "experiment": exp}
+
   writer = MetricWriter(workdir, enabled=is_writer)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   throughput = _Throughput(exp.model_cfg, tokens_per_step, cfg.data.seq_len, exp.model_cfg.dtype)
-  logging.info(
-    "model: %.1fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s); mesh %s",
+  _log.info(
+    "model: %.1fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s); mesh %s; %s at step %d",
     sum(x.size for x in jax.tree.leaves(exp.abstract_params)) / 1e6,
     throughput.flops_per_token / 1e6,
     throughput.peak_total / jax.device_count(),
     throughput.peak_source,
     dict(mesh.shape),
+    "resuming" if start_step else "starting",
+    start_step,
   )
 
   progress = tqdm(total=steps, initial=start_step, disable=not is_writer, unit="step", dynamic_ncols=True)
@@ -123,24 +133,50 @@ def train(cfg, workdir: str) -> dict:
   if start_step == 0:
     last_eval = run_eval(0)  # the untrained model's loss: the baseline every later eval is read against
   throughput.mark(start_step)
-  for step in range(start_step, steps):
-    batch = data.global_batch(next(train_iter), exp.batch_sharding)
-    state, metrics = exp.train_step(state, batch)
-    done = step + 1
-    if pending is not None and pending[0] % cfg.train.log_every == 0:
-      last_train = log_train(*pending)
-    pending = (done, metrics)
-    if step == start_step:
-      jax.block_until_ready(metrics)  # includes compilation
-      if done % cfg.train.log_every:
-        throughput.mark(done)  # keep compile time out of the first logged interval
-    progress.update(1)
-    if done % cfg.train.eval_every == 0 or done == steps:
-      last_train = log_train(*pending)
-      pending = None
-      last_eval = run_eval(done)
+  with PreemptionGuard() as preemption:
+    for step in range(start_step, steps):
+      batch = data.global_batch(next(train_iter), exp.batch_sharding)
+      state, metrics = exp.train_step(state, batch)
+      done = step + 1
+      if pending is not None and pending[0] % cfg.train.log_every == 0:
+        last_train = log_train(*pending)
+      pending = (done, metrics)
+      if step == start_step:
+        jax.block_until_ready(metrics)  # includes compilation
+        if done % cfg.train.log_every:
+          throughput.mark(done)  # keep compile time out of the first logged interval
+      progress.update(1)
+      if done % cfg.train.eval_every == 0 or done == steps:
+        last_train = log_train(*pending)
+        pending = None
+        last_eval = run_eval(done)
+      stop = _preemption_requested(preemption, done, cfg.train.log_every)
+      if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
+        checkpointer.save(done, state, train_iter, config_json)
+      if stop:
+        if pending is not None:
+          last_train = log_train(*pending)
+        checkpointer.wait()
+        progress.close()
+        print(f"{stop}: saved checkpoint at step {done} in {checkpointer.directory}; exiting", flush=True)
+        break
   progress.close()
+  checkpointer.wait()
+  checkpointer.close()
   writer.close()
   if is_writer:
     plot_losses(workdir)
   return {"train": last_train, "eval": last_eval, "state": state, "experiment": exp}
+
+
+def _preemption_requested(guard: PreemptionGuard, step: int, every: int) -> str | None:
+  """The signal's name if a process was asked to stop. With several processes they agree (an all-gather, so
+  only every `every` steps, where the loop syncs for logging anyway) and all save the same step."""
+  if jax.process_count() == 1:
+    return guard.requested
+  if step % every:
+    return None
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.array(guard.requested is not None))
+  return (guard.requested or "SIGTERM") if flags.any() else None

@@ -11,6 +11,8 @@ import numpy as np
 
 from model import ModelConfig
 
+_log = logging.getLogger(__name__)
+
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (no sparsity).
 PEAK_BF16_FLOPS = {
   "TPU v4": 275e12,
@@ -72,7 +74,7 @@ def peak_flops_per_device(compute_dtype=jnp.float32) -> tuple[float, str]:
   if jax.default_backend() == "cpu":
     # Emulated CPU devices share the host's cores: the measured peak is for the whole host.
     return measure_matmul_peak(compute_dtype) / jax.local_device_count(), "measured matmul on this CPU"
-  logging.warning("unknown device kind %r: MFU is reported against a measured matmul peak", kind)
+  _log.warning("unknown device kind %r: MFU is reported against a measured matmul peak", kind)
   return measure_matmul_peak(compute_dtype), "measured matmul"
 
 
@@ -124,8 +126,9 @@ def plot_losses(workdir: str) -> str:
   import matplotlib.pyplot as plt
 
   records = read_metrics(workdir)
-  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  # After a resume, steps past the restored checkpoint are logged again: the last line for a step wins.
+  train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+  evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
   fig, ax = plt.subplots(figsize=(7, 4.5))
   if train:
     ax.plot(*zip(*train), label="train loss", lw=1)

@@ -68,7 +68,8 @@ def make_train_step(
     grads, stats = jax.lax.scan(accumulate, zeros, (micro, keys))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    stats = jax.tree.map(jnp.sum, stats)
+    # Sum over microbatches only: per-layer stats such as the MoE expert load [layers, experts] keep their shape.
+    stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
     metrics = {
       "loss": stats.pop("nll_sum") / total_tokens,
       "z_loss": stats.pop("z_sum") / total_tokens,

@@ -1,0 +1,125 @@
+"""Throughput of the train step: `python scripts/benchmark.py --config configs/tiny.py [--config.k=v ...]`.
+
+Runs warm-up steps, then timed steps on synthetic packed batches (no tokenizer, no data loading: this measures
+the model and the step), and prints step time, tokens/s, tokens/s per device, MFU, compile time and peak memory
+for each compute dtype asked for, as a table and as one JSON line. The MFU denominator on CPU is the matmul
+peak measured in this same process for that dtype, so ratios are comparable across CPU models.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sharding.mesh import make_mesh  # noqa: E402
+from trainer.config import ConfigError, check_overrides, validate  # noqa: E402
+from trainer.experiment import build  # noqa: E402
+from trainer.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure, one after the other.")
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, length: int, vocab: int) -> dict:
+  """Random tokens packed as 4 documents per row, shaped like the data pipeline's batches."""
+  segment_ids = np.repeat(np.arange(1, 5), -(-length // 4))[:length]
+  positions = np.concatenate([np.arange(n) for n in np.bincount(segment_ids)[1:]])
+  tokens = rng.integers(4, vocab, (batch, length + 1), dtype=np.int32)
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": np.broadcast_to(segment_ids, (batch, length)).astype(np.int32),
+    "positions": np.broadcast_to(positions, (batch, length)).astype(np.int32),
+    "loss_mask": np.ones((batch, length), np.float32),
+  }
+
+
+def _peak_memory_bytes() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host max RSS (whole process)"
+
+
+def measure(cfg, steps: int, warmup: int) -> dict:
+  mesh = make_mesh(cfg.mesh)
+  exp = build(cfg, cfg.data.vocab_size, mesh)
+  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+  rng = np.random.default_rng(0)
+  batches = [
+    jax.device_put(
+      synthetic_batch(rng, cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.vocab_size), exp.batch_sharding
+    )
+    for _ in range(2)
+  ]
+  state = exp.init_state()
+  start = time.perf_counter()
+  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()
+  compile_s = time.perf_counter() - start
+  for i in range(warmup):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for i in range(steps):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - start) / steps
+  peak, peak_source = peak_flops_per_device(exp.model_cfg.dtype)
+  tokens_per_sec = tokens_per_step / step_s
+  memory, memory_source = _peak_memory_bytes()
+  return {
+    "compute_dtype": cfg.model.compute_dtype,
+    "devices": jax.device_count(),
+    "params": int(sum(x.size for x in jax.tree.leaves(exp.abstract_params))),
+    "tokens_per_step": tokens_per_step,
+    "step_s": step_s,
+    "tokens_per_sec": tokens_per_sec,
+    "tokens_per_sec_per_device": tokens_per_sec / jax.device_count(),
+    "mfu": tokens_per_sec * flops_per_token(exp.model_cfg, cfg.data.seq_len) / (peak * jax.device_count()),
+    "peak_flops_per_device": peak,
+    "peak_source": peak_source,
+    "compile_s": compile_s,
+    "peak_memory_bytes": memory,
+    "memory_source": memory_source,
+    "final_loss": float(metrics["loss"]),
+  }
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  results = []
+  for dtype in _DTYPES.value:
+    cfg.model.compute_dtype = dtype
+    validate(cfg)
+    results.append(measure(cfg, _STEPS.value, _WARMUP.value))
+  device = jax.devices()[0].device_kind
+  print(f"\n{flags.FLAGS['config'].config_filename} on {jax.device_count()} x {device}")
+  header = f"{'dtype':>9} {'step s':>8} {'tokens/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'compile s':>9} {'peak mem':>10}"
+  print(header)
+  for r in results:
+    print(
+      f"{r['compute_dtype']:>9} {r['step_s']:8.3f} {r['tokens_per_sec']:10.0f} {r['tokens_per_sec_per_device']:10.0f} "
+      f"{r['mfu']:6.1%} {r['compile_s']:9.1f} {r['peak_memory_bytes'] / 2**30:8.2f}GiB"
+    )
+  for r in results:
+    print(f"MFU peak for {r['compute_dtype']}: {r['peak_flops_per_device']:.3g} FLOP/s per device ({r['peak_source']})")
+  print(json.dumps({"device": device, "results": results}))
+
+
+if __name__ == "__main__":
+  try:
+    check_overrides(sys.argv)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  app.run(main)
