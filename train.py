@@ -18,8 +18,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step ahead of 
 def _user_errors() -> tuple[type[Exception], ...]:
   import data
   from sharding.mesh import MeshError
+  from trainer.checkpoint import CheckpointError
 
-  return (ConfigError, MeshError, data.DataError)
+  return (ConfigError, MeshError, data.DataError, CheckpointError)
 
 
 def main(argv):

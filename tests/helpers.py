@@ -74,3 +74,35 @@ def mesh_for(cfg, devices=None):
     sizes = [cfg.mesh[axis] for axis in ("stage", "data", "fsdp", "expert", "tensor")]
     devices = jax.devices() if -1 in sizes else jax.devices()[: int(np.prod(sizes))]
   return make_mesh(cfg.mesh, devices)
+
+
+def mini_run_args(workdir, cache_dir, *, steps: int = 12, every: int = 4) -> list[str]:
+  """train.py arguments for a seconds-long real run: a few stdlib modules as corpus, a 2-layer model."""
+  import sysconfig
+
+  stdlib = sysconfig.get_paths()["stdlib"]
+  overrides = {
+    "data.files": f"{stdlib}/json/*.py,{stdlib}/email/*.py",
+    "data.vocab_size": 512,
+    "data.cache_dir": str(cache_dir),
+    "data.eval_fraction": 0.2,
+    "data.seq_len": 32,
+    "data.num_workers": 1,
+    "model.num_layers": 2,
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.num_kv_heads": 2,
+    "model.mlp_dim": 64,
+    "model.dropout_rate": 0.1,  # exercises the per-step dropout key on resume
+    "train.steps": steps,
+    "train.global_batch_size": 4,
+    "train.log_every": 1,
+    "train.eval_every": 1000,
+    "train.eval_batches": 1,
+    "optim.warmup_steps": 2,
+    "checkpoint.every_steps": every,
+    "mesh.data": 1,
+  }
+  return ["train.py", "--config", "configs/tiny.py", f"--workdir={workdir}"] + [
+    f"--config.{k}={v}" for k, v in overrides.items()
+  ]

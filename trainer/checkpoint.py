@@ -52,7 +52,12 @@ class Checkpointer:
       enable_async_checkpointing=ckpt_cfg.async_save,
       create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    }
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -60,7 +65,9 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, config_json: str | None = None) -> float:
     """Starts saving `step`; returns the seconds the train loop was blocked (the rest runs in the background)."""
     start = time.perf_counter()
-    items = {"state": ocp.args.StandardSave(state), "data": grain.checkpoint.CheckpointSave(data_iterator)}
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config_json is not None:
       import json
 
@@ -71,7 +78,7 @@ class Checkpointer:
     return blocked
 
   def restore_latest(self, abstract_state, data_iterator):
-    """Restores the newest readable checkpoint into `abstract_state`'s shardings and `data_iterator`.
+    """Restores the newest readable checkpoint into `abstract_state`'s shardings and `data_iterator` (if any).
 
     Returns the state, or None when there is no checkpoint. A checkpoint that fails to read back (missing or
     truncated files) is reported by name, renamed to `<step>.corrupt` (kept, never deleted) and skipped in
@@ -80,13 +87,10 @@ class Checkpointer:
     for step in reversed(self.steps()):
       self._check_matches(step, abstract_state)
       try:
-        restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-          ),
-        )
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 (any read failure of a committed checkpoint means damage)
         path = os.path.join(self.directory, str(step))
         _log.warning(
@@ -109,9 +113,10 @@ class Checkpointer:
       saved = self._manager.item_metadata(step).state
     except Exception:  # noqa: BLE001 (unreadable metadata is damage, which restore_latest handles)
       return
-    if saved is None:
+    saved = getattr(saved, "tree", saved)
+    if not saved or "params" not in saved:
       return
-    saved_params = _shapes(saved["params"] if isinstance(saved, dict) else saved.params)
+    saved_params = _shapes(saved["params"])
     want_params = _shapes(abstract_state.params)
     if saved_params and saved_params != want_params:
       differing = sorted(set(saved_params.items()) ^ set(want_params.items()))[0][0]

@@ -1,0 +1,171 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM saves, damaged checkpoints are skipped, layouts can change."""
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
+from trainer.checkpoint import Checkpointer, CheckpointError, check_writable
+from trainer.experiment import build
+
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+RUN_STEPS = 120
+
+
+def _losses(workdir) -> dict[int, float]:
+  """The last logged train loss of every step (a resumed run logs the steps after its checkpoint again)."""
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "loss" in record:
+        losses[record["step"]] = record["loss"]
+  return losses
+
+
+def _start(args) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(_losses(workdir), default=0) >= step:
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} was not logged within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  root = tmp_path_factory.mktemp("uninterrupted")
+  cache = tmp_path_factory.mktemp("cache")
+  args = mini_run_args(root / "run", cache, steps=RUN_STEPS)
+  proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return _losses(root / "run"), cache
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_reproduces_every_loss_exactly(uninterrupted, tmp_path):
+  want, cache = uninterrupted
+  workdir = tmp_path / "run"
+  args = mini_run_args(workdir, cache, steps=RUN_STEPS)
+  proc = _start(args)
+  _wait_for_step(workdir, 10, proc)  # checkpoint 8 is committed or being written; the kill lands mid-run
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(workdir))
+  assert killed_at < RUN_STEPS, "the run ended before the kill: make it longer"
+  resumed = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  restored_step = int(re.search(r"resuming at step (\d+)", resumed.stderr).group(1))
+  assert 4 <= restored_step <= killed_at
+  got = _losses(workdir)
+  assert sorted(got) == sorted(want)
+  for step in range(restored_step + 1, max(want) + 1):
+    assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(uninterrupted, tmp_path):
+  _, cache = uninterrupted
+  workdir = tmp_path / "run"
+  proc = _start(mini_run_args(workdir, cache, steps=10_000, every=10_000))
+  _wait_for_step(workdir, 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  line = [x for x in stdout.splitlines() if x.startswith("SIGTERM")]
+  assert len(line) == 1 and "saved checkpoint at step" in line[0]
+  step = int(line[0].split("at step ")[1].split()[0])
+  assert step >= 3
+  assert os.path.isdir(workdir / "checkpoints" / str(step))
+
+
+def _experiment(layout: dict):
+  cfg = small_config(**{"model.d_model": 64, "model.num_kv_heads": 4, **layout})
+  return build(cfg, VOCAB, mesh_for(cfg))
+
+
+def test_restore_onto_another_layout_gives_the_same_parameters_and_next_loss(tmp_path):
+  rng = np.random.default_rng(0)
+  batches = [packed_batch(rng, 8, 16) for _ in range(3)]
+  fsdp = _experiment({"mesh.fsdp": 8})
+  state = fsdp.init_state()
+  for batch in batches[:2]:
+    state, _ = fsdp.train_step(state, jax.device_put(batch, fsdp.batch_sharding))
+  checkpointer = Checkpointer(str(tmp_path), small_config().checkpoint)
+  checkpointer.save(2, state, None)
+  checkpointer.wait()
+  saved_params = jax.device_get(state.params)
+  _, want = fsdp.train_step(state, jax.device_put(batches[2], fsdp.batch_sharding))
+
+  for layout in ({"mesh.tensor": 4, "mesh.data": 2}, {}):
+    other = _experiment(layout)
+    restored = Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(other.abstract_state(), None)
+    assert int(restored.step) == 2
+    for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(saved_params)):
+      np.testing.assert_array_equal(a, b)
+    _, got = other.train_step(restored, jax.device_put(batches[2], other.batch_sharding))
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  exp = _experiment({})
+  state = exp.init_state()
+  checkpointer = Checkpointer(str(tmp_path), small_config().checkpoint)
+  checkpointer.save(1, state, None)
+  checkpointer.save(2, state.replace(step=state.step + 1), None)
+  checkpointer.wait()
+  # Truncate every data file of step 2's arrays, as a crash or a full disk would.
+  damaged = 0
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "state"):
+    for name in files:
+      if "d" == os.path.basename(root) or name.endswith(".data") or "ocdbt" in root:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(7)
+        damaged += 1
+  assert damaged
+  with caplog.at_level(logging.WARNING):
+    restored = Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(exp.abstract_state(), None)
+  assert int(restored.step) == 0  # the state saved as step 1
+  assert any("checkpoints/2 cannot be read" in r.getMessage() for r in caplog.records)
+  assert (tmp_path / "checkpoints" / "2.corrupt").is_dir()  # kept for inspection, not deleted
+
+
+def test_checkpoint_of_another_model_is_a_config_error(tmp_path):
+  exp = _experiment({})
+  checkpointer = Checkpointer(str(tmp_path), small_config().checkpoint)
+  checkpointer.save(1, exp.init_state(), None)
+  checkpointer.wait()
+  other = _experiment({"model.mlp_dim": 128})
+  with pytest.raises(CheckpointError, match="holds a different model"):
+    Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(other.abstract_state(), None)
+  assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+def test_unwritable_run_directory_fails_at_start(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(CheckpointError, match=r"run directory .*a_file/run/checkpoints is not writable"):
+    check_writable(str(blocker / "run" / "checkpoints"))
+  proc = subprocess.run(
+    [sys.executable, "train.py", "--config", "configs/tiny.py", f"--workdir={blocker / 'run'}"],
+    env=ENV,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: run directory")
