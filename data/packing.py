@@ -1,0 +1,143 @@
+"""Packing documents into fixed-length rows: each row a pure function of (seed, epoch, row index).
+
+An epoch orders the documents (shuffled from the seed, or in corpus order), joins them into one stream
+[BOS doc EOS][BOS doc EOS]..., and cuts the stream into rows of `row_len` tokens; the last row of an epoch is
+padded. A document longer than a row continues in the next row of the stream, never dropped. Rows of an epoch
+are then visited in a shuffled order. Within a row, segment ids number the document fragments 1, 2, ... (0 is
+padding) and positions count from 0 at the start of each fragment, also for a fragment continued from the
+previous row. Because a row depends on nothing but its index, resuming at any row is exact and costs nothing.
+"""
+
+import functools
+import math
+import sys
+
+import numpy as np
+
+# Global row indices run through epoch after epoch; "endless" is whatever fits a Python sequence length.
+_ENDLESS = sys.maxsize
+_SHUFFLE_SALT = 0x6B696C6E  # "kiln": keeps these streams apart from other users of the same seed
+
+
+class PackedRows:
+  """Random access to packed rows by global index (epoch * rows_per_epoch + row); a grain data source.
+
+  Item i is a dict of int32 arrays of length row_len: "tokens", "segment_ids", "positions".
+  """
+
+  def __init__(
+    self,
+    tokens: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    row_len: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    shuffle: bool,
+  ) -> None:
+    assert len(starts) == len(lengths) and len(starts) > 0, "packing needs at least one document"
+    self._tokens = tokens
+    self._starts = np.asarray(starts, dtype=np.int64)
+    self._lengths = np.asarray(lengths, dtype=np.int64)
+    self._row_len = row_len
+    self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
+    self._seed = seed % 2**63
+    self._shuffle = shuffle
+    self.stream_len = int(self._lengths.sum()) + 2 * len(self._lengths)  # BOS and EOS per document
+    self.rows_per_epoch = math.ceil(self.stream_len / row_len)
+    # Per instance, so a train and an eval source do not evict each other; consecutive batches straddle at most
+    # two epochs.
+    self._epoch_plan = functools.lru_cache(maxsize=2)(self._plan_epoch)
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    epoch, row = divmod(int(index), self.rows_per_epoch)
+    document_order, stream_ends, row_order = self._epoch_plan(epoch)
+    if row_order is not None:
+      row = int(row_order[row])
+    start = row * self._row_len
+    end = min(start + self._row_len, self.stream_len)
+    tokens = np.full(self._row_len, self._pad_id, dtype=np.int32)
+    segment_ids = np.zeros(self._row_len, dtype=np.int32)
+    positions = np.zeros(self._row_len, dtype=np.int32)
+    # The first document whose stream span [stream_end - len - 2, stream_end) reaches past `start`.
+    d = int(np.searchsorted(stream_ends, start, side="right"))
+    written, segment = 0, 0
+    while d < len(document_order) and written < end - start:
+      doc = document_order[d]
+      length = int(self._lengths[doc])
+      doc_stream_start = int(stream_ends[d]) - length - 2
+      # The part [a, b) of this document's stream span [0, length + 2) that falls in the row.
+      a = max(start, doc_stream_start) - doc_stream_start
+      b = min(end, int(stream_ends[d])) - doc_stream_start
+      size = b - a
+      segment += 1
+      self._write_fragment(tokens[written : written + size], doc, length, a, b)
+      segment_ids[written : written + size] = segment
+      positions[written : written + size] = np.arange(size, dtype=np.int32)
+      written += size
+      d += 1
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+  def _write_fragment(self, out: np.ndarray, doc: int, length: int, a: int, b: int) -> None:
+    """Writes positions [a, b) of [BOS] + tokens of doc + [EOS] into out."""
+    i = 0
+    if a == 0:
+      out[0] = self._bos_id
+      i = 1
+    body_lo, body_hi = max(a - 1, 0), min(b - 1, length)
+    if body_hi > body_lo:
+      doc_start = int(self._starts[doc])
+      out[i : i + body_hi - body_lo] = self._tokens[doc_start + body_lo : doc_start + body_hi]
+      i += body_hi - body_lo
+    if b == length + 2:
+      out[i] = self._eos_id
+      i += 1
+    assert i == b - a, f"fragment [{a}, {b}) of document {doc} filled {i} tokens"
+
+  def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(document order, cumulative stream ends in that order, row visiting order or None)."""
+    if self._shuffle:
+      rng = np.random.default_rng([_SHUFFLE_SALT, self._seed, epoch])
+      document_order = _permutation(rng, len(self._lengths))
+      row_order = _permutation(rng, self.rows_per_epoch)
+    else:
+      document_order, row_order = np.arange(len(self._lengths)), None
+    stream_ends = np.cumsum(self._lengths[document_order] + 2)
+    return document_order, stream_ends, row_order
+
+
+def _permutation(rng: np.random.Generator, size: int) -> np.ndarray:
+  # int32 where it fits: a row order is the largest array of an epoch plan (4 bytes per row, not 8).
+  order = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
+  rng.shuffle(order)
+  return order
+
+
+def empty_row(row_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """A row of padding only: it contributes nothing to a loss."""
+  return {
+    "tokens": np.full(row_len, pad_id, dtype=np.int32),
+    "segment_ids": np.zeros(row_len, dtype=np.int32),
+    "positions": np.zeros(row_len, dtype=np.int32),
+  }
+
+
+def to_model_inputs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacked rows [B, L+1] -> the batch the model trains on, fields [B, L]."""
+  tokens, segment_ids = rows["tokens"], rows["segment_ids"]
+  input_segments, target_segments = segment_ids[:, :-1], segment_ids[:, 1:]
+  # A target counts only if it continues the input's document: no loss across boundaries or on padding.
+  loss_mask = (input_segments == target_segments) & (target_segments != 0)
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": input_segments,
+    "positions": rows["positions"][:, :-1],
+    "loss_mask": loss_mask.astype(np.float32),
+  }
