@@ -10,17 +10,35 @@ from ml_collections import config_flags
 
 from trainer.config import ConfigError, check_overrides, validate
 
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config file stem>.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step ahead of time and print the plan as JSON.")
+# Multi-process jobs; each flag has an environment variable of the same name in capitals, prefixed KILN_.
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", os.environ.get("KILN_COORDINATOR_ADDRESS"), "HOST:PORT of process 0 (multi-process)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", _env_int("KILN_NUM_PROCESSES"), "Processes in the job (multi-process)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("KILN_PROCESS_ID"), "This process's index, 0-based.")
+_TIMEOUT = flags.DEFINE_integer(
+  "distributed_timeout_s", _env_int("KILN_DISTRIBUTED_TIMEOUT_S") or 120, "Seconds to wait for all processes."
+)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
   import data
   from sharding.mesh import MeshError
   from trainer.checkpoint import CheckpointError
+  from trainer.distributed import DistributedError
 
-  return (ConfigError, MeshError, data.DataError, CheckpointError)
+  return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError)
 
 
 def main(argv):
@@ -32,6 +50,9 @@ def main(argv):
   )
   try:
     validate(cfg)
+    from trainer.distributed import initialize
+
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value)
     if _DRY_RUN.value:
       import json
 

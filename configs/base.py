@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 2  # processes that tokenize
   c.data.cache_dir = ""  # empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
   c.data.shuffle = True
+  c.data.shards = 0  # document shards; 0: one per process. A multiple of the process count keeps data identical
 
   c.optim = ml_collections.ConfigDict()
   c.optim.peak_lr = 3e-4

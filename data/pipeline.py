@@ -35,20 +35,38 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
   """Endless shuffled training batches of this process's shard, `batch_size` rows each.
 
+  Documents are split into `data.shards` shards (0: one per process); a process reads only its own. With more
+  shards than processes a process serves several, its batch made of equal parts of each, so one process with
+  data.shards=2 sees exactly the global batches that two processes see together.
+
   Step s holds rows s * batch_size ... of the epoch-after-epoch row stream, so the iterator's state is one
   index: get_state()/set_state() and grain.checkpoint.CheckpointSave/CheckpointRestore resume exactly and
   instantly. Restoring needs the same data config, seed, batch size and process layout.
   """
   _check_sizes(data_cfg.seq_len, batch_size)
-  token_cache = load_token_cache(data_cfg, tokenizer, process_index=process_index, process_count=process_count)
-  starts, lengths = token_cache.split(held_out=False)
-  if len(starts) == 0:
+  shards = data_cfg.shards or process_count
+  if shards % process_count or batch_size % (shards // process_count):
     raise DataError(
-      f"no training documents for process {process_index} of {process_count} in {token_cache.corpus_description} "
-      "once empty, undecodable and held-out ones are left out; add documents or lower data.eval_fraction"
+      f"data.shards={shards} must be a multiple of the {process_count} processes, and each process's "
+      f"{batch_size} rows a multiple of its {shards // process_count or 1} shards; change data.shards"
     )
-  rows = _packed_rows(token_cache, starts, lengths, data_cfg, tokenizer, seed=seed, shuffle=data_cfg.shuffle)
-  batches = grain.MapDataset.source(rows).batch(batch_size, drop_remainder=True).map(to_model_inputs)
+  per_process = shards // process_count
+  shard_batches = []
+  for shard in range(process_index * per_process, (process_index + 1) * per_process):
+    token_cache = load_token_cache(data_cfg, tokenizer, process_index=shard, process_count=shards)
+    starts, lengths = token_cache.split(held_out=False)
+    if len(starts) == 0:
+      raise DataError(
+        f"no training documents in shard {shard} of {shards} of {token_cache.corpus_description} once empty, "
+        "undecodable and held-out ones are left out; add documents, lower data.eval_fraction or data.shards"
+      )
+    rows = _packed_rows(token_cache, starts, lengths, data_cfg, tokenizer, seed=seed, shuffle=data_cfg.shuffle)
+    shard_batches.append(grain.MapDataset.source(rows).batch(batch_size // per_process, drop_remainder=True))
+  if per_process == 1:
+    batches = shard_batches[0]
+  else:  # this process stands in for several shards: its rows are theirs, side by side
+    batches = grain.experimental.ZipMapDataset(parents=shard_batches).map(_concatenate_rows)
+  batches = batches.map(to_model_inputs)
   return iter(batches.to_iter_dataset(_READ_OPTIONS))
 
 
@@ -85,6 +103,10 @@ def make_eval_batches(
     picked = [rows[i] if i < rows.rows_per_epoch else padding for i in range(first, first + batch_size)]
     batches.append(to_model_inputs({k: np.stack([row[k] for row in picked]) for k in padding}))
   return batches
+
+
+def _concatenate_rows(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+  return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -236,6 +236,25 @@ def test_process_shards_are_disjoint_and_cover_the_corpus(tokenizer, tmp_path):
   assert shards[0] | shards[1] == set(texts)
 
 
+def test_one_process_serving_two_shards_sees_the_batches_of_two_processes(tokenizer, tmp_path):
+  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=32)
+  two = [
+    data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=3, process_index=p, process_count=2) for p in range(2)
+  ]
+  cfg.shards = 2
+  one = data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=3)
+  for _ in range(3):
+    parts = [next(iterator) for iterator in two]
+    whole = next(one)
+    for name in FIELDS:
+      np.testing.assert_array_equal(whole[name], np.concatenate([part[name] for part in parts]))
+  state = one.get_state()
+  expected = next(one)
+  restored = data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=3)
+  restored.set_state(state)
+  np.testing.assert_array_equal(next(restored)["inputs"], expected["inputs"])
+
+
 # Held-out split
 
 

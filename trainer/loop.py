@@ -74,7 +74,7 @@ def train(cfg, workdir: str) -> dict:
   is_writer = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, cfg.checkpoint)  # fails now, not at the first save, if unwritable
   mesh = make_mesh(cfg.mesh)
-  tokenizer = data.load_tokenizer(cfg.data, workdir if is_writer else None)
+  tokenizer = data.load_tokenizer(cfg.data, workdir)  # every process: the run's copy pins the tokenizer
   exp = build(cfg, tokenizer.vocab_size, mesh)
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   if is_writer:

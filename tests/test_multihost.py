@@ -1,0 +1,177 @@
+"""Several processes train exactly like one: jax.distributed over gloo on this machine, 2 x 4 CPU devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import mini_run_args
+
+LAYOUTS = {"fsdp8": {"mesh.fsdp": 8}, "data2_tensor4": {"mesh.data": 2, "mesh.tensor": 4}}
+STEPS = 5
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _args(workdir, cache, layout: dict) -> list[str]:
+  overrides = {
+    "mesh.data": 1,
+    **layout,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 4,
+    "model.dropout_rate": 0.0,
+    "train.global_batch_size": 8,
+    "data.shards": 2,  # the same documents per batch row whether one process reads both shards or two read one
+  }
+  args = mini_run_args(workdir, cache, steps=STEPS, every=STEPS)
+  return [a for a in args if not a.startswith("--config.mesh.")] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def _run_processes(args: list[str], num_processes: int, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={i}",
+      ],
+      env=_env(8 // num_processes),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=timeout)
+    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+  return results
+
+
+def _losses(workdir) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, cache):
+  runs = {}
+  for name, layout in LAYOUTS.items():
+    workdir = tmp_path_factory.mktemp(f"one_{name}")
+    proc = subprocess.run([sys.executable, *_args(workdir, cache, layout)], env=_env(8), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs[name] = workdir
+  return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_processes_log_the_losses_of_one(layout, one_process_runs, cache, tmp_path):
+  workdir = tmp_path / "run"
+  results = _run_processes(_args(workdir, cache, LAYOUTS[layout]), 2)
+  for r in results:
+    assert r.returncode == 0, r.stderr[-3000:]
+  assert "[process 1]" in results[1].stderr  # log lines say which process wrote them
+  want = _losses(one_process_runs[layout])
+  got = _losses(workdir)
+  assert len(got) == len(want) == STEPS
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert not os.path.exists(tmp_path / "run" / "tb" / "process_1")  # only process 0 writes metrics
+
+  # The checkpoint both processes wrote restores in this single process, onto its 8 devices, to the same
+  # parameters as the one-process run's.
+  from tests.helpers import small_config
+  from trainer.checkpoint import Checkpointer
+
+  def restored_params(run):
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    from ml_collections import ConfigDict
+
+    from sharding.mesh import make_mesh
+    from trainer.experiment import build
+
+    config = ConfigDict(cfg)
+    exp = build(config, 512, make_mesh(config.mesh))
+    state = Checkpointer(str(run), small_config().checkpoint).restore_latest(exp.abstract_state(), None)
+    assert int(state.step) == STEPS
+    return jax.device_get(state.params)
+
+  for a, b in zip(
+    jax.tree.leaves(restored_params(workdir)), jax.tree.leaves(restored_params(one_process_runs[layout]))
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unreachable_coordinator_fails_in_one_line_within_the_timeout(tmp_path):
+  port = _free_port()  # nothing listens here
+  start = time.time()
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "train.py",
+      "--config",
+      "configs/tiny.py",
+      f"--workdir={tmp_path}",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      "--process_id=1",
+      "--distributed_timeout_s=3",
+    ],
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert proc.returncode != 0
+  assert time.time() - start < 30
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert lines == [
+    f"error: no coordinator answered at 127.0.0.1:{port} (process 1 of 2 waited until the timeout); "
+    "start process 0 there, or fix --coordinator_address"
+  ]
+
+
+def test_mismatched_process_counts_fail_in_one_line(tmp_path):
+  port = _free_port()
+  common = [
+    sys.executable,
+    "train.py",
+    "--config",
+    "configs/tiny.py",
+    f"--workdir={tmp_path}",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--distributed_timeout_s=20",
+  ]
+  procs = [
+    subprocess.Popen(common + ["--num_processes=2", "--process_id=0"], env=_env(4), stderr=subprocess.PIPE, text=True),
+    subprocess.Popen(common + ["--num_processes=3", "--process_id=1"], env=_env(4), stderr=subprocess.PIPE, text=True),
+  ]
+  for proc in procs:
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert err.strip().splitlines()[-1] == (
+      "error: process 1 was started with --num_processes=3 but process 0 with 2; give every process the same count"
+    )
