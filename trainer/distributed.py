@@ -126,11 +126,16 @@ def initialize(
 
 
 def _cluster_detected() -> bool:
-  """Multi-worker TPU VMs and SLURM jobs, which jax.distributed.initialize() configures by itself."""
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-    return True
-  hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hostnames
+  """A cluster that jax.distributed.initialize() configures by itself: TPU VM slices (GCE or GKE), SLURM,
+  Open MPI. Asks JAX's own detectors (a private API, pinned with jax), falling back to the environment."""
+  try:
+    from jax._src import clusters
+
+    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types if env.__name__ != "K8sCluster")
+  except (ImportError, AttributeError):
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+      return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
 def _tag_log_records(process_index: int) -> None:
