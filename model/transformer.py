@@ -1,4 +1,10 @@
-"""The decoder-only Transformer: embeddings, a scanned stack of pre-norm blocks, final norm, LM head."""
+"""The decoder-only Transformer: embeddings, a scanned stack of pre-norm blocks, final norm, LM head.
+
+The stack is scanned over units. A dense model's unit is one `Block` (parameters `blocks.*`, stacked [X]). An
+MoE model with `moe_every == 1` has the same tree with an MoE MLP in every block (`blocks.mlp.router_DxE`,
+`blocks.mlp.w_up_ExDxF`, ...). With `moe_every == n > 1` the unit is a `_MoeGroup` of n layers: n - 1 dense
+blocks (`blocks.dense.*`, stacked [X / n, n - 1]) and then one MoE block (`blocks.moe.*`, stacked [X / n]).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +14,7 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Norm, dropout, param, sinusoidal
 from model.mlp import Mlp
+from model.moe import Moe
 from sharding.rules import constrain
 
 _REMAT_POLICIES = {
@@ -19,21 +26,59 @@ _REMAT_POLICIES = {
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); returns the new residual and this layer's auxiliary outputs."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
     self.cfg = cfg
     self.attn_norm = Norm(cfg.d_model, cfg.norm_type, cfg.norm_eps, cfg.weight_dtype)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = Norm(cfg.d_model, cfg.norm_type, cfg.norm_eps, cfg.weight_dtype)
-    self.mlp = Mlp(cfg, rngs)
+    self.mlp = Moe(cfg, rngs) if moe else Mlp(cfg, rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key):
     rate = self.cfg.dropout_rate
     attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"))
-    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
+    if isinstance(self.mlp, Moe):
+      h_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD))
+    else:
+      h_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD)), {}
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"))
-    return x_BxLxD, {}
+    return x_BxLxD, aux
+
+
+def _stack(n: int, make, rngs: nnx.Rngs):
+  """n modules from `make(rngs)` with every parameter stacked on a leading axis of logical name "layers"."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make_stacked(rngs):
+    return make(rngs)
+
+  return make_stacked(rngs)
+
+
+def _scan(units, body, x_BxLxD, keys):
+  """Runs `body(x, unit, key) -> (x, aux)` over stacked `units`; returns x and the aux stacked per unit."""
+  scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0 if keys is not None else None), out_axes=(nnx.Carry, 0))
+  return scan(x_BxLxD, units, keys)
+
+
+class _MoeGroup(nnx.Module):
+  """`moe_every` consecutive layers as one scanned unit: moe_every - 1 dense blocks, then one MoE block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dense = _stack(cfg.moe_every - 1, lambda r: Block(cfg, r), rngs)
+    self.moe = Block(cfg, rngs, moe=True)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key):
+    keys = jax.random.split(dropout_key, self.cfg.moe_every) if dropout_key is not None else None
+
+    def body(x_BxLxD, block, key):
+      return block(x_BxLxD, positions_BxL, segment_ids_BxL, key)
+
+    x_BxLxD, _ = _scan(self.dense, body, x_BxLxD, keys[:-1] if keys is not None else None)
+    return self.moe(x_BxLxD, positions_BxL, segment_ids_BxL, keys[-1] if keys is not None else None)
 
 
 class Transformer(nnx.Module):
@@ -47,12 +92,13 @@ class Transformer(nnx.Module):
 
     # Layer parameters are stacked on a leading "layers" axis so the blocks run under one scan: compile time
     # does not grow with depth, and a pipeline can later split the axis into stages.
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return Block(cfg, rngs)
-
-    self.blocks = make_blocks(rngs)
+    if cfg.num_experts == 0:
+      self.blocks = _stack(cfg.num_layers, lambda r: Block(cfg, r), rngs)
+    elif cfg.moe_every == 1:
+      self.blocks = _stack(cfg.num_layers, lambda r: Block(cfg, r, moe=True), rngs)
+    else:
+      assert cfg.num_layers % cfg.moe_every == 0, "num_layers must be a multiple of moe_every"
+      self.blocks = _stack(cfg.num_layers // cfg.moe_every, lambda r: _MoeGroup(cfg, r), rngs)
     self.final_norm = Norm(cfg.d_model, cfg.norm_type, cfg.norm_eps, wd)
     if not cfg.tie_embeddings:
       self.head_DxV = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std, dtype=wd)
@@ -65,7 +111,10 @@ class Transformer(nnx.Module):
     *,
     dropout_key: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns fp32 logits [B, L, V] and auxiliary outputs summed over layers (empty for a dense model).
+    """Returns fp32 logits [B, L, V] and auxiliary outputs (empty for a dense model).
+
+    MoE: the scalar outputs of the MoE layers (`moe_aux_loss`, `moe_z_loss`, `moe_dropped_fraction`) are
+    averaged over those layers; `moe_expert_load` stays per layer, [MoE layers, E].
 
     `dropout_key` None means deterministic (evaluation); a key turns dropout on.
     """
@@ -79,14 +128,14 @@ class Transformer(nnx.Module):
     embed_key, layers_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     x_BxLxD = constrain(dropout(x_BxLxD, cfg.dropout_rate, embed_key), ("batch", "length", "embed"))
 
-    def body(x_BxLxD, block, key):
-      return block(x_BxLxD, positions_BxL, segment_ids_BxL, key)
+    def body(x_BxLxD, unit, key):
+      return unit(x_BxLxD, positions_BxL, segment_ids_BxL, key)
 
     if cfg.remat != "none":
       body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    layer_keys = jax.random.split(layers_key, cfg.num_layers) if layers_key is not None else None
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0 if layer_keys is not None else None), out_axes=(nnx.Carry, 0))
-    x_BxLxD, aux_X = scan(x_BxLxD, self.blocks, layer_keys)
+    units = cfg.num_layers // (cfg.moe_every if cfg.num_experts > 0 else 1)
+    unit_keys = jax.random.split(layers_key, units) if layers_key is not None else None
+    x_BxLxD, aux_X = _scan(self.blocks, body, x_BxLxD, unit_keys)
 
     x_BxLxD = self.final_norm(x_BxLxD)
     if cfg.tie_embeddings:
@@ -98,4 +147,6 @@ class Transformer(nnx.Module):
         "BLD,DV->BLV", x_BxLxD, self.head_DxV[...].astype(dt), preferred_element_type=jnp.float32
       )
     logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
-    return logits_BxLxV, jax.tree.map(jnp.sum, aux_X)
+    # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
+    aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
+    return logits_BxLxV, aux

@@ -8,13 +8,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import MeshError
-from sharding.rules import Rules, logical_to_spec
-
-
-def _axes_of(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
+from sharding.rules import Rules, entry_axes, logical_to_spec
 
 
 def param_specs(abstract_params, logical_names, rules: Rules, mesh: Mesh, *, where: str = "parameter"):
@@ -23,12 +17,12 @@ def param_specs(abstract_params, logical_names, rules: Rules, mesh: Mesh, *, whe
   def one(path, leaf, names):
     spec = logical_to_spec(tuple(names), rules, mesh)
     for dim, (size, entry) in enumerate(zip(leaf.shape, spec)):
-      shards = math.prod(mesh.shape[a] for a in _axes_of(entry))
+      shards = math.prod(mesh.shape[a] for a in entry_axes(entry))
       if size % shards:
         name = jax.tree_util.keystr(path, simple=True, separator=".")
         raise MeshError(
           f"{where} {name} has size {size} on its {names[dim]!r} axis, not divisible by mesh axes "
-          f"{_axes_of(entry)} of size {shards}; change the model size or config.mesh / config.mesh.rules"
+          f"{entry_axes(entry)} of size {shards}; change the model size or config.mesh / config.mesh.rules"
         )
     return spec
 
@@ -39,10 +33,10 @@ def add_data_axis(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Pa
   """ZeRO: additionally shard over `data` on the first dimension that stays divisible; else leave as is."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
   data = mesh.shape["data"]
-  if data == 1 or any("data" in _axes_of(e) for e in entries):
+  if data == 1 or any("data" in entry_axes(e) for e in entries):
     return spec
   for dim, size in enumerate(shape):
-    axes = _axes_of(entries[dim])
+    axes = entry_axes(entries[dim])
     if size % (math.prod(mesh.shape[a] for a in axes) * data) == 0:
       entries[dim] = ("data",) + axes if axes else "data"
       return PartitionSpec(*entries)

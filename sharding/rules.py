@@ -53,6 +53,13 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
   return PartitionSpec(*spec)
 
 
+def entry_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of names) as a tuple."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 class _Active(threading.local):
   mesh: Mesh | None = None
   rules: Rules | None = None
@@ -74,6 +81,10 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
 
 def active_mesh() -> Mesh | None:
   return _active.mesh
+
+
+def active_rules() -> Rules | None:
+  return _active.rules
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

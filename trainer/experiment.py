@@ -12,7 +12,7 @@ from model import ModelConfig
 from model.config import padded_vocab_size
 from sharding.mesh import MeshError
 from sharding.partition import StateShardings, state_shardings
-from sharding.rules import activate, logical_to_spec, parse_rules
+from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
 from trainer.step import BATCH_AXES, make_eval_step, make_train_step
@@ -63,7 +63,7 @@ class Experiment:
 
 
 def _check_batch_divides(cfg, mesh: Mesh, batch_spec: PartitionSpec) -> None:
-  axes = batch_spec[0] if isinstance(batch_spec[0], tuple) else (batch_spec[0],) if batch_spec[0] else ()
+  axes = entry_axes(batch_spec[0])
   shards = math.prod(mesh.shape[a] for a in axes)
   micro = cfg.train.global_batch_size // cfg.train.grad_accum
   if micro % shards:

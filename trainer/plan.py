@@ -18,7 +18,7 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   """Counts collective instructions in optimized HLO text (async `-start` forms counted once)."""
   counts = {}
   for op in COLLECTIVES:
-    counts[op] = len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo_text))
+    counts[op] = len(re.findall(rf"^\s*(?:ROOT )?%\S+ = .*? {op}(?:-start)?\(", hlo_text, re.M))
   return counts
 
 
