@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from data.synthetic import packed_batch  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 from trainer.config import ConfigError, check_overrides, validate  # noqa: E402
 from trainer.experiment import build  # noqa: E402
@@ -28,20 +29,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure, one after the other.")
-
-
-def synthetic_batch(rng: np.random.Generator, batch: int, length: int, vocab: int) -> dict:
-  """Random tokens packed as 4 documents per row, shaped like the data pipeline's batches."""
-  segment_ids = np.repeat(np.arange(1, 5), -(-length // 4))[:length]
-  positions = np.concatenate([np.arange(n) for n in np.bincount(segment_ids)[1:]])
-  tokens = rng.integers(4, vocab, (batch, length + 1), dtype=np.int32)
-  return {
-    "inputs": tokens[:, :-1],
-    "targets": tokens[:, 1:],
-    "segment_ids": np.broadcast_to(segment_ids, (batch, length)).astype(np.int32),
-    "positions": np.broadcast_to(positions, (batch, length)).astype(np.int32),
-    "loss_mask": np.ones((batch, length), np.float32),
-  }
 
 
 def _peak_memory_bytes() -> tuple[int, str]:
@@ -56,12 +43,8 @@ def measure(cfg, steps: int, warmup: int) -> dict:
   exp = build(cfg, cfg.data.vocab_size, mesh)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   rng = np.random.default_rng(0)
-  batches = [
-    jax.device_put(
-      synthetic_batch(rng, cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.vocab_size), exp.batch_sharding
-    )
-    for _ in range(2)
-  ]
+  shape = (cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.vocab_size)
+  batches = [jax.device_put(packed_batch(rng, *shape, docs_per_row=4), exp.batch_sharding) for _ in range(2)]
   state = exp.init_state()
   start = time.perf_counter()
   compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()

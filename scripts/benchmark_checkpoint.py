@@ -3,8 +3,10 @@
   python scripts/benchmark_checkpoint.py --config configs/gpt2_small.py [--saves 3] [--dir /tmp/ckpt_bench]
 
 Builds the config's train state (parameters + AdamW state, in their shardings; the embedding sized from
-data.vocab_size), then saves it --saves times through the trainer's Checkpointer: the blocking part is what
-the train loop waits for, the total runs until the checkpoint has committed. Prints a table and a JSON line.
+data.vocab_size), takes --train_steps steps on a synthetic batch (on a CPU, shrink it with
+--config.train.global_batch_size and --config.data.seq_len), then saves it --saves times through the trainer's
+Checkpointer: the blocking part is what the train loop waits for, the total runs until the checkpoint has
+committed. Prints a table and a JSON line.
 """
 
 import json
@@ -17,15 +19,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from data.synthetic import packed_batch  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
 from trainer.checkpoint import Checkpointer  # noqa: E402
 from trainer.experiment import build  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _SAVES = flags.DEFINE_integer("saves", 3, "Checkpoints to time.")
+_TRAIN_STEPS = flags.DEFINE_integer(
+  "train_steps", 2, "Train steps before saving, so Adam's moments are real numbers (zeros compress away)."
+)
 _DIR = flags.DEFINE_string("dir", None, "Where to write (default: a temporary directory, removed after).")
 
 
@@ -38,7 +45,11 @@ def main(argv):
   cfg = _CONFIG.value
   cfg.checkpoint.max_to_keep = _SAVES.value + 1
   exp = build(cfg, cfg.data.vocab_size, make_mesh(cfg.mesh))
-  state = jax.block_until_ready(exp.init_state())
+  state = exp.init_state()
+  batch = packed_batch(np.random.default_rng(0), cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.vocab_size)
+  for _ in range(_TRAIN_STEPS.value):
+    state, _ = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+  state = jax.block_until_ready(state)
   workdir = _DIR.value or tempfile.mkdtemp(prefix="ckpt_bench_")
   checkpointer = Checkpointer(workdir, cfg.checkpoint)
   rows = []
