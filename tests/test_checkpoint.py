@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
-from trainer.checkpoint import Checkpointer, CheckpointError, check_writable
+from trainer.checkpoint import Checkpointer, CheckpointError, check_writable, load_params
 from trainer.experiment import build
 
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -169,3 +169,33 @@ def test_unwritable_run_directory_fails_at_start(tmp_path):
   )
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith("error: run directory")
+
+
+def test_init_from_a_run_or_a_bf16_export_loads_its_parameters(tmp_path):
+  exp = _experiment({})
+  state = exp.init_state()
+  batch = jax.device_put(packed_batch(np.random.default_rng(1), 8, 16), exp.batch_sharding)
+  state, _ = exp.train_step(state, batch)
+  checkpointer = Checkpointer(str(tmp_path / "run"), small_config().checkpoint)
+  checkpointer.save(1, state, None)
+  checkpointer.wait()
+  want = jax.device_get(state.params)
+
+  fresh = _experiment({"mesh.fsdp": 8}).abstract_state()  # another layout, as a new run may use
+  params, opt_state = load_params(str(tmp_path / "run"), fresh.params, fresh.opt_state)
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  assert int(jax.tree.leaves(opt_state)[0]) == 1  # Adam's step count came along
+
+  export = subprocess.run(
+    [sys.executable, "scripts/export_params.py", f"--run={tmp_path / 'run'}", f"--out={tmp_path / 'export'}",
+     "--dtype=bfloat16"],
+    env=ENV, capture_output=True, text=True,
+  )  # fmt: skip
+  assert export.returncode == 0, export.stderr[-2000:]
+  params, _ = load_params(str(tmp_path / "export"), fresh.params)
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(want)):
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, b.astype(jax.numpy.bfloat16).astype(np.float32))
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    load_params(str(tmp_path / "nothing_here"), fresh.params)

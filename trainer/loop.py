@@ -65,7 +65,8 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, train_iter, ckpt
     opt_state = abstract.opt_state if ckpt_cfg.init_optimizer_state else None
     params, opt_state = load_params(ckpt_cfg.init_from, abstract.params, opt_state)
     state = state.replace(params=params, opt_state=opt_state if opt_state is not None else state.opt_state)
-    _log.info("initialised parameters%s from %s", " and optimizer state" * (opt_state is not None), ckpt_cfg.init_from)
+    what = "parameters and optimizer state" if opt_state is not None else "parameters"
+    _log.info("initialised %s from %s", what, ckpt_cfg.init_from)
   return state
 
 
