@@ -20,9 +20,10 @@ _log = logging.getLogger(__name__)
 
 
 def evaluate(exp: Experiment, params, eval_batches: list[dict]) -> dict:
+  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens."""
   nll, tokens = 0.0, 0.0
-  for local_batch in eval_batches:
-    batch_nll, batch_tokens = exp.eval_step(params, data.global_batch(local_batch, exp.batch_sharding))
+  for batch in eval_batches:
+    batch_nll, batch_tokens = exp.eval_step(params, batch)
     nll, tokens = nll + float(batch_nll), tokens + float(batch_tokens)
   loss = nll / max(tokens, 1.0)
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
@@ -85,9 +86,12 @@ def train(cfg, workdir: str) -> dict:
   process_batch = cfg.train.global_batch_size // jax.process_count()
   shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   train_iter = data.make_train_iterator(cfg.data, tokenizer, batch_size=process_batch, seed=cfg.train.seed, **shard)
-  eval_batches = data.make_eval_batches(
-    cfg.data, tokenizer, batch_size=process_batch, num_batches=cfg.train.eval_batches, **shard
-  )
+  eval_batches = []  # data.eval_fraction=0 holds nothing out: the run has no evaluation
+  if cfg.data.eval_fraction > 0:
+    local = data.make_eval_batches(
+      cfg.data, tokenizer, batch_size=process_batch, num_batches=cfg.train.eval_batches, **shard
+    )
+    eval_batches = [data.global_batch(batch, exp.batch_sharding) for batch in local]
   state = _initial_state(exp, checkpointer, train_iter, cfg.checkpoint)
   start_step, steps = int(state.step), cfg.train.steps
   if start_step >= steps:
@@ -126,6 +130,8 @@ def train(cfg, workdir: str) -> dict:
     return record
 
   def run_eval(step: int) -> dict:
+    if not eval_batches:
+      return {}
     record = {"step": step, **evaluate(exp, state.params, eval_batches)}
     writer.write(record)
     progress.write(f"step {step}: eval_loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})")

@@ -27,7 +27,8 @@ def plan(cfg, workdir: str | None = None) -> dict:
   the plan uses `config.data.vocab_size`."""
   mesh = make_mesh(cfg.mesh)
   exp = build(cfg, cfg.data.vocab_size, mesh)
-  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()
+  abstract_state = exp.abstract_state()
+  compiled = exp.train_step.lower(abstract_state, exp.abstract_batch()).compile()
   memory = compiled.memory_analysis()
   tokens = cfg.train.global_batch_size * cfg.data.seq_len
   result = {
@@ -35,9 +36,7 @@ def plan(cfg, workdir: str | None = None) -> dict:
     "mesh": dict(mesh.shape),
     "params": int(sum(x.size for x in jax.tree.leaves(exp.abstract_params))),
     "params_bytes_per_device": bytes_per_device(exp.abstract_params, exp.shardings.params),
-    "opt_state_bytes_per_device": bytes_per_device(
-      jax.eval_shape(lambda: exp.abstract_state().opt_state), exp.shardings.opt_state
-    ),
+    "opt_state_bytes_per_device": bytes_per_device(abstract_state.opt_state, exp.shardings.opt_state),
     "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", 0)),
     # The model's FLOPs (README formula), all devices together. XLA's cost analysis is no substitute: it counts
     # the body of the layer scan once, not once per layer.
