@@ -33,6 +33,7 @@ from model.config import ModelConfig
 from model.layers import output_std, param
 from model.mlp import Mlp, activate
 from sharding import rules as sharding_rules
+from sharding.mesh import MeshError
 from sharding.rules import constrain, logical_to_spec
 
 # Expert weights as (gate or None, up, down): [E, D, F], [E, D, F], [E, F, D].
@@ -171,7 +172,7 @@ def _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_typ
   expert_axes, mlp_axes = sharding_rules.entry_axes(up_spec[0]), sharding_rules.entry_axes(up_spec[2])
   exchange = bool(expert_axes) and set(expert_axes) <= set(token_axes)
   if expert_axes and not exchange and set(expert_axes) & set(token_axes):
-    raise ValueError(
+    raise MeshError(
       f"experts are split over mesh axes {expert_axes} but tokens only over {token_axes}: the dropless MoE "
       "needs the batch split over all of the experts' axes or none; change config.mesh.rules"
     )

@@ -14,6 +14,7 @@ import sysconfig
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import data
@@ -313,7 +314,6 @@ def test_restored_iterator_yields_the_same_batches(tokenizer, tmp_path):
 
 
 def test_iterator_round_trips_through_an_orbax_checkpoint(tokenizer, tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=32)
   iterator = data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=1)
   next(iterator)

@@ -119,21 +119,17 @@ def _restored_params(run):
   return jax.device_get(state.params)
 
 
+def _tiny_cmd(workdir, port: int, *flags: str) -> list[str]:
+  """train.py on tiny as one process of a job whose coordinator is at 127.0.0.1:port."""
+  return [sys.executable, "train.py", "--config", "configs/tiny.py", f"--workdir={workdir}",
+          f"--coordinator_address=127.0.0.1:{port}", *flags]  # fmt: skip
+
+
 def test_unreachable_coordinator_fails_in_one_line_within_the_timeout(tmp_path):
   port = _free_port()  # nothing listens here
   start = time.time()
   proc = subprocess.run(
-    [
-      sys.executable,
-      "train.py",
-      "--config",
-      "configs/tiny.py",
-      f"--workdir={tmp_path}",
-      f"--coordinator_address=127.0.0.1:{port}",
-      "--num_processes=2",
-      "--process_id=1",
-      "--distributed_timeout_s=3",
-    ],
+    _tiny_cmd(tmp_path, port, "--num_processes=2", "--process_id=1", "--distributed_timeout_s=3"),
     env=_env(4),
     capture_output=True,
     text=True,
@@ -150,18 +146,14 @@ def test_unreachable_coordinator_fails_in_one_line_within_the_timeout(tmp_path):
 
 def test_mismatched_process_counts_fail_in_one_line(tmp_path):
   port = _free_port()
-  common = [
-    sys.executable,
-    "train.py",
-    "--config",
-    "configs/tiny.py",
-    f"--workdir={tmp_path}",
-    f"--coordinator_address=127.0.0.1:{port}",
-    "--distributed_timeout_s=20",
-  ]
   procs = [
-    subprocess.Popen(common + ["--num_processes=2", "--process_id=0"], env=_env(4), stderr=subprocess.PIPE, text=True),
-    subprocess.Popen(common + ["--num_processes=3", "--process_id=1"], env=_env(4), stderr=subprocess.PIPE, text=True),
+    subprocess.Popen(
+      _tiny_cmd(tmp_path, port, f"--num_processes={n}", f"--process_id={i}", "--distributed_timeout_s=20"),
+      env=_env(4),
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i, n in ((0, 2), (1, 3))
   ]
   for proc in procs:
     _, err = proc.communicate(timeout=60)
