@@ -86,7 +86,11 @@ def make_eval_batches(
   fewer than asked when the split is small); missing rows at the end are all padding (loss_mask 0).
   """
   _check_sizes(data_cfg.seq_len, batch_size)
-  token_cache = load_token_cache(data_cfg, tokenizer, process_index=process_index, process_count=process_count)
+  # Every shard's cache holds all held-out documents: read this process's first training shard, which the
+  # training iterator builds anyway, rather than tokenize a cache of its own.
+  shards = data_cfg.shards or process_count
+  first_shard = process_index * max(shards // process_count, 1)
+  token_cache = load_token_cache(data_cfg, tokenizer, process_index=first_shard, process_count=shards)
   starts, lengths = token_cache.split(held_out=True)
   if len(starts) == 0:
     raise DataError(
