@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.0
   c.model.init_std = 0.02
   c.model.vocab_multiple = 128  # embedding rows are padded to a multiple of this (and of the tensor axis)
-  c.model.param_dtype = "float32"
+  c.model.param_dtype = "float32"  # master weights; anything else needs allow_low_precision_params
+  c.model.allow_low_precision_params = False  # True: you accept bf16 master weights (small updates round away)
   c.model.compute_dtype = "float32"  # float32 | bfloat16
   c.model.remat = "none"  # none | full | dots: what the backward pass recomputes
 

@@ -40,7 +40,15 @@ def test_good_overrides_pass():
       {"model.num_heads": 4, "model.num_kv_heads": 3},
       r"num_heads=4 is not a multiple of config\.model\.num_kv_heads=3",
     ),
-    ({"optim.warmup_steps": 500, "train.steps": 100}, r"warmup_steps=500 is longer than the run"),
+    ({"optim.warmup_steps": 500, "train.steps": 100}, r"warmup_steps=500 leaves no step after warmup"),
+    ({"optim.warmup_steps": 100, "train.steps": 100}, r"warmup_steps=100 leaves no step after warmup"),
+    (
+      {"model.param_dtype": "bfloat16"},
+      r"param_dtype=bfloat16 keeps the master weights in bfloat16.*"
+      r"allow_low_precision_params=True",
+    ),
+    ({"mesh.stage": 2}, r"config\.mesh\.stage=2 x dcn_stage=1: nothing runs on the stage axis"),
+    ({"mesh.dcn_stage": 2}, r"stage=1 x dcn_stage=2: nothing runs on the stage axis"),
     ({"model.mlp_type": "relu"}, r"config\.model\.mlp_type='relu' is not one of swiglu, gelu"),
     ({"train.global_batch_size": 10, "train.grad_accum": 4}, r"global_batch_size=10 is not divisible by"),
     ({"optim.zero_stage": 3}, r"zero_stage=3 must be 0, 1 or 2"),
@@ -53,6 +61,12 @@ def test_inconsistent_values_are_rejected(changes, message):
     cfg[group][name] = value
   with pytest.raises(ConfigError, match=message):
     validate(cfg)
+
+
+def test_bf16_master_weights_pass_when_allowed():
+  cfg = load_config_file(TINY)
+  cfg.model.param_dtype, cfg.model.allow_low_precision_params = "bfloat16", True
+  validate(cfg)
 
 
 def test_every_named_config_is_valid():
@@ -71,8 +85,12 @@ def test_every_named_config_is_valid():
       "error: unknown config key config.model.num_layerz; did you mean config.model.num_layers?",
     ),
     (
-      ["--config.optim.warmup_steps=5000", "--config.train.steps=10"],
-      "error: config.optim.warmup_steps=5000 is longer",
+      ["--config.optim.warmup_steps=10", "--config.train.steps=10"],
+      "error: config.optim.warmup_steps=10 leaves no step after warmup (config.train.steps=10); make warmup_steps",
+    ),
+    (
+      ["--config.optim.zero_stage=1", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--dry_run"],
+      "error: config.optim.zero_stage=1 shards optimizer state over the data axis, which has 1 device",
     ),
   ],
 )

@@ -155,9 +155,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   )
   _require(0.0 <= m.dropout_rate < 1.0, f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   _require(
-    o.warmup_steps <= t.steps,
-    f"config.optim.warmup_steps={o.warmup_steps} is longer than the run (config.train.steps={t.steps}); "
-    "lower warmup_steps or raise steps",
+    o.warmup_steps < t.steps,
+    f"config.optim.warmup_steps={o.warmup_steps} leaves no step after warmup (config.train.steps={t.steps}); "
+    "make warmup_steps smaller than steps",
   )
   _require(o.warmup_steps >= 0, f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
   _require(o.peak_lr > 0, f"config.optim.peak_lr={o.peak_lr} must be positive")
@@ -166,6 +166,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     f"config.optim.final_lr={o.final_lr} must be between 0 and config.optim.peak_lr={o.peak_lr}",
   )
   _require(o.zero_stage in (0, 1, 2), f"config.optim.zero_stage={o.zero_stage} must be 0, 1 or 2 (fsdp is ZeRO-3)")
+  _require(
+    m.param_dtype == "float32" or m.allow_low_precision_params,
+    f"config.model.param_dtype={m.param_dtype} keeps the master weights in {m.param_dtype}, where small updates "
+    "round away; keep float32 (config.model.compute_dtype=bfloat16 gives bf16 speed), or set "
+    "config.model.allow_low_precision_params=True if you mean it",
+  )
+  stages = cfg.mesh.stage * cfg.mesh.dcn_stage
+  _require(
+    stages == 1,
+    f"config.mesh.stage={cfg.mesh.stage} x dcn_stage={cfg.mesh.dcn_stage}: nothing runs on the stage axis yet "
+    "(no pipeline schedule), so those devices would only repeat the work; set config.mesh.stage=1 and dcn_stage=1",
+  )
   _require(
     t.global_batch_size % t.grad_accum == 0,
     f"config.train.global_batch_size={t.global_batch_size} is not divisible by "

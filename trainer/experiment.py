@@ -13,6 +13,7 @@ from model.config import padded_vocab_size
 from sharding.mesh import MeshError
 from sharding.partition import StateShardings, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
+from trainer.config import ConfigError
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
 from trainer.step import BATCH_AXES, make_eval_step, make_train_step
@@ -79,7 +80,16 @@ def _check_batch_divides(cfg, mesh: Mesh, batch_spec: PartitionSpec) -> None:
     )
 
 
+def _check_zero_has_data_axis(zero_stage: int, mesh: Mesh) -> None:
+  if zero_stage > 0 and mesh.shape["data"] == 1:
+    raise ConfigError(
+      f"config.optim.zero_stage={zero_stage} shards optimizer state over the data axis, which has 1 device in "
+      f"this mesh {dict(mesh.shape)}; give mesh.data more devices or set config.optim.zero_stage=0"
+    )
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
+  _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
   rules = parse_rules(cfg.mesh.rules)
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   _check_batch_divides(cfg, mesh, batch_spec)

@@ -1,4 +1,9 @@
-"""AdamW with warmup + cosine schedule, global-norm clipping and weight decay on matrices only."""
+"""AdamW with warmup + cosine schedule, global-norm clipping and weight decay on matrices only.
+
+The optimizer state has one structure whatever the hyperparameters: (clipping state, AdamW state). Turning
+clipping on or off, or changing any rate, threshold or the schedule's length, changes numbers, never the
+tree a checkpoint holds, so such a change resumes an existing run.
+"""
 
 import jax
 import optax
@@ -31,6 +36,17 @@ def make_optimizer(optim_cfg, total_steps: int, logical_names) -> tuple[optax.Gr
     weight_decay=optim_cfg.weight_decay,
     mask=decay_mask(logical_names),
   )
-  if optim_cfg.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), adamw), schedule
-  return adamw, schedule
+  # identity() and clip_by_global_norm() both keep an empty state: the chain's structure does not depend on it.
+  clip = optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity()
+  return optax.chain(clip, adamw), schedule
+
+
+def restart_schedule(opt_state):
+  """The optimizer state of another run, with its learning-rate schedule back at step 0 (Adam's moments and
+  bias-correction count kept): a run started from it warms up and decays on its own steps, so the lr it logs
+  (the schedule at its own step) is the lr it applies."""
+  return jax.tree.map(
+    lambda s: s._replace(count=jax.numpy.zeros_like(s.count)) if isinstance(s, optax.ScaleByScheduleState) else s,
+    opt_state,
+    is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState),
+  )
