@@ -37,8 +37,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
   from sharding.mesh import MeshError
   from trainer.checkpoint import CheckpointError
   from trainer.distributed import DistributedError
+  from trainer.storage import StorageError
 
-  return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError)
+  return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError, StorageError)
 
 
 def main(argv):
@@ -50,6 +51,18 @@ def main(argv):
   )
   try:
     validate(cfg)
+    from trainer.storage import check_urls
+
+    # URLs answer now, before anything is built or written anywhere.
+    check_urls(
+      [
+        ("--workdir", workdir, True),
+        ("config.data.files", cfg.data.files, False),
+        ("config.data.tokenizer", cfg.data.tokenizer, False),
+        ("config.data.cache_dir", cfg.data.cache_dir, True),
+        ("config.checkpoint.init_from", cfg.checkpoint.init_from, False),
+      ]
+    )
     from trainer.distributed import initialize
 
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value)

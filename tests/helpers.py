@@ -62,10 +62,27 @@ def mesh_for(cfg, devices=None):
 
 def mini_run_args(workdir, cache_dir, *, steps: int = 12, every: int = 4) -> list[str]:
   """train.py arguments for a seconds-long real run: a few stdlib modules as corpus, a 2-layer model."""
+  return ["train.py", "--config", "configs/tiny.py", f"--workdir={workdir}"] + [
+    f"--config.{k}={v}" for k, v in mini_run_overrides(cache_dir, steps=steps, every=every).items()
+  ]
+
+
+def mini_run_config(cache_dir, **overrides):
+  """configs/tiny.py with the overrides of `mini_run_args` (and `overrides`), for an in-process run."""
+  from trainer.config import load_config_file
+
+  cfg = load_config_file("configs/tiny.py")
+  for key, value in {**mini_run_overrides(cache_dir), **overrides}.items():
+    group, name = key.split(".")
+    cfg[group][name] = value
+  return cfg
+
+
+def mini_run_overrides(cache_dir, *, steps: int = 12, every: int = 4) -> dict:
   import sysconfig
 
   stdlib = sysconfig.get_paths()["stdlib"]
-  overrides = {
+  return {
     "data.files": f"{stdlib}/json/*.py,{stdlib}/email/*.py",
     "data.vocab_size": 512,
     "data.cache_dir": str(cache_dir),
@@ -87,6 +104,3 @@ def mini_run_args(workdir, cache_dir, *, steps: int = 12, every: int = 4) -> lis
     "checkpoint.every_steps": every,
     "mesh.data": 1,
   }
-  return ["train.py", "--config", "configs/tiny.py", f"--workdir={workdir}"] + [
-    f"--config.{k}={v}" for k, v in overrides.items()
-  ]

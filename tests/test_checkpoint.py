@@ -114,7 +114,7 @@ def test_restore_onto_another_layout_gives_the_same_parameters_and_next_loss(tmp
 
   for layout in ({"mesh.tensor": 4, "mesh.data": 2}, {}):
     other = _experiment(layout)
-    restored = Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(other.abstract_state(), None)
+    restored = Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(other.abstract_state()).state
     assert int(restored.step) == 2
     for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(saved_params)):
       np.testing.assert_array_equal(a, b)
@@ -139,8 +139,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         damaged += 1
   assert damaged
   with caplog.at_level(logging.WARNING):
-    restored = Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(exp.abstract_state(), None)
-  assert int(restored.step) == 0  # the state saved as step 1
+    restored = Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(exp.abstract_state())
+  assert restored.step == 1 and int(restored.state.step) == 0  # the state saved as step 1
   assert any("checkpoints/2 cannot be read" in r.getMessage() for r in caplog.records)
   assert (tmp_path / "checkpoints" / "2.corrupt").is_dir()  # kept for inspection, not deleted
 
@@ -151,8 +151,8 @@ def test_checkpoint_of_another_model_is_a_config_error(tmp_path):
   checkpointer.save(1, exp.init_state(), None)
   checkpointer.wait()
   other = _experiment({"model.mlp_dim": 128})
-  with pytest.raises(CheckpointError, match="holds a different model"):
-    Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(other.abstract_state(), None)
+  with pytest.raises(CheckpointError, match="does not fit this config"):
+    Checkpointer(str(tmp_path), small_config().checkpoint).restore_latest(other.abstract_state())
   assert (tmp_path / "checkpoints" / "1").is_dir()
 
 
@@ -199,3 +199,118 @@ def test_init_from_a_run_or_a_bf16_export_loads_its_parameters(tmp_path):
     np.testing.assert_array_equal(a, b.astype(jax.numpy.bfloat16).astype(np.float32))
   with pytest.raises(CheckpointError, match="holds no checkpoint"):
     load_params(str(tmp_path / "nothing_here"), fresh.params)
+
+
+def _tree_snapshot(directory) -> dict[str, bytes]:
+  """Every file under `directory` by relative path, with its bytes: equal snapshots mean nothing changed."""
+  snapshot = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        snapshot[os.path.relpath(path, directory)] = f.read()
+  return snapshot
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A run directory with checkpoints at steps 1 and 2 of the small model, clipping at 1.0, and its config."""
+  workdir = tmp_path_factory.mktemp("saved_run")
+  cfg = small_config(**{"optim.clip_norm": 1.0})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  state = exp.init_state()
+  checkpointer = Checkpointer(str(workdir), cfg.checkpoint)
+  for step in (1, 2):
+    batch = jax.device_put(packed_batch(np.random.default_rng(step), 8, 16), exp.batch_sharding)
+    state, _ = exp.train_step(state, batch)
+    checkpointer.save(step, state, {"next_row": 8 * step}, cfg.to_json())
+  checkpointer.wait()
+  return workdir, json.loads(cfg.to_json()), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize(
+  "change",
+  [
+    {"optim.clip_norm": 0.0},  # clipping turned off
+    {"optim.clip_norm": 0.25, "optim.peak_lr": 1e-3, "optim.final_lr": 0.0},
+    {"optim.warmup_steps": 7, "train.steps": 50, "train.log_every": 3, "checkpoint.every_steps": 5},
+    {"optim.weight_decay": 0.0, "optim.b2": 0.99, "train.grad_accum": 2},
+    {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optim.zero_stage": 1},  # another layout
+  ],
+)
+def test_a_change_that_keeps_the_state_structure_resumes_at_the_saved_step(saved_run, change):
+  workdir, _, saved_params = saved_run
+  cfg = small_config(**{"optim.clip_norm": 1.0, **change})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  before = _tree_snapshot(workdir)
+  restored = Checkpointer(str(workdir), cfg.checkpoint).restore_latest(exp.abstract_state(), json.loads(cfg.to_json()))
+  assert restored.step == 2 and int(restored.state.step) == 2 and restored.data == {"next_row": 16}
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored.state.params)), jax.tree.leaves(saved_params)):
+    np.testing.assert_array_equal(a, b)
+  assert _tree_snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+  "change,first_difference,changed_keys",
+  [
+    ({"model.mlp_dim": 48}, r"params\.blocks\.mlp\.w_down_FxD has shape \(2, 64, 32\) in the checkpoint and \(2, 48,",
+     r"model\.mlp_dim: 64 -> 48"),
+    ({"model.num_layers": 3}, r"has shape \(2, ", r"model\.num_layers: 2 -> 3"),
+    ({"model.tie_embeddings": False}, r"params\.\S+ is in this config's state but not in the checkpoint",
+     r"model\.tie_embeddings: True -> False"),
+  ],
+)  # fmt: skip
+def test_a_checkpoint_that_does_not_fit_stops_the_run_and_changes_nothing(saved_run, change, first_difference,
+                                                                         changed_keys):  # fmt: skip
+  workdir, _, _ = saved_run
+  cfg = small_config(**{"optim.clip_norm": 1.0, **change})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  before = _tree_snapshot(workdir)
+  with pytest.raises(CheckpointError) as error:
+    Checkpointer(str(workdir), cfg.checkpoint).restore_latest(exp.abstract_state(), json.loads(cfg.to_json()))
+  message = str(error.value)
+  assert "\n" not in message
+  assert re.search(r"checkpoints/2 does not fit this config: ", message)
+  assert re.search(first_difference, message), message
+  assert re.search(changed_keys, message), message
+  assert "checkpoint.init_from=" in message and "new --workdir" in message
+  assert _tree_snapshot(workdir) == before  # names and bytes: no checkpoint renamed, skipped over or touched
+
+
+def test_a_read_that_fails_once_is_retried_and_nothing_is_set_aside(saved_run, monkeypatch, caplog):
+  workdir, _, _ = saved_run
+  cfg = small_config(**{"optim.clip_norm": 1.0})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  monkeypatch.setattr("trainer.checkpoint._RETRY_PAUSE_S", 0.0)
+  checkpointer = Checkpointer(str(workdir), cfg.checkpoint)
+  real_restore, failures = checkpointer._manager.restore, []
+
+  def flaky_restore(*args, **kwargs):
+    if not failures:
+      failures.append(1)
+      raise OSError("connection reset by peer")
+    return real_restore(*args, **kwargs)
+
+  monkeypatch.setattr(checkpointer._manager, "restore", flaky_restore)
+  with caplog.at_level(logging.WARNING):
+    restored = checkpointer.restore_latest(exp.abstract_state())
+  assert failures and restored.step == 2
+  assert any("trying again" in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+
+def test_init_from_starts_a_new_run_with_its_own_schedule(saved_run, tmp_path):
+  from trainer.loop import _initial_state
+
+  workdir, _, saved_params = saved_run
+  cfg = small_config(**{"checkpoint.init_from": str(workdir), "checkpoint.init_optimizer_state": True})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  state, next_row = _initial_state(exp, Checkpointer(str(tmp_path / "new"), cfg.checkpoint), cfg.checkpoint, {})
+  assert int(state.step) == 0 and next_row is None
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(saved_params)):
+    np.testing.assert_array_equal(a, b)
+  adam, _, schedule = state.opt_state[1]
+  assert int(adam.count) == 2  # Adam's moments and their bias correction continue
+  assert int(schedule.count) == 0  # the learning rate starts over: warmup from 0, as the log says
+  _, metrics = exp.train_step(state, jax.device_put(packed_batch(np.random.default_rng(9), 8, 16), exp.batch_sharding))
+  assert float(metrics["lr"]) == 0.0  # step 0 of this run's warmup, which is also the lr applied

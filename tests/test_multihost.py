@@ -114,7 +114,7 @@ def test_two_processes_log_the_losses_of_one(layout, one_process_runs, cache, tm
 def _restored_params(run):
   cfg = ConfigDict(json.load(open(os.path.join(run, "config.json"))))
   exp = build(cfg, cfg.data.vocab_size, make_mesh(cfg.mesh))
-  state = Checkpointer(str(run), cfg.checkpoint).restore_latest(exp.abstract_state(), None)
+  state = Checkpointer(str(run), cfg.checkpoint).restore_latest(exp.abstract_state()).state
   assert int(state.step) == STEPS
   return jax.device_get(state.params)
 

@@ -1,41 +1,59 @@
-"""Sharded, asynchronous orbax checkpoints with exact resume and fallback past damaged checkpoints.
+"""Sharded, asynchronous orbax checkpoints: exact resume, and a clear line between "damaged" and "does not fit".
 
 A checkpoint `<workdir>/checkpoints/<step>/` holds three items: `state` (parameters, optimizer state, step,
-rng; every process writes its own shards through tensorstore/OCDBT), `data` (the grain iterator's position,
-one file per process) and `config` (the resolved config, JSON). Orbax writes into a temporary directory and
-renames it on commit, so a run killed mid-save leaves the previous checkpoint as the latest; old checkpoints
-are deleted only after a newer one has committed.
+rng; every process writes its own shards through tensorstore/OCDBT), `data` (the data position: the global
+row cursor, the same for any number of processes) and `config` (the resolved config, JSON). Orbax writes into
+a temporary directory and renames it on commit, so a run killed mid-save leaves the previous checkpoint as
+the latest; old checkpoints are deleted only after a newer one has committed. The directory may be a URL.
+
+On resume, two different things can be wrong with the newest checkpoint:
+- it cannot be read back (truncated or missing files): after one retry it is set aside as `<step>.corrupt`
+  (kept, never deleted) and the one before it is used;
+- it reads fine but does not fit the current config (another model shape): nothing is renamed or skipped;
+  the run stops with one line naming the first differing array and the config keys that changed.
 """
 
+import dataclasses
+import json
 import logging
-import os
 import time
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from trainer.storage import as_path
 
 _log = logging.getLogger(__name__)
 
 CORRUPT_SUFFIX = ".corrupt"
+_RETRY_PAUSE_S = 2.0  # a read that fails is tried once more after this pause (a flaky disk or bucket)
 
 
 class CheckpointError(ValueError):
   """A checkpoint or run directory that cannot be used, in the user's terms."""
 
 
-def check_writable(directory: str) -> None:
+@dataclasses.dataclass
+class Restored:
+  state: object
+  step: int
+  path: str
+  data: dict | None  # the saved data position ({"next_row": int}); None for checkpoints written without one
+
+
+def check_writable(directory: epath.Path | str) -> None:
   """Fails at start-up, not at the first save, when the run directory cannot be written."""
+  directory = as_path(directory)
   try:
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".write_test.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_test.{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
     raise CheckpointError(
-      f"run directory {directory} is not writable ({e.strerror}); pass a --workdir you can write to"
+      f"run directory {directory} is not writable ({e.strerror or e}); pass a --workdir you can write to"
     ) from None
 
 
@@ -43,7 +61,7 @@ class Checkpointer:
   """Saves every `every_steps` and on request; restores the newest checkpoint that reads back whole."""
 
   def __init__(self, workdir: str, ckpt_cfg):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = as_path(workdir) / "checkpoints"
     check_writable(self.directory)
     self.every_steps = ckpt_cfg.every_steps
     options = ocp.CheckpointManagerOptions(
@@ -54,7 +72,7 @@ class Checkpointer:
     )
     handlers = {
       "state": ocp.StandardCheckpointHandler(),
-      "data": grain.checkpoint.CheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
       "config": ocp.JsonCheckpointHandler(),
     }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -62,76 +80,106 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator, config_json: str | None = None) -> float:
+  def save(self, step: int, state, data_position: dict | None = None, config_json: str | None = None) -> float:
     """Starts saving `step`; returns the seconds the train loop was blocked (the rest runs in the background)."""
     start = time.perf_counter()
     items = {"state": ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if data_position is not None:
+      items["data"] = ocp.args.JsonSave(data_position)
     if config_json is not None:
-      import json
-
       items["config"] = ocp.args.JsonSave(json.loads(config_json))
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     blocked = time.perf_counter() - start
     _log.info("checkpoint %d: the train loop was blocked %.2f s; writing continues in the background", step, blocked)
     return blocked
 
-  def restore_latest(self, abstract_state, data_iterator):
-    """Restores the newest readable checkpoint into `abstract_state`'s shardings and `data_iterator` (if any).
+  def restore_latest(self, abstract_state, config: dict | None = None) -> Restored | None:
+    """Restores the newest readable checkpoint into `abstract_state`'s shardings; None when there is none.
 
-    Returns the state, or None when there is no checkpoint. A checkpoint that fails to read back (missing or
-    truncated files) is reported by name, renamed to `<step>.corrupt` (kept, never deleted) and skipped in
-    favour of the one before it.
+    `config` (the current resolved config as a dict) lets a checkpoint that does not fit name the config keys
+    that changed since it was saved. Every process takes the same decision.
     """
     for step in reversed(self.steps()):
-      self._check_matches(step, abstract_state)
-      try:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # noqa: BLE001 (any read failure of a committed checkpoint means damage)
-        path = os.path.join(self.directory, str(step))
-        _log.warning(
-          "checkpoint %s cannot be read (%s: %s); keeping it as %s%s and trying the previous one",
-          path,
-          type(e).__name__,
-          str(e).splitlines()[0][:200] if str(e) else "",
-          path,
-          CORRUPT_SUFFIX,
-        )
+      path = self.directory / str(step)
+      saved = self._read(step, lambda step=step: _leaf_shapes(self._state_metadata(step)))
+      if saved is not None:
+        self._check_fits(step, saved, abstract_state, config)
+      state = None
+      if saved is not None:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        state = self._read(step, lambda step=step, args=args: self._manager.restore(step, args=args).state)
+      if not _everywhere(state is not None):
         self._set_aside(step)
         continue
-      _log.info("resumed from checkpoint %s (step %d)", os.path.join(self.directory, str(step)), step)
-      return restored.state
+      _log.info("resumed from checkpoint %s (step %d)", path, step)
+      return Restored(state=state, step=step, path=str(path), data=self._read_json(step, "data"))
     return None
 
-  def _check_matches(self, step: int, abstract_state) -> None:
-    """A checkpoint of another model is a config mistake, not damage: say so instead of skipping it."""
+  def _state_metadata(self, step: int):
+    metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+    return getattr(metadata, "tree", metadata)
+
+  def _read(self, step: int, read):
+    """`read()`, tried twice with a pause between; None (and a warning naming the checkpoint) if both fail."""
+    for attempt in range(2):
+      try:
+        return read()
+      except Exception as e:  # noqa: BLE001 (a read failure of a committed checkpoint is damage or a hiccup)
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        if attempt == 0:
+          _log.warning("reading checkpoint %s failed (%s); trying again", self.directory / str(step), reason)
+          time.sleep(_RETRY_PAUSE_S)
+          self._manager.reload()
+        else:
+          _log.warning("checkpoint %s cannot be read (%s)", self.directory / str(step), reason)
+    return None
+
+  def _read_json(self, step: int, item: str) -> dict | None:
+    """A small JSON item of a checkpoint, or None where the checkpoint has none (or an older format)."""
     try:
-      saved = self._manager.item_metadata(step).state
-    except Exception:  # noqa: BLE001 (unreadable metadata is damage, which restore_latest handles)
+      return self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    except Exception:  # noqa: BLE001 (absent or unreadable: the caller has a fallback)
+      return None
+
+  def _check_fits(self, step: int, saved: dict[str, tuple], abstract_state, config: dict | None) -> None:
+    """A readable checkpoint of another shape is a config change, not damage: stop and say what differs."""
+    wanted = _leaf_shapes(abstract_state)
+    if saved == wanted:
       return
-    saved = getattr(saved, "tree", saved)
-    if not saved or "params" not in saved:
-      return
-    saved_params = _shapes(saved["params"])
-    want_params = _shapes(abstract_state.params)
-    if saved_params and saved_params != want_params:
-      differing = sorted(set(saved_params.items()) ^ set(want_params.items()))[0][0]
-      raise CheckpointError(
-        f"checkpoint {os.path.join(self.directory, str(step))} holds a different model (first difference at "
-        f"{differing}); use the config it was trained with, or a new --workdir"
-      )
+    differing = [k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)]
+    name = min(differing, key=lambda k: (not k.startswith("params."), k))  # a parameter says most
+    if name not in wanted:
+      difference = f"{name} is in the checkpoint but not in this config's state"
+    elif name not in saved:
+      difference = f"{name} is in this config's state but not in the checkpoint"
+    else:
+      difference = f"{name} has shape {saved[name]} in the checkpoint and {wanted[name]} in this config"
+    saved_config = self._read_json(step, "config")
+    if config is not None and saved_config is not None:
+      changes = config_changes(saved_config, config)
+      changed = f"config changed since it was saved: {', '.join(changes[:6]) or 'nothing'}"
+      changed += f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
+    else:
+      changed = "the checkpoint holds no config to compare with"
+    path = self.directory / str(step)
+    raise CheckpointError(
+      f"checkpoint {path} does not fit this config: {difference}; {changed}. Nothing was changed on disk. "
+      f"Resume with the config it was saved with ({path}/config/metadata), use a new --workdir, or start a "
+      f"new run from its weights with --config.checkpoint.init_from={path}"
+    )
 
   def _set_aside(self, step: int) -> None:
+    """Renames an unreadable checkpoint to `<step>.corrupt`, once every process has stopped reading it."""
+    path = self.directory / str(step)
+    _log.warning("checkpoint %s cannot be read back; keeping it as %s%s and trying the previous one", path, path,
+                 CORRUPT_SUFFIX)  # fmt: skip
+    _sync(f"kiln_set_aside_{step}_read")
     if jax.process_index() == 0:
-      path = epath.Path(self.directory) / str(step)
       target = path.parent / f"{step}{CORRUPT_SUFFIX}"
       if target.exists():
         target = path.parent / f"{step}{CORRUPT_SUFFIX}.{int(time.time())}"
       path.rename(target)
+    _sync(f"kiln_set_aside_{step}_renamed")
     self._manager.reload()
 
   def wait(self) -> None:
@@ -141,16 +189,57 @@ class Checkpointer:
     self._manager.close()
 
 
-def _shapes(tree) -> dict[str, tuple]:
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """`group.key: old -> new` for every leaf that differs between two resolved configs (as dicts)."""
+  old, new = _flatten(saved), _flatten(current)
+  return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{dotted path: shape} of every array in a state tree or in orbax's metadata of one (same names both ways)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+  return {".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _key_name(key) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every process (all processes then take the same decision)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def load_params(path: str, abstract_params, abstract_opt_state=None):
   """Parameters (and optionally optimizer state) from another run for `config.checkpoint.init_from`.
 
-  `path` is a run directory (its latest checkpoint), one checkpoint `<run>/checkpoints/<step>`, or a
-  directory written by scripts/export_params.py. Arrays come back in the shardings of the abstract trees.
+  `path` (local or a URL) is a run directory (its latest checkpoint), one checkpoint `<run>/checkpoints/<step>`,
+  or a directory written by scripts/export_params.py. Arrays come back in the shardings of the abstract trees.
   """
   item_dir = _find_state_item(path)
   item = {"params": abstract_params}
@@ -170,16 +259,16 @@ def load_params(path: str, abstract_params, abstract_opt_state=None):
   return restored["params"], restored.get("opt_state")
 
 
-def _find_state_item(path: str) -> str:
-  path = os.path.abspath(path)
-  candidates = [os.path.join(path, "state"), os.path.join(path, "params")]
-  checkpoints = os.path.join(path, "checkpoints")
-  if os.path.isdir(checkpoints):
-    steps = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+def _find_state_item(path: str) -> epath.Path:
+  path = as_path(path)
+  candidates = [path / "state", path / "params"]
+  checkpoints = path / "checkpoints"
+  if checkpoints.is_dir():
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     if steps:
-      candidates.insert(0, os.path.join(checkpoints, str(steps[-1]), "state"))
+      candidates.insert(0, checkpoints / str(steps[-1]) / "state")
   for candidate in candidates:
-    if os.path.isdir(candidate):
+    if candidate.is_dir():
       return candidate
   raise CheckpointError(
     f"config.checkpoint.init_from={path} holds no checkpoint; point it at a run directory, "

@@ -1,7 +1,7 @@
 """The training loop: build, initialise or resume, step, log, evaluate, write the run directory."""
 
+import json
 import logging
-import os
 import time
 
 import jax
@@ -14,7 +14,9 @@ from sharding.mesh import make_mesh
 from trainer.checkpoint import Checkpointer, load_params
 from trainer.experiment import Experiment, build
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
+from trainer.optim import restart_schedule
 from trainer.preemption import PreemptionGuard
+from trainer.storage import as_path
 
 _log = logging.getLogger(__name__)
 
@@ -55,20 +57,23 @@ class _Throughput:
     }
 
 
-def _initial_state(exp: Experiment, checkpointer: Checkpointer, train_iter, ckpt_cfg):
-  """The newest readable checkpoint of this run, else a fresh state (optionally from another run)."""
-  state = checkpointer.restore_latest(exp.abstract_state(), train_iter)
-  if state is not None:
-    return state
+def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config: dict) -> tuple[object, int | None]:
+  """(state, saved data row cursor or None): the newest readable checkpoint of this run, else a new run's state
+  (optionally with the weights, and the optimizer moments, of another run)."""
+  restored = checkpointer.restore_latest(exp.abstract_state(), config)
+  if restored is not None:
+    return restored.state, (restored.data or {}).get("next_row")
   state = exp.init_state()
   if ckpt_cfg.init_from:
     abstract = exp.abstract_state()
     opt_state = abstract.opt_state if ckpt_cfg.init_optimizer_state else None
     params, opt_state = load_params(ckpt_cfg.init_from, abstract.params, opt_state)
-    state = state.replace(params=params, opt_state=opt_state if opt_state is not None else state.opt_state)
-    what = "parameters and optimizer state" if opt_state is not None else "parameters"
-    _log.info("initialised %s from %s", what, ckpt_cfg.init_from)
-  return state
+    # A new run: its own step 0, warmup and schedule, whatever step the source had reached.
+    opt_state = restart_schedule(opt_state) if opt_state is not None else state.opt_state
+    state = state.replace(params=params, opt_state=opt_state)
+    what = "parameters and optimizer state" if ckpt_cfg.init_optimizer_state else "parameters"
+    _log.info("initialised %s from %s; this run starts at step 0 with its own schedule", what, ckpt_cfg.init_from)
+  return state, None
 
 
 def train(cfg, workdir: str) -> dict:
@@ -79,24 +84,28 @@ def train(cfg, workdir: str) -> dict:
   tokenizer = data.load_tokenizer(cfg.data, workdir)  # every process: the run's copy pins the tokenizer
   exp = build(cfg, tokenizer.vocab_size, mesh)
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
+  # Restored before config.json is rewritten: a checkpoint that does not fit must leave the run as it was.
+  state, next_row = _initial_state(exp, checkpointer, cfg.checkpoint, json.loads(config_json))
   if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_json)
-
-  process_batch = cfg.train.global_batch_size // jax.process_count()
-  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  train_iter = data.make_train_iterator(cfg.data, tokenizer, batch_size=process_batch, seed=cfg.train.seed, **shard)
-  eval_batches = []  # data.eval_fraction=0 holds nothing out: the run has no evaluation
-  if cfg.data.eval_fraction > 0:
-    local = data.make_eval_batches(
-      cfg.data, tokenizer, batch_size=process_batch, num_batches=cfg.train.eval_batches, **shard
-    )
-    eval_batches = [data.global_batch(batch, exp.batch_sharding) for batch in local]
-  state = _initial_state(exp, checkpointer, train_iter, cfg.checkpoint)
-  start_step, steps = int(state.step), cfg.train.steps
+    (as_path(workdir) / "config.json").write_text(config_json)
+  start_step, steps, batch_rows = int(state.step), cfg.train.steps, cfg.train.global_batch_size
   if start_step >= steps:
     _log.info("the run in %s is complete (step %d of %d); nothing to do", workdir, start_step, steps)
     return {"train": {}, "eval": {}, "state": state, "experiment": exp}
+  # The data position is a global row cursor: the same for any number of processes, and it carries over a
+  # change of batch size. Checkpoints without one were written at a constant batch size.
+  start_row = next_row if next_row is not None else start_step * batch_rows
+  train_iter = data.make_train_iterator(
+    cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
+    start_row=start_row,
+  )  # fmt: skip
+  eval_batches = data.make_eval_batches(
+    cfg.data,
+    tokenizer,
+    global_batch_size=batch_rows,
+    num_batches=cfg.train.eval_batches,
+    sharding=exp.batch_sharding,
+  )  # fmt: skip ([] when nothing is held out: the run has no evaluation)
 
   writer = MetricWriter(workdir, enabled=is_writer)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -142,8 +151,7 @@ def train(cfg, workdir: str) -> dict:
   throughput.mark(start_step)
   with PreemptionGuard() as preemption:
     for step in range(start_step, steps):
-      batch = data.global_batch(next(train_iter), exp.batch_sharding)
-      state, metrics = exp.train_step(state, batch)
+      state, metrics = exp.train_step(state, next(train_iter))
       done = step + 1
       if pending is not None and pending[0] % cfg.train.log_every == 0:
         last_train = log_train(*pending)
@@ -159,7 +167,9 @@ def train(cfg, workdir: str) -> dict:
         last_eval = run_eval(done)
       stop = _preemption_requested(preemption, done, cfg.train.log_every)
       if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
-        checkpointer.save(done, state, train_iter, config_json)
+        position = {"next_row": start_row + (done - start_step) * batch_rows}
+        checkpointer.save(done, state, position, config_json)
+        writer.flush()
       if stop:
         if pending is not None:
           last_train = log_train(*pending)

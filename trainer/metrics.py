@@ -1,15 +1,18 @@
 """Throughput accounting (FLOPs per token, peak FLOP/s, MFU) and the run directory's metric files."""
 
+import io
 import json
 import logging
-import os
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from model import ModelConfig
+from trainer.storage import as_path, is_url
 
 _log = logging.getLogger(__name__)
 
@@ -79,23 +82,37 @@ def peak_flops_per_device(compute_dtype=jnp.float32) -> tuple[float, str]:
 
 
 class MetricWriter:
-  """Appends metrics.jsonl lines and TensorBoard scalars; a no-op on processes other than 0."""
+  """Appends metrics.jsonl lines and TensorBoard scalars; a no-op on processes other than 0.
+
+  In a local run directory both files are written in place. Object stores (gs://) cannot append, so for a URL
+  both are kept in a local staging directory and copied whole into the run directory at every `flush()` (the
+  loop flushes at each checkpoint) and at `close()`; metrics.jsonl lines are still only ever added.
+  """
 
   def __init__(self, workdir: str, enabled: bool):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._run = as_path(workdir)
     self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
+    if not enabled:
+      return
+    self._staging = None
+    if is_url(workdir):
+      self._staging = epath.Path(tempfile.mkdtemp(prefix="kiln-metrics-"))
+      remote = self._run / "metrics.jsonl"
+      if remote.exists():  # a resumed run: keep what earlier runs logged
+        (self._staging / "metrics.jsonl").write_text(remote.read_text())
+    local = self._staging or self._run
+    self.path = local / "metrics.jsonl"
+    from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb = SummaryWriter(str(local / "tb"))
 
   def write(self, record: dict, arrays: dict | None = None) -> None:
     """`record` goes to metrics.jsonl and TensorBoard; `arrays` (e.g. expert load [layers, experts]) to
     TensorBoard only, one scalar per entry, tagged `name/i/j`."""
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     step = record["step"]
     for key, value in record.items():
@@ -105,17 +122,30 @@ class MetricWriter:
       for index, value in np.ndenumerate(values):
         self._tb.add_scalar("/".join([key, *map(str, index)]), float(value), step)
 
+  def flush(self) -> None:
+    """Makes everything written so far visible in the run directory."""
+    if not self.enabled:
+      return
+    self._tb.flush()
+    if self._staging is None:
+      return
+    (self._run / "metrics.jsonl").write_bytes(self.path.read_bytes())
+    for event_file in (self._staging / "tb").glob("*"):
+      target = self._run / "tb" / event_file.name
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(event_file.read_bytes())
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self.flush()
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = as_path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_losses(workdir: str) -> str:
@@ -136,10 +166,12 @@ def plot_losses(workdir: str) -> str:
     ax.plot(*zip(*evals), "o-", label="eval loss", ms=3)
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats/token)")
-  ax.set_title(os.path.basename(os.path.abspath(workdir)))
+  ax.set_title(as_path(workdir).name)
   ax.grid(alpha=0.3)
   ax.legend()
-  path = os.path.join(workdir, "loss.png")
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
   plt.close(fig)
-  return path
+  path = as_path(workdir) / "loss.png"
+  path.write_bytes(image.getvalue())
+  return str(path)

@@ -1,7 +1,6 @@
 """`--dry_run`: compile the train step ahead of time from abstract arrays and report the per-device plan."""
 
 import json
-import os
 import re
 
 import jax
@@ -10,6 +9,7 @@ from sharding.mesh import make_mesh
 from sharding.partition import bytes_per_device
 from trainer.experiment import build
 from trainer.metrics import flops_per_token
+from trainer.storage import as_path
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -44,7 +44,7 @@ def plan(cfg, workdir: str | None = None) -> dict:
     "collectives": count_collectives(compiled.as_text()),
   }
   if workdir is not None and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    run = as_path(workdir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "plan.json").write_text(json.dumps(result, indent=2))
   return result
