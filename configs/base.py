@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.seed = 0
+  c.train.compilation_cache = True  # JAX's persistent compilation cache under <data cache dir>/jax
+  c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into <workdir>/tb for TensorBoard
 
   c.mesh = ml_collections.ConfigDict()
   for axis in ("stage", "data", "fsdp", "expert", "tensor"):

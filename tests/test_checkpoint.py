@@ -314,3 +314,28 @@ def test_init_from_starts_a_new_run_with_its_own_schedule(saved_run, tmp_path):
   assert int(schedule.count) == 0  # the learning rate starts over: warmup from 0, as the log says
   _, metrics = exp.train_step(state, jax.device_put(packed_batch(np.random.default_rng(9), 8, 16), exp.batch_sharding))
   assert float(metrics["lr"]) == 0.0  # step 0 of this run's warmup, which is also the lr applied
+
+
+@pytest.mark.slow
+def test_train_py_resumes_after_clipping_is_turned_off_and_refuses_another_model(uninterrupted, tmp_path):
+  _, cache = uninterrupted
+  workdir = tmp_path / "run"
+  first = subprocess.run([sys.executable, *mini_run_args(workdir, cache, steps=8)], env=ENV, capture_output=True,
+                         text=True)  # fmt: skip
+  assert first.returncode == 0, first.stderr[-3000:]
+  # Clipping off, a longer run, another warmup and log interval: the same state structure, so it resumes.
+  args = mini_run_args(workdir, cache, steps=12) + ["--config.optim.clip_norm=0", "--config.optim.warmup_steps=5"]
+  resumed = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming at step 8" in resumed.stderr
+  assert sorted(_losses(workdir)) == list(range(1, 13))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
+
+  before = _tree_snapshot(workdir)
+  other = subprocess.run([sys.executable, *args, "--config.model.mlp_dim=96", "--config.train.steps=20"], env=ENV,
+                         capture_output=True, text=True)  # fmt: skip
+  assert other.returncode != 0
+  lines = [line for line in other.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith(f"error: checkpoint {workdir}/checkpoints/12 does not fit this config: params."), lines
+  assert "model.mlp_dim: 64 -> 96" in lines[-1] and "train.steps: 12 -> 20" in lines[-1]
+  assert _tree_snapshot(workdir) == before  # every checkpoint, config.json and metrics.jsonl as they were

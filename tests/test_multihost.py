@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _args(workdir, cache, layout: dict) -> list[str]:
+def _args(workdir, cache, layout: dict, steps: int = STEPS) -> list[str]:
   overrides = {
     "mesh.data": 1,
     **layout,
@@ -37,7 +38,7 @@ def _args(workdir, cache, layout: dict) -> list[str]:
     "train.global_batch_size": 8,
     "data.shards": 2,  # the same documents per batch row whether one process reads both shards or two read one
   }
-  args = mini_run_args(workdir, cache, steps=STEPS, every=STEPS)
+  args = mini_run_args(workdir, cache, steps=steps, every=steps)
   return [a for a in args if not a.startswith("--config.mesh.")] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
@@ -45,17 +46,13 @@ def _env(devices: int) -> dict:
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
-def _run_processes(args: list[str], num_processes: int, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def _start_processes(args: list[str], num_processes: int) -> list[subprocess.Popen]:
+  """train.py as `num_processes` processes of one job (a plain single process for 1), 8 devices in all."""
   port = _free_port()
-  procs = [
+  job = lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={i}"]
+  return [
     subprocess.Popen(
-      [
-        sys.executable,
-        *args,
-        f"--coordinator_address=127.0.0.1:{port}",
-        f"--num_processes={num_processes}",
-        f"--process_id={i}",
-      ],
+      [sys.executable, *args, *(job(i) if num_processes > 1 else [])],
       env=_env(8 // num_processes),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
@@ -63,6 +60,10 @@ def _run_processes(args: list[str], num_processes: int, timeout: float = 300) ->
     )
     for i in range(num_processes)
   ]
+
+
+def _run_processes(args: list[str], num_processes: int, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+  procs = _start_processes(args, num_processes)
   results = []
   for proc in procs:
     out, err = proc.communicate(timeout=timeout)
@@ -109,6 +110,58 @@ def test_two_processes_log_the_losses_of_one(layout, one_process_runs, cache, tm
     jax.tree.leaves(_restored_params(workdir)), jax.tree.leaves(_restored_params(one_process_runs[layout]))
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+RESUME_STEPS = 24
+
+
+def _losses_by_step(workdir) -> dict[int, float]:
+  """The last logged train loss of each step (a resumed run logs the steps after its checkpoint again)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_one_process(tmp_path_factory, cache):
+  workdir = tmp_path_factory.mktemp("one_uninterrupted")
+  args = _args(workdir, cache, LAYOUTS["fsdp8"], steps=RESUME_STEPS)
+  proc = subprocess.run([sys.executable, *args], env=_env(8), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return _losses_by_step(workdir)
+
+
+def _preempt(procs: list[subprocess.Popen], workdir, after_step: int, timeout: float = 300) -> int:
+  """SIGTERMs every process once `after_step` is logged; returns the step they agreed to save and stop at."""
+  deadline = time.time() + timeout
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  while not (os.path.exists(metrics) and max(_losses_by_step(workdir), default=0) >= after_step):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+    time.sleep(0.05)
+  for proc in procs:
+    proc.send_signal(signal.SIGTERM)
+  outputs = [proc.communicate(timeout=timeout) for proc in procs]
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  line = next(x for x in outputs[0][0].splitlines() if x.startswith("SIGTERM: saved checkpoint at step"))
+  return int(line.split("at step ")[1].split()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_a_run_resumes_with_another_process_count_as_if_uninterrupted(first, then, uninterrupted_one_process, cache,
+                                                                      tmp_path):  # fmt: skip
+  workdir = tmp_path / "run"
+  args = _args(workdir, cache, LAYOUTS["fsdp8"], steps=RESUME_STEPS)
+  stopped_at = _preempt(_start_processes(args, first), workdir, after_step=3)
+  assert 3 <= stopped_at < RESUME_STEPS, "the run ended before the preemption: make it longer"
+  results = _run_processes(args, then)
+  for r in results:
+    assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resuming at step {stopped_at}" in results[0].stderr
+  got, want = _losses_by_step(workdir), uninterrupted_one_process
+  assert sorted(got) == sorted(want) == list(range(1, RESUME_STEPS + 1))
+  # The same global batches at every step, before and after the move (a wrong batch would be off by far more).
+  np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-5)
 
 
 def _restored_params(run):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from tests.helpers import mini_run_config
@@ -57,7 +58,8 @@ def test_a_run_directory_written_through_the_url_code_path_is_complete(tmp_path,
   from trainer.loop import train
 
   monkeypatch.setattr("trainer.metrics.is_url", lambda path: True)
-  cfg = mini_run_config(tmp_path / "cache", **{"mesh.data": -1, "train.global_batch_size": 8, "train.steps": 8})
+  overrides = {"mesh.data": -1, "train.global_batch_size": 8, "train.steps": 8, "train.profile_steps": 2}
+  cfg = mini_run_config(tmp_path / "cache", **overrides)
   workdir = tmp_path / "run"
   train(cfg, str(workdir))
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "loss.png", "metrics.jsonl", "tb",
@@ -69,3 +71,16 @@ def test_a_run_directory_written_through_the_url_code_path_is_complete(tmp_path,
   assert any("eval_loss" in r for r in records)
   assert [name for name in os.listdir(workdir / "tb") if name.startswith("events.out.tfevents")]
   assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert list((workdir / "tb" / "plugins" / "profile").rglob("*.xplane.pb"))  # train.profile_steps's trace
+
+  # Resumed in a new build: the train step comes from the persistent compilation cache, not the compiler.
+  hits = []
+  listener = lambda event, **kw: hits.append(event) if event.endswith("/compilation_cache/cache_hits") else None
+  jax.monitoring.register_event_listener(listener)
+  try:
+    train(
+      mini_run_config(tmp_path / "cache", **{**overrides, "train.steps": 10, "train.profile_steps": 0}), str(workdir)
+    )
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  assert hits and sorted(os.listdir(workdir / "checkpoints")) == ["10", "4", "8"]

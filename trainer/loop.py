@@ -9,6 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data
+from data.cache import cache_root
 from model.config import ModelConfig
 from sharding.mesh import make_mesh
 from trainer.checkpoint import Checkpointer, load_params
@@ -23,10 +24,9 @@ _log = logging.getLogger(__name__)
 
 def evaluate(exp: Experiment, params, eval_batches: list[dict]) -> dict:
   """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens."""
-  nll, tokens = 0.0, 0.0
-  for batch in eval_batches:
-    batch_nll, batch_tokens = exp.eval_step(params, batch)
-    nll, tokens = nll + float(batch_nll), tokens + float(batch_tokens)
+  # Every batch is dispatched before any result is read: one wait for the whole evaluation, not one per batch.
+  sums = jax.device_get([exp.eval_step(params, batch) for batch in eval_batches])
+  nll, tokens = sum(float(n) for n, _ in sums), sum(float(t) for _, t in sums)
   loss = nll / max(tokens, 1.0)
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
 
@@ -76,8 +76,20 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config
   return state, None
 
 
+def _use_compilation_cache(data_cfg, enabled: bool) -> None:
+  """JAX's persistent compilation cache in the cache dir: a restarted or resumed run loads its compiled steps
+  instead of compiling them again."""
+  path = str(as_path(cache_root(data_cfg.cache_dir)) / "jax")
+  if enabled and jax.config.jax_compilation_cache_dir != path:
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()  # JAX decides once per process whether to cache: in a notebook it already has
+
+
 def train(cfg, workdir: str) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last train and eval metrics."""
+  _use_compilation_cache(cfg.data, cfg.train.compilation_cache)
   is_writer = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, cfg.checkpoint)  # fails now, not at the first save, if unwritable
   mesh = make_mesh(cfg.mesh)
@@ -149,10 +161,18 @@ def train(cfg, workdir: str) -> dict:
   if start_step == 0:
     last_eval = run_eval(0)  # the untrained model's loss: the baseline every later eval is read against
   throughput.mark(start_step)
+  # Traced steps start after the first two of this invocation, so neither compilation nor warm-up is in them.
+  profile_start = start_step + 2 if cfg.train.profile_steps > 0 and is_writer else None
   with PreemptionGuard() as preemption:
     for step in range(start_step, steps):
+      if step == profile_start:
+        jax.profiler.start_trace(writer.tensorboard_dir)
       state, metrics = exp.train_step(state, next(train_iter))
       done = step + 1
+      if profile_start is not None and done == min(profile_start + cfg.train.profile_steps, steps):
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        progress.write(f"profiled steps {profile_start + 1}..{done}: open {workdir}/tb in TensorBoard (Profile tab)")
       if pending is not None and pending[0] % cfg.train.log_every == 0:
         last_train = log_train(*pending)
       pending = (done, metrics)

@@ -130,10 +130,17 @@ class MetricWriter:
     if self._staging is None:
       return
     (self._run / "metrics.jsonl").write_bytes(self.path.read_bytes())
-    for event_file in (self._staging / "tb").glob("*"):
-      target = self._run / "tb" / event_file.name
-      target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(event_file.read_bytes())
+    staged_tb = self._staging / "tb"
+    for staged in staged_tb.rglob("*"):  # event files, and profiler traces in their subfolders
+      if staged.is_file():
+        target = self._run / "tb" / staged.relative_to(staged_tb)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(staged.read_bytes())
+
+  @property
+  def tensorboard_dir(self) -> str:
+    """Where TensorBoard files go before `flush()` (profiler traces too): the run's tb/ or its staging copy."""
+    return str((self._staging or self._run) / "tb")
 
   def close(self) -> None:
     if self._tb is not None:
