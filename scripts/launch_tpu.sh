@@ -107,6 +107,13 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tarball="${TMPDIR:-/tmp}/kiln-$tpu.tgz"
 jax_version=$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' "$repo/requirements.txt")
 megascale_port=8080
+# Every worker runs with these libtpu flags, which let collectives (FSDP all-gathers, gradient reductions,
+# pipeline permutes) run asynchronously and overlap the compute around them. A LIBTPU_INIT_ARGS set where this
+# script runs replaces them.
+libtpu_args=${LIBTPU_INIT_ARGS:-"--xla_tpu_enable_async_collective_fusion=true \
+--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true --xla_tpu_overlap_compute_collective_tc=true \
+--xla_enable_async_all_gather=true --xla_enable_async_collective_permute=true"}
 
 # Prints words as one shell line, quoting only the words that need it (so `python3 train.py --config X`
 # stays readable in --dry-run output); `--name=value` keeps `--name=` outside the quotes.
@@ -176,9 +183,9 @@ remote_command() {
     )
   fi
   if ((train)); then
-    local env=""
+    local env="LIBTPU_INIT_ARGS='$libtpu_args' "
     if ((num_slices > 1)); then
-      env="MEGASCALE_COORDINATOR_ADDRESS=$coordinator:$megascale_port MEGASCALE_PORT=$megascale_port"
+      env+="MEGASCALE_COORDINATOR_ADDRESS=$coordinator:$megascale_port MEGASCALE_PORT=$megascale_port"
       env+=" MEGASCALE_NUM_SLICES=$num_slices MEGASCALE_SLICE_ID=$slice_id "
     fi
     cmd="python3 train.py $(shell_line "${train_args[@]}")"

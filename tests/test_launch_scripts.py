@@ -331,3 +331,18 @@ def test_slurm_outside_a_job_is_one_line_error(fake_slurm):
   )
   assert proc.returncode != 0
   assert len(proc.stderr.strip().splitlines()) == 1 and "not inside a SLURM job" in proc.stderr
+
+
+def test_slurm_and_tpu_launches_set_the_collective_overlap_flags(fake_slurm, no_cloud, tmp_path):
+  env, _ = fake_slurm
+  flags_seen = tmp_path / "xla_flags"
+  python = _fake(tmp_path, "python_flags", f'echo "$XLA_FLAGS" >> {flags_seen}\n')
+  _sbatch({**env, "KILN_PYTHON": str(python), "XLA_FLAGS": "--xla_dump_to=/tmp/d"}, "--config", "configs/tiny.py")
+  for line in flags_seen.read_text().splitlines():  # the user's flags kept, the overlap flags added
+    assert line.startswith("--xla_dump_to=/tmp/d --xla_gpu_enable_latency_hiding_scheduler=true")
+  _sbatch({**env, "KILN_PYTHON": str(python), "KILN_XLA_OVERLAP": "0", "XLA_FLAGS": ""}, "--config", "configs/tiny.py")
+  assert flags_seen.read_text().splitlines()[-1] == ""
+
+  tpu_env, _ = no_cloud
+  ssh = [line for line in _dry_run(tpu_env, "--tpu", "t", "--zone", "z", "--", *TRAIN_ARGS) if " ssh " in line]
+  assert "LIBTPU_INIT_ARGS=" in ssh[0] and "--xla_tpu_enable_async_collective_fusion=true" in ssh[0]
