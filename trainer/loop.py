@@ -55,9 +55,9 @@ class _Throughput:
     }
 
 
-def _initial_state(exp: Experiment, checkpointer: Checkpointer, train_iter, ckpt_cfg):
+def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg):
   """The newest readable checkpoint of this run, else a fresh state (optionally from another run)."""
-  state = checkpointer.restore_latest(exp.abstract_state(), train_iter)
+  state = checkpointer.restore_latest(exp.abstract_state(), None)
   if state is not None:
     return state
   state = exp.init_state()
@@ -83,20 +83,26 @@ def train(cfg, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_json)
 
-  process_batch = cfg.train.global_batch_size // jax.process_count()
-  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  train_iter = data.make_train_iterator(cfg.data, tokenizer, batch_size=process_batch, seed=cfg.train.seed, **shard)
-  eval_batches = []  # data.eval_fraction=0 holds nothing out: the run has no evaluation
-  if cfg.data.eval_fraction > 0:
-    local = data.make_eval_batches(
-      cfg.data, tokenizer, batch_size=process_batch, num_batches=cfg.train.eval_batches, **shard
-    )
-    eval_batches = [data.global_batch(batch, exp.batch_sharding) for batch in local]
-  state = _initial_state(exp, checkpointer, train_iter, cfg.checkpoint)
+  batch_size = cfg.train.global_batch_size
+  # [] when nothing is held out (data.eval_fraction=0, or a corpus of one document): the run has no evaluation
+  eval_batches = data.make_eval_batches(
+    cfg.data, tokenizer, global_batch_size=batch_size, num_batches=cfg.train.eval_batches, sharding=exp.batch_sharding
+  )
+  state = _initial_state(exp, checkpointer, cfg.checkpoint)
   start_step, steps = int(state.step), cfg.train.steps
   if start_step >= steps:
     _log.info("the run in %s is complete (step %d of %d); nothing to do", workdir, start_step, steps)
     return {"train": {}, "eval": {}, "state": state, "experiment": exp}
+  # TODO(loop owner): data cursor from checkpoint
+  start_row = int(state.step) * batch_size
+  train_iter = data.make_train_iterator(
+    cfg.data,
+    tokenizer,
+    global_batch_size=batch_size,
+    seed=cfg.train.seed,
+    sharding=exp.batch_sharding,
+    start_row=start_row,
+  )
 
   writer = MetricWriter(workdir, enabled=is_writer)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -142,7 +148,7 @@ def train(cfg, workdir: str) -> dict:
   throughput.mark(start_step)
   with PreemptionGuard() as preemption:
     for step in range(start_step, steps):
-      batch = data.global_batch(next(train_iter), exp.batch_sharding)
+      batch = next(train_iter)
       state, metrics = exp.train_step(state, batch)
       done = step + 1
       if pending is not None and pending[0] % cfg.train.log_every == 0:
@@ -159,7 +165,7 @@ def train(cfg, workdir: str) -> dict:
         last_eval = run_eval(done)
       stop = _preemption_requested(preemption, done, cfg.train.log_every)
       if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
-        checkpointer.save(done, state, train_iter, config_json)
+        checkpointer.save(done, state, None, config_json)
       if stop:
         if pending is not None:
           last_train = log_train(*pending)
