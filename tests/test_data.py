@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
 
 import jax
 import numpy as np
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import data
 from configs.base import base_config
-from data import cache, sources, token_cache
+from data import cache, pipeline, sources, token_cache
 from data.packing import PackedRows, to_model_inputs
 from data.sources import Corpus
 
@@ -299,6 +300,26 @@ def test_global_batches_are_the_same_on_every_mesh_and_resume_at_a_row(tokenizer
   np.testing.assert_array_equal(halves, rows)
   resumed = take_rows(train_iterator(cfg, tokenizer, B, seed=5, sharding=layouts["data8"], start_row=2 * B), 2 * B)
   np.testing.assert_array_equal(resumed, rows[2 * B :])
+
+
+def test_the_next_batch_is_built_in_the_background_and_errors_reach_the_caller(tokenizer, tmp_path, monkeypatch):
+  cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200)
+  built = []
+  get_row = PackedRows.__getitem__
+  monkeypatch.setattr(PackedRows, "__getitem__", lambda self, r: built.append(r) or get_row(self, r))
+  iterator = train_iterator(cfg, tokenizer, B, seed=0)
+  next(iterator)
+  deadline = time.monotonic() + 30
+  while len(built) < 2 * B and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert sorted(built[: 2 * B]) == list(range(2 * B)), "batch 1 was not built before it was asked for"
+  time.sleep(0.2)
+  assert len(built) <= 3 * B, "the background thread runs more than a batch ahead"
+  failing = pipeline._Prefetcher(lambda i: i if i < 2 else 1 // 0)
+  assert [next(failing), next(failing)] == [0, 1]
+  for _ in range(2):
+    with pytest.raises(ZeroDivisionError):
+      next(failing)
 
 
 _WORKER = r"""
