@@ -56,11 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 4096  # size of the tokenizer to train (ignored when data.tokenizer is given)
   c.data.tokenizer_sample_bytes = 5_000_000
   c.data.seq_len = 256
-  c.data.eval_fraction = 0.01  # fraction of documents held out, chosen by a hash of their path
+  c.data.eval_fraction = 0.01  # fraction of documents held out, chosen by a hash of their key
   c.data.num_workers = 2  # processes that tokenize
   c.data.cache_dir = ""  # empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
   c.data.shuffle = True
-  c.data.shards = 0  # document shards; 0: one per process. A multiple of the process count keeps data identical
+  c.data.unit_bytes = 16 << 20  # corpus bytes per tokenization work unit: who tokenizes what, never the data order
 
   c.optim = ml_collections.ConfigDict()
   c.optim.peak_lr = 3e-4

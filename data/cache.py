@@ -1,20 +1,31 @@
-"""The on-disk cache shared by trained tokenizers and token arrays: location, keys, atomic writes, locks."""
+"""The on-disk cache shared by trained tokenizers and token arrays: location, keys, atomic writes, locks.
+
+The cache dir may be local or a URL (gs://...); all access goes through etils.epath. Only a local dir is
+locked (fcntl): in a remote one every entry has one builder and appears whole through a rename.
+"""
 
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 
+from etils import epath
 
-def cache_root(cache_dir: str) -> str:
+
+def is_url(path) -> bool:
+  """True for gs://... and other remote stores, False for local paths (which get mmap and file locks)."""
+  return "://" in os.fspath(path)
+
+
+def cache_root(cache_dir: str) -> epath.Path:
   """`config.data.cache_dir`, or $XDG_CACHE_HOME/kiln, or ~/.cache/kiln."""
   if cache_dir:
-    return os.path.abspath(os.path.expanduser(cache_dir))
+    return epath.Path(cache_dir if is_url(cache_dir) else os.path.abspath(os.path.expanduser(cache_dir)))
   xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-  return os.path.join(xdg, "kiln")
+  return epath.Path(xdg) / "kiln"
 
 
 def content_hash(description: object) -> str:
@@ -23,17 +34,20 @@ def content_hash(description: object) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
 @contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-  """Serializes builders of one cache entry across processes on a host (or a shared file system)."""
+def file_lock(path) -> Iterator[None]:
+  """Serializes builders of one local cache entry across processes on a host (or a shared file system)."""
+  if is_url(path):
+    yield
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "a") as handle:
     fcntl.flock(handle, fcntl.LOCK_EX)
@@ -43,14 +57,22 @@ def file_lock(path: str) -> Iterator[None]:
       fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
-  """Readers see the whole file or none of it, even if this process dies half way."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+@contextlib.contextmanager
+def staged(path) -> Iterator[epath.Path]:
+  """A staging path beside `path`, renamed onto it when the block ends: readers see the whole file or none."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = path.parent / f".staging-{uuid.uuid4().hex}-{path.name}"
   try:
-    with os.fdopen(handle, "wb") as f:
-      f.write(data)
-    os.replace(tmp_path, path)
+    yield staging
+    staging.replace(path)
   except BaseException:
-    os.unlink(tmp_path)
+    if staging.exists():
+      staging.unlink()
     raise
+
+
+def write_file_atomically(path, data: bytes) -> None:
+  """Readers see the whole file or none of it, even if this process dies half way."""
+  with staged(path) as staging:
+    staging.write_bytes(data)

@@ -11,6 +11,7 @@ previous row. Because a row depends on nothing but its index, resuming at any ro
 import functools
 import math
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,15 +21,15 @@ _SHUFFLE_SALT = 0x6B696C6E  # "kiln": keeps these streams apart from other users
 
 
 class PackedRows:
-  """Random access to packed rows by global index (epoch * rows_per_epoch + row); a grain data source.
+  """Random access to packed rows by global index (epoch * rows_per_epoch + row).
 
-  Item i is a dict of int32 arrays of length row_len: "tokens", "segment_ids", "positions".
+  Item i is a dict of int32 arrays of length row_len: "tokens", "segment_ids", "positions". Documents are
+  0 .. len(lengths) - 1; `read(doc, lo, hi)` returns tokens [lo, hi) of one.
   """
 
   def __init__(
     self,
-    tokens: np.ndarray,
-    starts: np.ndarray,
+    read: Callable[[int, int, int], np.ndarray],
     lengths: np.ndarray,
     *,
     row_len: int,
@@ -38,9 +39,8 @@ class PackedRows:
     seed: int,
     shuffle: bool,
   ) -> None:
-    assert len(starts) == len(lengths) and len(starts) > 0, "packing needs at least one document"
-    self._tokens = tokens
-    self._starts = np.asarray(starts, dtype=np.int64)
+    assert len(lengths) > 0, "packing needs at least one document"
+    self._read = read
     self._lengths = np.asarray(lengths, dtype=np.int64)
     self._row_len = row_len
     self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
@@ -69,7 +69,7 @@ class PackedRows:
     d = int(np.searchsorted(stream_ends, start, side="right"))
     written, segment = 0, 0
     while d < len(document_order) and written < end - start:
-      doc = document_order[d]
+      doc = int(document_order[d])
       length = int(self._lengths[doc])
       doc_stream_start = int(stream_ends[d]) - length - 2
       # The part [a, b) of this document's stream span [0, length + 2) that falls in the row.
@@ -92,8 +92,7 @@ class PackedRows:
       i = 1
     body_lo, body_hi = max(a - 1, 0), min(b - 1, length)
     if body_hi > body_lo:
-      doc_start = int(self._starts[doc])
-      out[i : i + body_hi - body_lo] = self._tokens[doc_start + body_lo : doc_start + body_hi]
+      out[i : i + body_hi - body_lo] = self._read(doc, body_lo, body_hi)
       i += body_hi - body_lo
     if b == length + 2:
       out[i] = self._eos_id

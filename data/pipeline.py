@@ -1,6 +1,12 @@
-"""What the trainer calls: a checkpointable training iterator, fixed eval batches, global batch assembly.
+"""What the trainer calls: endless training batches and fixed eval batches, as global arrays on the mesh.
 
-Every batch is a dict of [B, L] numpy arrays (L = data.seq_len), taken from packed rows of L + 1 tokens:
+The training data is one stream of packed rows over every training document of the corpus (packing.py):
+row r is a pure function of (data config, seed, r), and the global batch of step s is rows
+[start_row + s * B, start_row + (s + 1) * B) with B the global batch size, whatever the number of processes
+and devices. Each process builds only the rows its addressable devices hold (from the batch sharding, in any
+mesh order, replicated axes included), so resuming at another size is exact: the data position is a row.
+
+Every batch is a dict of global [B, L] arrays (L = data.seq_len), taken from packed rows of L + 1 tokens:
   inputs       int32    row[:-1]
   targets      int32    row[1:]
   segment_ids  int32    of inputs: 0 padding, 1, 2, ... the document fragments within the row
@@ -8,9 +14,13 @@ Every batch is a dict of [B, L] numpy arrays (L = data.seq_len), taken from pack
   loss_mask    float32  1.0 where the target is a real token of the input's document, else 0.0
 """
 
+import functools
+import logging
 import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
 
-import grain
 import jax
 import numpy as np
 
@@ -19,126 +29,160 @@ from data.packing import PackedRows, empty_row, to_model_inputs
 from data.token_cache import TokenCache, load_token_cache
 from data.tokenizer import Tokenizer
 
-# Batches are cheap to cut from memory-mapped tokens: one background thread, a short queue, so the host keeps
-# a few batches ready without competing with the train step for the GIL.
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+_log = logging.getLogger(__name__)
+
+# Batches ready ahead of the train loop, besides the one being built: the next step never waits for the host.
+_PREFETCH_DEPTH = 1
 
 
 def make_train_iterator(
   data_cfg,
   tokenizer: Tokenizer,
   *,
-  batch_size: int,
+  global_batch_size: int,
   seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> grain.DatasetIterator:
-  """Endless shuffled training batches of this process's shard, `batch_size` rows each.
+  sharding: jax.sharding.NamedSharding,
+  start_row: int = 0,
+) -> Iterator[dict[str, jax.Array]]:
+  """Endless training batches; item i holds global rows [start_row + i * B, start_row + (i + 1) * B).
 
-  Documents are split into `data.shards` shards (0: one per process); a process reads only its own. With more
-  shards than processes a process serves several, its batch made of equal parts of each, so one process with
-  data.shards=2 sees exactly the global batches that two processes see together.
-
-  Step s holds rows s * batch_size ... of the epoch-after-epoch row stream, so the iterator's state is one
-  index: get_state()/set_state() and grain.checkpoint.CheckpointSave/CheckpointRestore resume exactly and
-  instantly. Restoring needs the same data config, seed, batch size and process layout.
+  Documents are shuffled, and rows visited in a shuffled order, anew each epoch from `seed` (data.shuffle).
+  The next batch is built and placed on the devices by a background thread while the current one trains.
   """
-  _check_sizes(data_cfg.seq_len, batch_size)
-  shards = data_cfg.shards or process_count
-  if shards % process_count or batch_size % (shards // process_count):
+  _check_sizes(data_cfg.seq_len, global_batch_size)
+  if start_row < 0:
+    raise ValueError(f"start_row={start_row} must be at least 0")
+  token_cache = load_token_cache(data_cfg, tokenizer)
+  documents = np.flatnonzero(~token_cache.held_out(data_cfg.eval_fraction))
+  if len(documents) == 0:
     raise DataError(
-      f"data.shards={shards} must be a multiple of the {process_count} processes, and each process's "
-      f"{batch_size} rows a multiple of its {shards // process_count or 1} shards; change data.shards"
+      f"no training documents in {token_cache.corpus_description} once empty, undecodable and held-out ones are "
+      "left out; add documents or lower data.eval_fraction"
     )
-  per_process = shards // process_count
-  shard_batches = []
-  for shard in range(process_index * per_process, (process_index + 1) * per_process):
-    token_cache = load_token_cache(data_cfg, tokenizer, process_index=shard, process_count=shards)
-    starts, lengths = token_cache.split(held_out=False)
-    if len(starts) == 0:
-      raise DataError(
-        f"no training documents in shard {shard} of {shards} of {token_cache.corpus_description} once empty, "
-        "undecodable and held-out ones are left out; add documents, lower data.eval_fraction or data.shards"
-      )
-    rows = _packed_rows(token_cache, starts, lengths, data_cfg, tokenizer, seed=seed, shuffle=data_cfg.shuffle)
-    shard_batches.append(grain.MapDataset.source(rows).batch(batch_size // per_process, drop_remainder=True))
-  if per_process == 1:
-    batches = shard_batches[0]
-  else:  # this process stands in for several shards: its rows are theirs, side by side
-    batches = grain.experimental.ZipMapDataset(parents=shard_batches).map(_concatenate_rows)
-  batches = batches.map(to_model_inputs)
-  return iter(batches.to_iter_dataset(_READ_OPTIONS))
+  rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=seed, shuffle=data_cfg.shuffle)
+  batches = _GlobalBatches(rows.__getitem__, global_batch_size, data_cfg.seq_len, sharding)
+  return _Prefetcher(lambda i: batches.at(start_row + i * global_batch_size))
 
 
 def make_eval_batches(
   data_cfg,
   tokenizer: Tokenizer,
   *,
-  batch_size: int,
+  global_batch_size: int,
   num_batches: int,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> list[dict[str, np.ndarray]]:
-  """Up to `num_batches` fixed batches of the held-out documents, in corpus order, the same on every call.
+  sharding: jax.sharding.NamedSharding,
+) -> list[dict[str, jax.Array]]:
+  """Up to `num_batches` fixed batches of the held-out documents in corpus order; [] means no evaluation.
 
-  Step s takes the global rows [s * batch_size * process_count, ...) of the held-out stream, this process
-  the slice at process_index * batch_size. Every process returns the same number of batches (at least one;
-  fewer than asked when the split is small); missing rows at the end are all padding (loss_mask 0).
+  Batch s holds rows [s * B, (s + 1) * B) of the held-out stream; rows past its end are all padding
+  (loss_mask 0). Fewer batches than asked when the split is small. data.eval_fraction=0 holds nothing out;
+  a corpus of one document is trained on whole, without evaluation (one log line says so).
   """
-  _check_sizes(data_cfg.seq_len, batch_size)
-  # Every shard's cache holds all held-out documents: read this process's first training shard, which the
-  # training iterator builds anyway, rather than tokenize a cache of its own.
-  shards = data_cfg.shards or process_count
-  first_shard = process_index * max(shards // process_count, 1)
-  token_cache = load_token_cache(data_cfg, tokenizer, process_index=first_shard, process_count=shards)
-  starts, lengths = token_cache.split(held_out=True)
-  if len(starts) == 0:
-    raise DataError(
-      f"no held-out documents in {token_cache.corpus_description}: data.eval_fraction={data_cfg.eval_fraction} "
-      "selected none; raise data.eval_fraction or add documents"
+  _check_sizes(data_cfg.seq_len, global_batch_size)
+  if data_cfg.eval_fraction <= 0:
+    return []
+  token_cache = load_token_cache(data_cfg, tokenizer)
+  documents = np.flatnonzero(token_cache.held_out(data_cfg.eval_fraction))
+  if len(documents) == 0:
+    _log.warning(
+      "no held-out document in %s (it has %d document(s)): the run trains without evaluation",
+      token_cache.corpus_description,
+      len(token_cache),
     )
-  rows = _packed_rows(token_cache, starts, lengths, data_cfg, tokenizer, seed=0, shuffle=False)
-  rows_per_step = batch_size * process_count
-  count = min(num_batches, math.ceil(rows.rows_per_epoch / rows_per_step))
+    return []
+  rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=0, shuffle=False)
   padding = empty_row(data_cfg.seq_len + 1, tokenizer.pad_id)
-  batches = []
-  for step in range(count):
-    first = step * rows_per_step + process_index * batch_size
-    picked = [rows[i] if i < rows.rows_per_epoch else padding for i in range(first, first + batch_size)]
-    batches.append(to_model_inputs({k: np.stack([row[k] for row in picked]) for k in padding}))
-  return batches
+  row_at = lambda r: rows[r] if r < rows.rows_per_epoch else padding
+  batches = _GlobalBatches(row_at, global_batch_size, data_cfg.seq_len, sharding)
+  count = min(num_batches, math.ceil(rows.rows_per_epoch / global_batch_size))
+  return [batches.at(step * global_batch_size) for step in range(count)]
 
 
-def _concatenate_rows(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
-  return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+class _GlobalBatches:
+  """Global batches of B consecutive rows; this process builds only the rows its devices hold."""
+
+  def __init__(self, row_at: Callable[[int], dict[str, np.ndarray]], batch_size: int, seq_len: int, sharding) -> None:
+    self._row_at = row_at
+    self._shape = (batch_size, seq_len)
+    self._sharding = sharding
+    # The batch rows (0 .. B - 1) this process's devices hold; devices that replicate a row share one copy.
+    indices = sharding.addressable_devices_indices_map(self._shape).values()
+    self._local_rows = sorted({r for index in indices for r in range(*index[0].indices(batch_size))})
+    assert self._local_rows, "this process's devices hold no rows of the batch"
+    self._position = {r: i for i, r in enumerate(self._local_rows)}
+
+  def at(self, first_row: int) -> dict[str, jax.Array]:
+    """Global rows [first_row, first_row + B) as global arrays laid out by the sharding."""
+    rows = [self._row_at(first_row + r) for r in self._local_rows]
+    local = to_model_inputs({name: np.stack([row[name] for row in rows]) for name in rows[0]})
+    return {
+      name: jax.make_array_from_callback(self._shape, self._sharding, functools.partial(self._piece, local_NxL))
+      for name, local_NxL in local.items()
+    }
+
+  def _piece(self, local_NxL: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    rows = [self._position[r] for r in range(*index[0].indices(self._shape[0]))]
+    return local_NxL[rows][:, index[1]]
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Joins every process's local rows into global arrays laid out by `sharding` ([batch, length])."""
-  return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local_batch.items()}
+class _Prefetcher:
+  """Iterates make_item(0), make_item(1), ... built one ahead by a background thread, in order."""
+
+  def __init__(self, make_item: Callable[[int], object]) -> None:
+    self._queue = queue.Queue(maxsize=_PREFETCH_DEPTH)
+    self._stop = threading.Event()
+    # The thread holds the queue and the event, never this object, so dropping the iterator stops it.
+    threading.Thread(target=_produce, args=(make_item, self._queue, self._stop), daemon=True).start()
+    self._error = None
+
+  def __iter__(self) -> "_Prefetcher":
+    return self
+
+  def __next__(self):
+    if self._error is None:
+      ok, item = self._queue.get()
+      if ok:
+        return item
+      self._error = item
+    raise self._error
+
+  def close(self) -> None:
+    self._stop.set()
+
+  def __del__(self) -> None:
+    self._stop.set()
+
+
+def _produce(make_item: Callable[[int], object], out: queue.Queue, stop: threading.Event) -> None:
+  for i in range(2**62):
+    try:
+      item = (True, make_item(i))
+    except Exception as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+      item = (False, e)
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        break
+      except queue.Full:
+        continue
+    if stop.is_set() or not item[0]:
+      return
 
 
 def _check_sizes(seq_len: int, batch_size: int) -> None:
   if seq_len < 1:
     raise DataError(f"data.seq_len={seq_len} must be at least 1")
   if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be at least 1")
+    raise ValueError(f"global_batch_size={batch_size} must be at least 1")
 
 
 def _packed_rows(
-  token_cache: TokenCache,
-  starts: np.ndarray,
-  lengths: np.ndarray,
-  data_cfg,
-  tokenizer: Tokenizer,
-  *,
-  seed: int,
-  shuffle: bool,
+  token_cache: TokenCache, documents: np.ndarray, data_cfg, tokenizer: Tokenizer, *, seed: int, shuffle: bool
 ) -> PackedRows:
+  """Rows over `documents` (indices into the cache, in corpus order)."""
   return PackedRows(
-    token_cache.tokens,
-    starts,
-    lengths,
+    lambda d, lo, hi: token_cache.tokens(int(documents[d]), lo, hi),
+    token_cache.doc_length[documents],
     row_len=data_cfg.seq_len + 1,
     bos_id=tokenizer.bos_id,
     eos_id=tokenizer.eos_id,

@@ -1,19 +1,24 @@
 """Where documents come from: the default corpus, user files, optionally a Hugging Face dataset.
 
 A corpus is an ordered sequence of documents. Each has a stable `key`: its path relative to the root of the
-glob that found it (the standard library's root for the default corpus), plus `:<line>` or `:<row>` when a
-file holds many documents. The key, not the location on disk, decides the held-out split, so moving a
-corpus (or reinstalling Python elsewhere) moves no document between train and eval.
+glob that found it (the standard library's root for the default corpus), plus `@<byte offset>` of the line
+for a JSONL document or `:<row>` for a Parquet one. The key, not the location of the file, decides the
+held-out split, so moving a corpus (or reinstalling Python elsewhere) moves no document between train and eval.
 
 Formats are chosen by extension: `.jsonl`/`.json` hold one JSON object per line whose `data.text_field` is a
 document; `.parquet` holds one document per row of the `data.text_field` column; any other file is one
 document of plain text. Texts are kept verbatim (no newline translation, no stripping).
+
+The corpus is cut into work units that depend on the files alone, never on the number of processes: runs of
+consecutive text files of about `data.unit_bytes`, byte ranges of that size of a JSONL file (a line belongs
+to the range its first byte is in), single Parquet row groups, one unit for a Hugging Face dataset. Reading a
+unit opens only its files, byte range or row group. The units in order, each's documents in order, are the
+corpus order. Paths may be local or URLs such as gs://bucket/dir/*.jsonl (through etils.epath).
 """
 
-import codecs
 import dataclasses
+import fnmatch
 import functools
-import glob
 import hashlib
 import json
 import logging
@@ -22,11 +27,14 @@ import pathlib
 import sysconfig
 from collections.abc import Callable, Iterator
 
+from etils import epath
+
+from data import cache
 from data.errors import DataError
 
 _log = logging.getLogger(__name__)
 
-_TEXT, _JSONL, _PARQUET = "text", "jsonl", "parquet"
+_TEXT, _JSONL, _PARQUET, _HF = "text", "jsonl", "parquet", "hf"
 _FORMAT_BY_SUFFIX = {".jsonl": _JSONL, ".json": _JSONL, ".parquet": _PARQUET}
 # Test packages stay in the default corpus: they more than double it (31 MB instead of 12 MB of Python, about
 # 1,800 files) and the first run (tokenizer training + tokenization) still takes only seconds on 2 cores.
@@ -37,16 +45,34 @@ _INVALID_UTF8_POLICIES = ("replace", "skip")
 @dataclasses.dataclass(frozen=True)
 class Document:
   key: str
-  # Reads the text on demand, so a process opens only the files of its own shard. None: the document is left
-  # out (not valid UTF-8 under `invalid_utf8=skip`).
+  # Reads the text on demand, so a process reads only what it tokenizes. None: the document is left out (not
+  # valid UTF-8 under `invalid_utf8=skip`).
   read: Callable[[], str | None]
 
 
 @dataclasses.dataclass(frozen=True)
 class _SourceFile:
-  path: str
+  path: str  # local path or URL
   key: str
   fmt: str
+  size: int
+  mtime: int  # ns for local files; whatever resolution the remote store reports for URLs
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """A piece of the corpus tokenized as a whole by one process: text files, a JSONL byte range, a row group."""
+
+  index: int
+  fmt: str
+  files: tuple[_SourceFile, ...]
+  begin: int = 0  # JSONL: byte range [begin, end); Parquet: row group `begin`, whose first row is `end`
+  end: int = 0
+
+  def identity(self) -> dict:
+    """What the unit's documents depend on (with the corpus's read settings), for its cache key."""
+    files = [[_location(f), f.key, f.size, f.mtime] for f in self.files]
+    return {"fmt": self.fmt, "files": files, "range": [self.begin, self.end]}
 
 
 def unit_hash(salt: str, key: str) -> float:
@@ -55,18 +81,22 @@ def unit_hash(salt: str, key: str) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def is_held_out(key: str, eval_fraction: float) -> bool:
-  return unit_hash("eval", key) < eval_fraction
+def eval_hash(key: str) -> float:
+  """The number the held-out split compares with data.eval_fraction."""
+  return unit_hash("eval", key)
 
 
 class Corpus:
-  """The documents that `config.data` names, in a deterministic order, read lazily."""
+  """The documents that `config.data` names, in a deterministic order, read lazily, cut into work units."""
 
   def __init__(self, data_cfg) -> None:
     self._text_field = data_cfg.text_field
     self._invalid_utf8 = data_cfg.invalid_utf8
     if self._invalid_utf8 not in _INVALID_UTF8_POLICIES:
       raise DataError(f"data.invalid_utf8={self._invalid_utf8!r} is not a policy; use 'replace' or 'skip'")
+    self._unit_bytes = int(data_cfg.unit_bytes)
+    if self._unit_bytes < 1:
+      raise DataError(f"data.unit_bytes={self._unit_bytes} must be at least 1; the default is {16 << 20}")
     self._hf_dataset = data_cfg.hf_dataset
     self._hf_split = data_cfg.hf_split
     self._uses_default = not data_cfg.files and not data_cfg.hf_dataset
@@ -81,38 +111,68 @@ class Corpus:
       self.description = " + ".join(parts)
     self._invalid_utf8_files: list[str] = []
 
-  @functools.cached_property
+  @property
   def total_file_bytes(self) -> int:
-    return sum(os.path.getsize(f.path) for f in self._files)
+    return sum(f.size for f in self._files)
 
   @property
   def has_unknown_size(self) -> bool:
     return bool(self._hf_dataset)
 
-  def identity(self) -> dict:
-    """Everything the documents depend on, for cache keys: files with sizes and mtimes, and read settings."""
-    files = []
-    for f in self._files:
-      stat = os.stat(f.path)
-      files.append([os.path.abspath(f.path), f.key, f.fmt, stat.st_size, stat.st_mtime_ns])
+  def read_settings(self) -> dict:
+    """What every unit's documents depend on besides its files: part of each unit's cache key."""
     # A Hugging Face dataset is identified by name only: a new upstream revision is not noticed.
     hf = [self._hf_dataset, self._hf_split] if self._hf_dataset else None
-    return {
-      "files": files,
-      "hf": hf,
-      "text_field": self._text_field,
-      "invalid_utf8": self._invalid_utf8,
-    }
+    return {"hf": hf, "text_field": self._text_field, "invalid_utf8": self._invalid_utf8}
 
-  def documents(self) -> Iterator[Document]:
+  def identity(self) -> dict:
+    """Everything the documents depend on, for cache keys: files with sizes and mtimes, and read settings."""
+    files = [[_location(f), f.key, f.fmt, f.size, f.mtime] for f in self._files]
+    return {"files": files, **self.read_settings()}
+
+  @functools.cached_property
+  def units(self) -> tuple[Unit, ...]:
+    units, texts, text_bytes = [], [], 0
+
+    def add(fmt, files, begin=0, end=0):
+      units.append(Unit(len(units), fmt, tuple(files), begin, end))
+
     for f in self._files:
       if f.fmt == _TEXT:
-        yield Document(f.key, functools.partial(self._read_text_file, f.path))
-      elif f.fmt == _JSONL:
-        yield from self._jsonl_documents(f)
+        texts.append(f)
+        text_bytes += f.size
+        if text_bytes >= self._unit_bytes:
+          add(_TEXT, texts)
+          texts, text_bytes = [], 0
+        continue
+      if texts:
+        add(_TEXT, texts)
+        texts, text_bytes = [], 0
+      if f.fmt == _JSONL:
+        for begin in range(0, f.size, self._unit_bytes):
+          add(_JSONL, [f], begin, min(begin + self._unit_bytes, f.size))
       else:
-        yield from self._parquet_documents(f)
+        for group, first_row in enumerate(self._parquet_row_group_starts(f)):
+          add(_PARQUET, [f], group, first_row)
+    if texts:
+      add(_TEXT, texts)
     if self._hf_dataset:
+      add(_HF, [])
+    return tuple(units)
+
+  def documents(self, unit: Unit | None = None) -> Iterator[Document]:
+    """The documents of one unit, or of the whole corpus, in corpus order."""
+    if unit is None:
+      for u in self.units:
+        yield from self.documents(u)
+    elif unit.fmt == _TEXT:
+      for f in unit.files:
+        yield Document(f.key, functools.partial(self._read_text_file, f.path))
+    elif unit.fmt == _JSONL:
+      yield from self._jsonl_documents(unit.files[0], unit.begin, unit.end)
+    elif unit.fmt == _PARQUET:
+      yield from self._parquet_documents(unit.files[0], unit.begin, unit.end)
+    else:
       yield from self._hf_documents()
 
   def report_invalid_utf8(self) -> None:
@@ -138,41 +198,52 @@ class Corpus:
       return data.decode("utf-8", errors="replace") if self._invalid_utf8 == "replace" else None
 
   def _read_text_file(self, path: str) -> str | None:
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       return self._decode(f.read(), path)
 
-  def _jsonl_documents(self, f: _SourceFile) -> Iterator[Document]:
-    if self._invalid_utf8 == "skip" and not _is_valid_utf8(f.path):
-      self._invalid_utf8_files.append(f.path)
-      return
-    with open(f.path, "rb") as lines:
-      for line_number, raw in enumerate(lines, start=1):
+  def _jsonl_documents(self, f: _SourceFile, begin: int, end: int) -> Iterator[Document]:
+    """The lines that start in [begin, end): a line under way at `begin` belongs to the previous range."""
+    with epath.Path(f.path).open("rb") as lines:
+      offset = begin
+      if begin > 0:
+        lines.seek(begin - 1)
+        if lines.read(1) != b"\n":
+          offset = begin + len(lines.readline())
+      while offset < end:
+        raw = lines.readline()
+        if not raw:
+          break
         if raw.strip():
-          line = self._decode(raw, f.path)
-          yield Document(f"{f.key}:{line_number}", functools.partial(self._jsonl_text, f.path, line_number, line))
+          line = self._decode(raw, f.path)  # under `skip`, an undecodable line is left out, not its whole file
+          if line is not None:
+            yield Document(f"{f.key}@{offset}", functools.partial(self._jsonl_text, f.path, offset, line))
+        offset += len(raw)
 
-  def _jsonl_text(self, path: str, line_number: int, line: str) -> str:
+  def _jsonl_text(self, path: str, offset: int, line: str) -> str:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg}); fix or remove the line") from None
+      raise DataError(
+        f"{path}:{_line_number(path, offset)}: not valid JSON ({e.msg}); fix or remove the line"
+      ) from None
     if not isinstance(record, dict) or self._text_field not in record:
       raise DataError(
-        f"{path}:{line_number}: no {self._text_field!r} field; set data.text_field to the field holding the text"
+        f"{path}:{_line_number(path, offset)}: no {self._text_field!r} field; "
+        "set data.text_field to the field holding the text"
       )
     text = record[self._text_field]
     if not isinstance(text, str):
       raise DataError(
-        f"{path}:{line_number}: field {self._text_field!r} is a {type(text).__name__}, not a string; "
-        "set data.text_field to the field holding the text"
+        f"{path}:{_line_number(path, offset)}: field {self._text_field!r} is a {type(text).__name__}, not a "
+        "string; set data.text_field to the field holding the text"
       )
     return text
 
-  def _parquet_documents(self, f: _SourceFile) -> Iterator[Document]:
+  def _parquet_file(self, f: _SourceFile, handle):
     import pyarrow.parquet  # only Parquet corpora pay for the import
 
     try:
-      parquet_file = pyarrow.parquet.ParquetFile(f.path)
+      parquet_file = pyarrow.parquet.ParquetFile(handle)
     except Exception as e:  # pyarrow raises several types for a damaged or foreign file
       raise DataError(f"{f.path}: not a readable Parquet file ({e}); fix or remove it from data.files") from None
     columns = parquet_file.schema_arrow.names
@@ -181,19 +252,31 @@ class Corpus:
         f"{f.path}: no column {self._text_field!r} (columns: {', '.join(columns)}); "
         "set data.text_field to the column holding the text"
       )
-    row = 0
-    for batch in parquet_file.iter_batches(columns=[self._text_field], batch_size=1024):
-      for value in batch.column(0).to_pylist():
-        if isinstance(value, bytes):
-          value = self._decode(value, f.path)
-        elif value is not None and not isinstance(value, str):
-          raise DataError(
-            f"{f.path}: column {self._text_field!r} holds {type(value).__name__} values, not text; "
-            "set data.text_field to the column holding the text"
-          )
-        if value is not None:
-          yield Document(f"{f.key}:{row}", functools.partial(str, value))
-        row += 1
+    return parquet_file
+
+  def _parquet_row_group_starts(self, f: _SourceFile) -> list[int]:
+    """The first row of each row group: every process reads the footers, never the rows, to plan units."""
+    with epath.Path(f.path).open("rb") as handle:
+      metadata = self._parquet_file(f, handle).metadata
+    starts, row = [], 0
+    for group in range(metadata.num_row_groups):
+      starts.append(row)
+      row += metadata.row_group(group).num_rows
+    return starts
+
+  def _parquet_documents(self, f: _SourceFile, group: int, first_row: int) -> Iterator[Document]:
+    with epath.Path(f.path).open("rb") as handle:
+      values = self._parquet_file(f, handle).read_row_group(group, columns=[self._text_field]).column(0).to_pylist()
+    for row, value in enumerate(values, start=first_row):
+      if isinstance(value, bytes):
+        value = self._decode(value, f.path)
+      elif value is not None and not isinstance(value, str):
+        raise DataError(
+          f"{f.path}: column {self._text_field!r} holds {type(value).__name__} values, not text; "
+          "set data.text_field to the column holding the text"
+        )
+      if value is not None:
+        yield Document(f"{f.key}:{row}", functools.partial(str, value))
 
   def _hf_documents(self) -> Iterator[Document]:
     """Streams `data.hf_dataset` (split `data.hf_split`) with the `datasets` package, needing network access.
@@ -218,6 +301,25 @@ class Corpus:
       yield Document(f"hf:{self._hf_dataset}/{self._hf_split}/{index}", functools.partial(str, text))
 
 
+def _location(f: _SourceFile) -> str:
+  return f.path if cache.is_url(f.path) else os.path.abspath(f.path)
+
+
+def _line_number(path: str, offset: int) -> int:
+  """The 1-based line that starts at byte `offset`: read only to word an error."""
+  with epath.Path(path).open("rb") as f:
+    return f.read(offset).count(b"\n") + 1
+
+
+def _source_file(path: str, key: str) -> _SourceFile:
+  fmt = _FORMAT_BY_SUFFIX.get(pathlib.PurePosixPath(path).suffix.lower(), _TEXT)
+  if cache.is_url(path):
+    stat = epath.Path(path).stat()
+    return _SourceFile(path, key, fmt, stat.length, stat.mtime)
+  stat = os.stat(path)  # ns mtimes: a file rewritten within the same second is still noticed
+  return _SourceFile(path, key, fmt, stat.st_size, stat.st_mtime_ns)
+
+
 def _stdlib_files(root: str) -> list[_SourceFile]:
   files = []
   for directory, subdirectories, names in os.walk(root):
@@ -225,7 +327,7 @@ def _stdlib_files(root: str) -> list[_SourceFile]:
     for name in names:
       if name.endswith(".py"):
         path = os.path.join(directory, name)
-        files.append(_SourceFile(path, pathlib.PurePath(os.path.relpath(path, root)).as_posix(), _TEXT))
+        files.append(_source_file(path, pathlib.PurePath(os.path.relpath(path, root)).as_posix()))
   return sorted(files, key=lambda f: f.key)
 
 
@@ -233,15 +335,60 @@ def _has_wildcard(text: str) -> bool:
   return any(c in text for c in "*?[")
 
 
-def _glob_root(pattern: str) -> str:
-  """The directory a glob starts from: its components before the first wildcard."""
-  parts = pathlib.PurePath(pattern).parts
-  fixed = []
-  for part in parts[:-1]:
-    if _has_wildcard(part):
-      break
-    fixed.append(part)
-  return str(pathlib.PurePath(*fixed)) if fixed else "."
+def _split_glob(pattern: str) -> tuple[str, list[str]]:
+  """(root, parts): the directory a glob starts from (its components before the first wildcard), and the rest."""
+  scheme, sep, rest = pattern.partition("://")
+  if not sep:
+    scheme, rest = "", pattern
+  absolute = rest.startswith("/")
+  parts = [p for p in rest.split("/") if p]
+  fixed = 0
+  while fixed < len(parts) - 1 and not _has_wildcard(parts[fixed]):
+    fixed += 1
+  root = "/" * absolute + "/".join(parts[:fixed])
+  if scheme:
+    root = f"{scheme}://{root}"
+  return root or ("/" if absolute else "."), parts[fixed:]
+
+
+def _glob(pattern: str) -> tuple[str, list[tuple[str, str]]]:
+  """(root, [(path, path relative to root)]) of the files a glob matches, sorted; `**` spans directories.
+
+  The rules of Python's glob.glob(recursive=True), on etils.epath so URLs work too: a wildcard matches no name
+  that starts with '.' unless the pattern part does, and `**` matches any run of (non-hidden) directories.
+  """
+  root, parts = _split_glob(pattern)
+  matches = [(epath.Path(root), "")]
+  for i, part in enumerate(parts):
+    last = i == len(parts) - 1
+    found = []
+    for directory, rel in matches:
+      if part == "**":
+        if directory.is_dir():
+          found += _walk(directory, rel, with_files=last)
+      elif _has_wildcard(part):
+        if directory.is_dir():
+          for child in directory.iterdir():
+            if fnmatch.fnmatchcase(child.name, part) and (part.startswith(".") or not child.name.startswith(".")):
+              found.append((child, f"{rel}/{child.name}" if rel else child.name))
+      else:
+        found.append((directory / part, f"{rel}/{part}" if rel else part))
+    matches = found
+  files = {str(p): r for p, r in matches if p.is_file()}
+  return root, sorted(files.items())
+
+
+def _walk(directory: epath.Path, rel: str, *, with_files: bool) -> Iterator[tuple[epath.Path, str]]:
+  """The directory itself and the directories (and files) below it that are not hidden, as glob's `**`."""
+  yield directory, rel
+  for child in directory.iterdir():
+    if child.name.startswith("."):
+      continue
+    child_rel = f"{rel}/{child.name}" if rel else child.name
+    if child.is_dir():
+      yield from _walk(child, child_rel, with_files=with_files)
+    elif with_files:
+      yield child, child_rel
 
 
 def _expand_globs(patterns: str) -> list[_SourceFile]:
@@ -249,36 +396,23 @@ def _expand_globs(patterns: str) -> list[_SourceFile]:
   for pattern in (p.strip() for p in patterns.split(",")):
     if not pattern:
       continue
-    pattern = os.path.expanduser(pattern)
+    if not cache.is_url(pattern):
+      pattern = os.path.expanduser(pattern)
+    path = epath.Path(pattern)
     if _has_wildcard(pattern):
-      paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-      if not paths:
-        raise DataError(
-          f"data.files: {pattern!r} matches no files; fix the glob (relative globs start at {os.getcwd()})"
-        )
-      root = _glob_root(pattern)
-    elif os.path.isdir(pattern):
+      root, matches = _glob(pattern)
+      if not matches:
+        where = "" if cache.is_url(pattern) else f" (relative globs start at {os.getcwd()})"
+        raise DataError(f"data.files: {pattern!r} matches no files; fix the glob{where}")
+    elif path.is_dir():
       raise DataError(f"data.files: {pattern!r} is a directory; name its files with a glob like '{pattern}/**/*.txt'")
-    elif not os.path.exists(pattern):
+    elif not path.exists():
       raise DataError(f"data.files: no such file {pattern!r}; fix the path, or leave data.files empty for the default")
     else:
-      paths, root = [pattern], os.path.dirname(pattern) or "."
-    for path in paths:
-      real_path = os.path.realpath(path)
-      if real_path not in seen:  # a file matched by two globs is still one document
-        seen.add(real_path)
-        key = pathlib.PurePath(os.path.relpath(path, root)).as_posix()
-        files.append(_SourceFile(path, key, _FORMAT_BY_SUFFIX.get(pathlib.PurePath(path).suffix.lower(), _TEXT)))
+      matches = [(pattern, path.name)]
+    for match, key in matches:
+      identity = match if cache.is_url(match) else os.path.realpath(match)
+      if identity not in seen:  # a file matched by two globs is still one document
+        seen.add(identity)
+        files.append(_source_file(match, key))
   return files
-
-
-def _is_valid_utf8(path: str) -> bool:
-  decoder = codecs.getincrementaldecoder("utf-8")()
-  try:
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        decoder.decode(block)
-      decoder.decode(b"", final=True)
-  except UnicodeDecodeError:
-    return False
-  return True

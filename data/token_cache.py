@@ -1,10 +1,16 @@
-"""Tokenized documents on disk, built once per (corpus, tokenizer, settings, process shard) and memory-mapped.
+"""Tokenized documents on disk: one file per corpus work unit, built once by one process, read by all.
 
-A process's cache holds its shard of the training documents (the t-th training document belongs to process
-t % process_count) and every held-out document (the eval split is small, and every process needs all of it
-to agree on the number of eval batches). Tokens lie back to back without BOS/EOS in `tokens.bin`;
-`offsets.npy` has num_docs + 1 entries and `held_out.npy` one flag per document. Documents with no text are
-not stored. Tokenization runs in `data.num_workers` spawned worker processes.
+The corpus is cut into units that depend on its files alone (sources.py). Process p of P tokenizes the units
+u with u % P == p, each into `<cache dir>/tokens/<unit key>.bin`, written beside its final name and renamed
+into place (a local dir also locks each unit, for several processes on one host). After a barrier every
+process opens every unit; a unit still missing means the cache dir is not shared between hosts, and the
+process builds it itself. A second start with the same corpus, tokenizer and settings tokenizes nothing.
+
+A unit file holds its documents' tokens back to back without BOS/EOS, then `offsets` (int64, num_docs + 1),
+then `eval_hash` (float64 per document, which decides the held-out split the same way in every process),
+then a JSON footer and its length (8 bytes, little endian). Documents with no text are not stored. Local
+files are memory-mapped; remote ones are read whole when first needed. Tokenization runs in
+`data.num_workers` spawned worker processes.
 
 Spawned workers import the entry script again (as `__mp_main__`), so a script that builds a cache must keep
 its work under `if __name__ == "__main__":`, as multiprocessing requires; otherwise each worker would run the
@@ -13,193 +19,256 @@ script and wait forever on the cache lock its parent holds.
 
 import collections
 import concurrent.futures
-import dataclasses
+import contextlib
 import itertools
 import json
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from data import cache
-from data.sources import Corpus, is_held_out
+from data.sources import Corpus, Unit, eval_hash
 from data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: one file per work unit, eval hashes stored, JSONL keys by byte offset
 _BATCH_CHARS = 1 << 20  # text sent to a worker at a time: large enough to amortize pickling
 _BATCH_DOCS = 512
 _BATCHES_IN_FLIGHT_PER_WORKER = 2  # bounds memory: reading runs only this far ahead of tokenizing
+_FOOTER_LENGTH_BYTES = 8
 
 
-@dataclasses.dataclass(frozen=True)
+class _UnitTokens:
+  """One unit file: its document offsets and eval hashes, and its tokens (mapped, or read on first use)."""
+
+  def __init__(self, path: epath.Path) -> None:
+    self.path = path
+    self._local = not cache.is_url(path)
+    with path.open("rb") as f:
+      f.seek(-_FOOTER_LENGTH_BYTES, 2)
+      footer_length = int.from_bytes(f.read(_FOOTER_LENGTH_BYTES), "little")
+      f.seek(-_FOOTER_LENGTH_BYTES - footer_length, 2)
+      meta = json.loads(f.read(footer_length))
+      num_docs = meta["num_docs"]
+      f.seek(meta["offsets_at"])
+      self.offsets = np.frombuffer(f.read(8 * (num_docs + 1)), np.int64)
+      self.eval_hash = np.frombuffer(f.read(8 * num_docs), np.float64)
+    self._dtype, self._num_tokens = np.dtype(meta["dtype"]), meta["num_tokens"]
+    self._tokens = None
+    self._lock = threading.Lock()  # the prefetch thread and the main thread may both load a remote unit
+
+  @property
+  def tokens(self) -> np.ndarray:
+    with self._lock:
+      if self._tokens is None:
+        if self._num_tokens == 0:  # np.memmap cannot map an empty range
+          self._tokens = np.zeros(0, self._dtype)
+        elif self._local:
+          self._tokens = np.memmap(self.path, dtype=self._dtype, mode="r", shape=(self._num_tokens,))
+        else:
+          with self.path.open("rb") as f:
+            self._tokens = np.frombuffer(f.read(self._num_tokens * self._dtype.itemsize), self._dtype)
+      return self._tokens
+
+
 class TokenCache:
-  tokens: np.ndarray  # flat, memory-mapped
-  offsets: np.ndarray  # int64 [num_docs + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
-  held_out: np.ndarray  # bool [num_docs]
-  path: str
-  corpus_description: str
+  """Every stored document of the corpus, in corpus order (units in order, each unit's documents in order)."""
 
-  def split(self, held_out: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, lengths) of the training documents of this shard, or of all held-out documents."""
-    chosen = np.flatnonzero(self.held_out == held_out)
-    starts = self.offsets[chosen]
-    return starts, self.offsets[chosen + 1] - starts
+  def __init__(self, units: list[_UnitTokens], corpus_description: str) -> None:
+    self.corpus_description = corpus_description
+    self._units = units
+    counts = [len(u.eval_hash) for u in units]
+    self.doc_unit = np.repeat(np.arange(len(units)), counts)
+    self.doc_start = np.concatenate([u.offsets[:-1] for u in units] or [np.zeros(0, np.int64)])
+    ends = np.concatenate([u.offsets[1:] for u in units] or [np.zeros(0, np.int64)])
+    self.doc_length = ends - self.doc_start
+    self.eval_hash = np.concatenate([u.eval_hash for u in units] or [np.zeros(0)])
+
+  def __len__(self) -> int:
+    return len(self.doc_length)
+
+  def tokens(self, doc: int, lo: int, hi: int) -> np.ndarray:
+    """Tokens [lo, hi) of document `doc`."""
+    start = int(self.doc_start[doc])
+    return self._units[int(self.doc_unit[doc])].tokens[start + lo : start + hi]
+
+  def held_out(self, eval_fraction: float) -> np.ndarray:
+    """bool per document: its eval hash is under `eval_fraction`; if that picks none of two or more documents,
+    the one with the smallest hash, so a small corpus still has an eval split. One document: nothing held out.
+    """
+    if eval_fraction <= 0 or len(self) < 2:
+      return np.zeros(len(self), bool)
+    held_out = self.eval_hash < eval_fraction
+    if not held_out.any():
+      held_out[np.argmin(self.eval_hash)] = True
+    return held_out
 
 
-def load_token_cache(data_cfg, tokenizer: Tokenizer, *, process_index: int, process_count: int) -> TokenCache:
-  """The cache of this process's documents, built on first use (under a lock) and memory-mapped after."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+def load_token_cache(
+  data_cfg, tokenizer: Tokenizer, *, process_index: int | None = None, process_count: int | None = None
+) -> TokenCache:
+  """Every unit of the corpus, this process's share tokenized first (on first use), then all opened.
+
+  process_index / process_count default to JAX's; tests pass others to stand in for one process of several.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   corpus = Corpus(data_cfg)
-  key = cache.content_hash(
-    {
-      "version": _FORMAT_VERSION,
-      "corpus": corpus.identity(),
-      "tokenizer": cache.file_sha256(tokenizer.model_path),
-      "eval_fraction": data_cfg.eval_fraction,
-      "shard": [process_index, process_count],
-    }
-  )
-  path = os.path.join(cache.cache_root(data_cfg.cache_dir), "tokens", key)
-  with cache.file_lock(path + ".lock"):
-    if os.path.isdir(path):
-      _log.info("Reusing the token cache %s", path)
-    else:
-      _build(path, corpus, tokenizer, data_cfg, process_index, process_count)
-  return _open(path, corpus.description)
+  root = cache.cache_root(data_cfg.cache_dir) / "tokens"
+  settings = {
+    "version": _FORMAT_VERSION,
+    "tokenizer": cache.file_sha256(tokenizer.model_path),
+    **corpus.read_settings(),
+  }
+  paths = [root / f"{cache.content_hash({**settings, 'unit': unit.identity()})}.bin" for unit in corpus.units]
+  start = time.perf_counter()
+  with _Builder(corpus, tokenizer, data_cfg.num_workers) as builder:
+    for unit in corpus.units:
+      if unit.index % process_count == process_index:
+        builder.ensure(unit, paths[unit.index])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("kiln: token cache units built")
+    missing = [unit for unit in corpus.units if not paths[unit.index].exists()]
+    if missing:
+      _log.warning(
+        "%d of %d token cache units built by other processes are not in %s: the cache dir is not shared "
+        "between hosts, so this process tokenizes them too",
+        len(missing),
+        len(corpus.units),
+        root,
+      )
+    # The processes of one host start at different places in the list, so the unit locks spread them out.
+    first = process_index * len(missing) // process_count
+    for unit in missing[first:] + missing[:first]:
+      builder.ensure(unit, paths[unit.index])
+  corpus.report_invalid_utf8()
+  if builder.built:
+    _log.info(
+      "Tokenized %d of the %d units of %s (process %d of %d) in %.1f s into %s",
+      len(builder.built),
+      len(corpus.units),
+      corpus.description,
+      process_index,
+      process_count,
+      time.perf_counter() - start,
+      root,
+    )
+  else:
+    _log.info("Reusing the token cache of %s in %s (%d units)", corpus.description, root, len(corpus.units))
+  return TokenCache([_UnitTokens(path) for path in paths], corpus.description)
 
 
-def _open(path: str, corpus_description: str) -> TokenCache:
-  with open(os.path.join(path, "meta.json")) as f:
-    meta = json.load(f)
-  num_tokens = meta["num_tokens"]
-  # np.memmap cannot map an empty file.
-  tokens = (
-    np.memmap(os.path.join(path, "tokens.bin"), dtype=meta["dtype"], mode="r", shape=(num_tokens,))
-    if num_tokens
-    else np.zeros(0, meta["dtype"])
-  )
-  offsets = np.load(os.path.join(path, "offsets.npy"))
-  held_out = np.load(os.path.join(path, "held_out.npy"))
-  return TokenCache(tokens, offsets, held_out, path, corpus_description)
+class _Builder:
+  """Tokenizes units into unit files; starts its worker processes only when a unit needs building."""
+
+  def __init__(self, corpus: Corpus, tokenizer: Tokenizer, num_workers: int) -> None:
+    self._corpus = corpus
+    self._tokenizer = tokenizer
+    self._num_workers = max(int(num_workers), 0)
+    self._dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    self._stack = contextlib.ExitStack()
+    self._pool = None
+    self._started = False
+    self.built: list[int] = []  # indices of the units this process tokenized
+
+  def __enter__(self) -> "_Builder":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stack.close()
+
+  def ensure(self, unit: Unit, path: epath.Path) -> None:
+    """Builds `unit` at `path` unless it is there; a local dir is locked so one process per host builds it."""
+    with cache.file_lock(f"{path}.lock"):
+      if not path.exists():
+        self._build(unit, path)
+
+  def _build(self, unit: Unit, path: epath.Path) -> None:
+    self._start()
+    lengths, hashes = [], []
+    with cache.staged(path) as staging, staging.open("wb") as f:
+      for (ids, batch_lengths), batch_hashes in self._encode(_batches(self._corpus.documents(unit))):
+        f.write(ids.astype(self._dtype).tobytes())
+        lengths.append(batch_lengths)
+        hashes.extend(batch_hashes)
+      lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+      offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+      num_tokens = int(offsets[-1])
+      meta = {
+        "version": _FORMAT_VERSION,
+        "dtype": np.dtype(self._dtype).name,
+        "num_tokens": num_tokens,
+        "num_docs": len(lengths),
+        "offsets_at": num_tokens * np.dtype(self._dtype).itemsize,
+        "unit": unit.identity(),
+      }
+      f.write(offsets.tobytes())
+      f.write(np.asarray(hashes, np.float64).tobytes())
+      footer = json.dumps(meta).encode()
+      f.write(footer)
+      f.write(len(footer).to_bytes(_FOOTER_LENGTH_BYTES, "little"))
+    self.built.append(unit.index)
+
+  def _start(self) -> None:
+    if self._started:
+      return
+    self._started = True
+    with epath.Path(self._tokenizer.model_path).open("rb") as f:
+      model = f.read()  # workers get the model itself, not a path that might change under them
+    _start_worker(model)
+    if self._num_workers > 1:
+      # spawn, not fork: the parent may run JAX's threads, which fork would copy mid-flight.
+      self._pool = self._stack.enter_context(
+        concurrent.futures.ProcessPoolExecutor(
+          self._num_workers,
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=_start_worker,
+          initargs=(model,),
+        )
+      )
+
+  def _encode(self, batches):
+    """Yields ((token ids, lengths), eval hashes) per batch, in order."""
+    if self._pool is None:
+      for texts, hashes in batches:
+        yield _encode_batch(texts), hashes
+      return
+    in_flight = collections.deque()
+    for texts, hashes in batches:
+      in_flight.append((self._pool.submit(_encode_batch, texts), hashes))
+      if len(in_flight) >= _BATCHES_IN_FLIGHT_PER_WORKER * self._num_workers:
+        future, hashes = in_flight.popleft()
+        yield future.result(), hashes
+    while in_flight:
+      future, hashes = in_flight.popleft()
+      yield future.result(), hashes
 
 
-def _shard_documents(
-  corpus: Corpus, eval_fraction: float, process_index: int, process_count: int
-) -> Iterator[tuple[str, bool]]:
-  """(text, held_out) of this process's documents, in corpus order. Only those documents are read."""
-  training_index = 0
-  for document in corpus.documents():
-    held_out = is_held_out(document.key, eval_fraction)
-    if not held_out:
-      # Counted before reading, so every process assigns the same documents to the same shard.
-      mine = training_index % process_count == process_index
-      training_index += 1
-      if not mine:
-        continue
+def _batches(documents) -> Iterator[tuple[list[str], list[float]]]:
+  """(texts, eval hashes) of the documents with text, a worker's load at a time."""
+  texts, hashes, chars = [], [], 0
+  for document in documents:
     text = document.read()
-    if text:
-      yield text, held_out
-
-
-def _batches(documents: Iterator[tuple[str, bool]]) -> Iterator[tuple[list[str], list[bool]]]:
-  texts, flags, chars = [], [], 0
-  for text, held_out in documents:
+    if not text:
+      continue
     texts.append(text)
-    flags.append(held_out)
+    hashes.append(eval_hash(document.key))
     chars += len(text)
     if chars >= _BATCH_CHARS or len(texts) >= _BATCH_DOCS:
-      yield texts, flags
-      texts, flags, chars = [], [], 0
+      yield texts, hashes
+      texts, hashes, chars = [], [], 0
   if texts:
-    yield texts, flags
-
-
-def _build(path: str, corpus: Corpus, tokenizer: Tokenizer, data_cfg, process_index: int, process_count: int) -> None:
-  start = time.perf_counter()
-  dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-  num_workers = max(int(data_cfg.num_workers), 0)
-  _log.info(
-    "Tokenizing %s (process %d of %d) with %d worker process(es)",
-    corpus.description,
-    process_index,
-    process_count,
-    num_workers,
-  )
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=".building-")
-  try:
-    lengths, held_out = [], []
-    batches = _batches(_shard_documents(corpus, data_cfg.eval_fraction, process_index, process_count))
-    with open(os.path.join(staging, "tokens.bin"), "wb") as tokens_file:
-      for (ids, batch_lengths), flags in _encode_all(batches, tokenizer, num_workers):
-        tokens_file.write(ids.astype(dtype).tobytes())
-        lengths.append(batch_lengths)
-        held_out.extend(flags)
-    corpus.report_invalid_utf8()
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    held_out = np.asarray(held_out, dtype=bool)
-    np.save(os.path.join(staging, "offsets.npy"), offsets)
-    np.save(os.path.join(staging, "held_out.npy"), held_out)
-    meta = {
-      "dtype": np.dtype(dtype).name,
-      "num_tokens": int(offsets[-1]),
-      "num_docs": len(lengths),
-      "num_held_out_docs": int(held_out.sum()),
-      "num_held_out_tokens": int(lengths[held_out].sum()),
-      "corpus": corpus.description,
-      "tokenizer": tokenizer.model_path,
-      "shard": [process_index, process_count],
-    }
-    with open(os.path.join(staging, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=2)
-    os.replace(staging, path)  # the cache appears whole or not at all
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  _log.info(
-    "Tokenized %d documents (%d held out) into %d tokens in %.1f s: %s",
-    meta["num_docs"],
-    meta["num_held_out_docs"],
-    meta["num_tokens"],
-    time.perf_counter() - start,
-    path,
-  )
-
-
-def _encode_all(batches, tokenizer: Tokenizer, num_workers: int):
-  """Yields ((token ids, lengths), held_out flags) per batch, in order."""
-  with open(tokenizer.model_path, "rb") as f:
-    model = f.read()  # workers get the model itself, not a path that might change under them
-  if num_workers <= 1:
-    _start_worker(model)
-    for texts, flags in batches:
-      yield _encode_batch(texts), flags
-    return
-  # spawn, not fork: the parent may run JAX's threads, which fork would copy mid-flight.
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(
-    num_workers, mp_context=context, initializer=_start_worker, initargs=(model,)
-  ) as pool:
-    in_flight = collections.deque()
-    for texts, flags in batches:
-      in_flight.append((pool.submit(_encode_batch, texts), flags))
-      if len(in_flight) >= _BATCHES_IN_FLIGHT_PER_WORKER * num_workers:
-        future, flags = in_flight.popleft()
-        yield future.result(), flags
-    while in_flight:
-      future, flags = in_flight.popleft()
-      yield future.result(), flags
+    yield texts, hashes
 
 
 _worker_processor: spm.SentencePieceProcessor | None = None

@@ -23,10 +23,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from data import cache
 from data.errors import DataError
-from data.sources import Corpus, is_held_out, unit_hash
+from data.sources import Corpus, eval_hash, unit_hash
 
 _log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Tokenizer:
   def __init__(self, model_path: str) -> None:
     self.model_path = model_path
     try:
-      self._processor = spm.SentencePieceProcessor(model_file=model_path)
+      self._processor = spm.SentencePieceProcessor(model_proto=epath.Path(model_path).read_bytes())
     except (OSError, RuntimeError) as e:
       raise DataError(
         f"{model_path}: not a sentencepiece model ({e}); give a .model file written by sentencepiece"
@@ -93,11 +94,11 @@ def load_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
   settings under the cache dir). A run directory that already holds a tokenizer keeps it: resuming never
   changes the tokenizer, even if the corpus changed in between.
   """
-  run_copy = os.path.join(workdir, _RUN_COPY_NAME) if workdir else None
-  has_run_copy = run_copy is not None and os.path.isfile(run_copy)
+  run_copy = str(epath.Path(workdir) / _RUN_COPY_NAME) if workdir else None
+  has_run_copy = run_copy is not None and epath.Path(run_copy).is_file()
   if data_cfg.tokenizer:
-    source = os.path.expanduser(data_cfg.tokenizer)
-    if not os.path.isfile(source):
+    source = data_cfg.tokenizer if cache.is_url(data_cfg.tokenizer) else os.path.expanduser(data_cfg.tokenizer)
+    if not epath.Path(source).is_file():
       raise DataError(
         f"data.tokenizer: no such file {source!r}; give a sentencepiece .model, or leave it empty to train one"
       )
@@ -115,8 +116,7 @@ def load_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
   if run_copy is None or source == run_copy:
     return tokenizer
   if not has_run_copy:
-    with open(source, "rb") as f:
-      cache.write_file_atomically(run_copy, f.read())
+    cache.write_file_atomically(run_copy, epath.Path(source).read_bytes())
   return Tokenizer(run_copy)
 
 
@@ -134,9 +134,9 @@ def _trained_tokenizer_path(data_cfg) -> str:
     "sentencepiece": spm.__version__,
   }
   key = cache.content_hash({"corpus": corpus.identity(), "settings": settings})
-  path = os.path.join(cache.cache_root(data_cfg.cache_dir), "tokenizers", f"{key}.model")
+  path = str(cache.cache_root(data_cfg.cache_dir) / "tokenizers" / f"{key}.model")
   with cache.file_lock(path + ".lock"):
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
       _log.info("Reusing the cached tokenizer %s", path)
       return path
     start = time.perf_counter()
@@ -187,7 +187,9 @@ def _sample_training_texts(corpus: Corpus, eval_fraction: float, sample_bytes: i
   for document in corpus.documents():
     if total >= sample_bytes:
       break
-    if is_held_out(document.key, eval_fraction) or unit_hash("tokenizer", document.key) >= keep_fraction:
+    # The eval split's fallback for a tiny corpus (its one smallest-hash document) is not known here: only
+    # documents under eval_fraction are kept out of the sample.
+    if eval_hash(document.key) < eval_fraction or unit_hash("tokenizer", document.key) >= keep_fraction:
       continue
     text = document.read()
     if text:

@@ -30,6 +30,14 @@ def _data_cfg(args: argparse.Namespace):
   return cfg
 
 
+def _sharding():
+  """The batch on this process's first device: the loader's own cost, without a mesh to spread it over."""
+  import jax
+
+  mesh = jax.sharding.Mesh(jax.local_devices()[:1], ("data",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+
+
 def _first_batch(args: argparse.Namespace) -> dict:
   """Runs in a child process: build or reuse everything, take one batch, report the phases."""
   imported = time.perf_counter()
@@ -39,7 +47,7 @@ def _first_batch(args: argparse.Namespace) -> dict:
   start = time.perf_counter()
   tokenizer = data.load_tokenizer(cfg, None)
   tokenizer_ready = time.perf_counter()
-  iterator = data.make_train_iterator(cfg, tokenizer, batch_size=args.batch_size, seed=0)
+  iterator = data.make_train_iterator(cfg, tokenizer, global_batch_size=args.batch_size, seed=0, sharding=_sharding())
   next(iterator)
   done = time.perf_counter()
   return {
@@ -68,8 +76,8 @@ def _throughput(args: argparse.Namespace) -> dict:
 
   cfg = _data_cfg(args)
   tokenizer = data.load_tokenizer(cfg, None)
-  cache = load_token_cache(cfg, tokenizer, process_index=0, process_count=1)
-  iterator = data.make_train_iterator(cfg, tokenizer, batch_size=args.batch_size, seed=0)
+  cache = load_token_cache(cfg, tokenizer)
+  iterator = data.make_train_iterator(cfg, tokenizer, global_batch_size=args.batch_size, seed=0, sharding=_sharding())
   next(iterator)  # leave the first batch (and its epoch plan) out of the timing
   real_tokens = 0.0
   start = time.perf_counter()
@@ -77,17 +85,17 @@ def _throughput(args: argparse.Namespace) -> dict:
     real_tokens += float(np.sum(next(iterator)["loss_mask"]))
   seconds = time.perf_counter() - start
   tokens = args.steps * args.batch_size * args.seq_len
-  train_starts, train_lengths = cache.split(held_out=False)
-  eval_starts, eval_lengths = cache.split(held_out=True)
+  held_out = cache.held_out(cfg.eval_fraction)
+  train_lengths, eval_lengths = cache.doc_length[~held_out], cache.doc_length[held_out]
   return {
     "tokens_per_sec": tokens / seconds,
     "batches_per_sec": args.steps / seconds,
     "loss_tokens_fraction": real_tokens / tokens,
     "corpus": cache.corpus_description,
     "vocab_size": tokenizer.vocab_size,
-    "train_docs": len(train_starts),
+    "train_docs": len(train_lengths),
     "train_tokens": int(train_lengths.sum()),
-    "eval_docs": len(eval_starts),
+    "eval_docs": len(eval_lengths),
     "eval_tokens": int(eval_lengths.sum()),
   }
 

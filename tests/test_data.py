@@ -1,4 +1,5 @@
-"""Tests of the data pipeline against independent references: direct tokenization, a naive packer, set algebra.
+"""Tests of the data pipeline against independent references: direct tokenization, a naive packer, set algebra,
+Python's glob, and one process against several.
 
 Every test writes its caches under a tmp dir. The shared corpus is the standard library's email package
 (29 files, ~380 KB) with a 400-piece tokenizer, trained once per module.
@@ -9,17 +10,20 @@ import json
 import logging
 import math
 import os
+import socket
+import subprocess
+import sys
 import sysconfig
+import time
 
-import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import data
 from configs.base import base_config
-from data import token_cache
+from data import cache, pipeline, sources, token_cache
 from data.packing import PackedRows, to_model_inputs
 from data.sources import Corpus
 
@@ -27,6 +31,7 @@ STDLIB = sysconfig.get_paths()["stdlib"]
 EMAIL_GLOB = os.path.join(STDLIB, "email", "**", "*.py")
 VOCAB_SIZE = 400
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_data_cfg(cache_dir, **overrides):
@@ -37,6 +42,32 @@ def make_data_cfg(cache_dir, **overrides):
   cfg.num_workers = 0  # in-process tokenization keeps tests fast; one test covers worker processes
   cfg.update(overrides)
   return cfg
+
+
+def batch_sharding(shape=(1,), names=("data",), devices=None):
+  """Batch rows over `data`, other mesh axes replicating them, on the first devices (or those given)."""
+  devices = jax.devices()[: math.prod(shape)] if devices is None else devices
+  return NamedSharding(Mesh(np.array(devices).reshape(shape), names), PartitionSpec("data", None))
+
+
+def one_device():
+  return batch_sharding()
+
+
+def train_iterator(cfg, tokenizer, batch_size, seed, sharding=None, start_row=0):
+  return data.make_train_iterator(
+    cfg, tokenizer, global_batch_size=batch_size, seed=seed, sharding=sharding or one_device(), start_row=start_row
+  )
+
+
+def eval_batches(cfg, tokenizer, batch_size, num_batches, sharding=None):
+  return data.make_eval_batches(
+    cfg, tokenizer, global_batch_size=batch_size, num_batches=num_batches, sharding=sharding or one_device()
+  )
+
+
+def host(batch):
+  return {name: np.asarray(value) for name, value in batch.items()}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +93,17 @@ def numbered_documents(count):
   return [f"def f{i}():\n" + "".join(f"    x{j} = {i} * {j}\n" for j in range(i % 5)) for i in range(count)]
 
 
+def batch_rows(batch):
+  """Packed rows (L + 1 tokens: inputs plus the last target) of one batch."""
+  batch = host(batch)
+  return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
 def take_rows(iterator, num_rows):
-  """The first num_rows packed rows (L + 1 tokens: inputs plus the last target) of a batch iterator."""
+  """The first num_rows packed rows of a batch iterator."""
   rows = []
   while len(rows) < num_rows:
-    batch = next(iterator)
-    rows.extend(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
+    rows.extend(batch_rows(next(iterator)))
   return np.stack(rows[:num_rows])
 
 
@@ -164,11 +200,16 @@ def test_decode_inverts_encode_on_whitespace_and_rare_characters(tokenizer, text
 def test_packed_rows_match_a_naive_packer(lengths):
   rng = np.random.default_rng(0)
   documents = [rng.integers(4, 100, size=n) for n in lengths]
-  flat = np.concatenate(documents)
-  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
   row_len = 8
   rows = PackedRows(
-    flat, starts, np.array(lengths), row_len=row_len, bos_id=2, eos_id=3, pad_id=0, seed=0, shuffle=False
+    lambda d, lo, hi: documents[d][lo:hi],
+    np.array(lengths),
+    row_len=row_len,
+    bos_id=2,
+    eos_id=3,
+    pad_id=0,
+    seed=0,
+    shuffle=False,
   )
   expected = naive_rows(documents, row_len, bos=2, eos=3)
   assert rows.rows_per_epoch == len(expected)
@@ -184,15 +225,17 @@ def test_packed_rows_match_a_naive_packer(lengths):
     np.testing.assert_array_equal(features[name], value, err_msg=name)
 
 
-def test_batches_match_a_naive_packer_at_document_boundaries(tokenizer, tmp_path):
+@pytest.mark.parametrize("unit_bytes", [1 << 20, 100])
+def test_batches_match_a_naive_packer_at_document_boundaries(tokenizer, tmp_path, unit_bytes):
   texts = numbered_documents(12)
   cfg = make_data_cfg(tmp_path / "cache", files=write_documents(tmp_path / "docs", texts), seq_len=16)
-  cfg.eval_fraction, cfg.shuffle = 0.0, False
+  cfg.eval_fraction, cfg.shuffle, cfg.unit_bytes = 0.0, False, unit_bytes
+  assert (len(Corpus(cfg).units) > 3) == (unit_bytes == 100), "small units must cut the corpus, large ones not"
   expected = naive_features(naive_rows([tokenizer.encode(t) for t in texts], 17, tokenizer.bos_id, tokenizer.eos_id))
   num_rows = len(expected["inputs"])
   assert any(len(tokenizer.encode(t)) + 2 > 17 for t in texts), "some document must span rows"
-  iterator = data.make_train_iterator(cfg, tokenizer, batch_size=1, seed=0)
-  batches = [next(iterator) for _ in range(num_rows)]
+  iterator = train_iterator(cfg, tokenizer, 1, seed=0)
+  batches = [host(next(iterator)) for _ in range(num_rows)]
   for name in FIELDS:
     got = np.concatenate([batch[name] for batch in batches])
     assert got.dtype == (np.float32 if name == "loss_mask" else np.int32)
@@ -200,7 +243,7 @@ def test_batches_match_a_naive_packer_at_document_boundaries(tokenizer, tmp_path
 
 
 def test_an_epoch_holds_every_training_token_once(tokenizer, tmp_path):
-  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=64, eval_fraction=0.0)
+  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=64, eval_fraction=0.0, unit_bytes=50_000)
   reference = []
   for path in sorted(glob.glob(EMAIL_GLOB, recursive=True)):
     with open(path, encoding="utf-8") as f:
@@ -208,52 +251,228 @@ def test_an_epoch_holds_every_training_token_once(tokenizer, tmp_path):
     if text:
       reference += [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
   num_rows = math.ceil(len(reference) / 65)
-  iterator = data.make_train_iterator(cfg, tokenizer, batch_size=8, seed=3)
-  rows = take_rows(iterator, 2 * num_rows)
+  rows = take_rows(train_iterator(cfg, tokenizer, 8, seed=3), 2 * num_rows)
   expected_counts = np.bincount(reference, minlength=VOCAB_SIZE)
   for epoch in (rows[:num_rows], rows[num_rows:]):
     np.testing.assert_array_equal(np.bincount(epoch[epoch != 0], minlength=VOCAB_SIZE), expected_counts)
   assert not np.array_equal(rows[:num_rows], rows[num_rows:]), "each epoch is shuffled anew"
   # Two seeds, two orders.
-  other = take_rows(data.make_train_iterator(cfg, tokenizer, batch_size=8, seed=4), num_rows)
+  other = take_rows(train_iterator(cfg, tokenizer, 8, seed=4), num_rows)
   assert not np.array_equal(other, rows[:num_rows])
 
 
-def test_process_shards_are_disjoint_and_cover_the_corpus(tokenizer, tmp_path):
-  texts = numbered_documents(15)
-  cfg = make_data_cfg(tmp_path / "cache", files=write_documents(tmp_path / "docs", texts), seq_len=16)
-  cfg.eval_fraction, cfg.shuffle = 0.0, False
-  whole_stream = sum(len(tokenizer.encode(t)) + 2 for t in texts)
-  shards = []
-  for process_index in range(2):
-    iterator = data.make_train_iterator(
-      cfg, tokenizer, batch_size=2, seed=0, process_index=process_index, process_count=2
+# The global batch: one stream, whatever the processes and devices
+
+B, STEPS = 8, 4
+
+
+def small_corpus(directory):
+  """Text files and a JSONL file, cut into several units by data.unit_bytes=200."""
+  docs = write_documents(directory / "text", numbered_documents(12))
+  lines = [json.dumps({"text": f"record {i}: " + "y = x + 1\n" * (i % 4)}) + "\n" for i in range(20)]
+  (directory / "records.jsonl").write_text("".join(lines))
+  return f"{docs},{directory / 'records.jsonl'}"
+
+
+def test_global_batches_are_the_same_on_every_mesh_and_resume_at_a_row(tokenizer, tmp_path):
+  cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200, eval_fraction=0.1)
+  layouts = {
+    "data1": batch_sharding((1,)),
+    "data2": batch_sharding((2,)),
+    "data8": batch_sharding((8,)),
+    "data2_tensor4": batch_sharding((2, 4), ("data", "tensor")),
+    "data8_reversed": batch_sharding((8,), devices=jax.devices()[::-1]),
+  }
+  runs = {}
+  for name, sharding in layouts.items():
+    iterator = train_iterator(cfg, tokenizer, B, seed=5, sharding=sharding)
+    batches = [next(iterator) for _ in range(STEPS)]
+    assert all(batch[field].sharding == sharding for batch in batches for field in FIELDS)
+    runs[name] = [host(batch) for batch in batches]
+  for name, batches in runs.items():
+    for step in range(STEPS):
+      for field in FIELDS:
+        np.testing.assert_array_equal(batches[step][field], runs["data1"][step][field], err_msg=f"{name} {field}")
+  # The stream is the same rows whatever the batch size: 2 steps of 8 rows are 4 steps of 4 and, started at a
+  # row cursor, the iterator continues where another left off.
+  rows = np.concatenate([batch_rows(batch) for batch in runs["data1"]])
+  halves = take_rows(train_iterator(cfg, tokenizer, B // 2, seed=5), STEPS * B)
+  np.testing.assert_array_equal(halves, rows)
+  resumed = take_rows(train_iterator(cfg, tokenizer, B, seed=5, sharding=layouts["data8"], start_row=2 * B), 2 * B)
+  np.testing.assert_array_equal(resumed, rows[2 * B :])
+
+
+def test_the_next_batch_is_built_in_the_background_and_errors_reach_the_caller(tokenizer, tmp_path, monkeypatch):
+  cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200)
+  built = []
+  get_row = PackedRows.__getitem__
+  monkeypatch.setattr(PackedRows, "__getitem__", lambda self, r: built.append(r) or get_row(self, r))
+  iterator = train_iterator(cfg, tokenizer, B, seed=0)
+  next(iterator)
+  deadline = time.monotonic() + 30
+  while len(built) < 2 * B and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert sorted(built[: 2 * B]) == list(range(2 * B)), "batch 1 was not built before it was asked for"
+  time.sleep(0.2)
+  assert len(built) <= 3 * B, "the background thread runs more than a batch ahead"
+  failing = pipeline._Prefetcher(lambda i: i if i < 2 else 1 // 0)
+  assert [next(failing), next(failing)] == [0, 1]
+  for _ in range(2):
+    with pytest.raises(ZeroDivisionError):
+      next(failing)
+
+
+_WORKER = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, count, index, out, cfg_json, steps, batch_size = sys.argv[1:]
+count, index, steps, batch_size = int(count), int(index), int(steps), int(batch_size)
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=count, process_id=index)
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+import data
+from data import packing, token_cache
+
+rows_read, built = [], []
+get_row, build = packing.PackedRows.__getitem__, token_cache._Builder._build
+packing.PackedRows.__getitem__ = lambda self, r: rows_read.append(int(r)) or get_row(self, r)
+token_cache._Builder._build = lambda self, unit, path: built.append(unit.index) or build(self, unit, path)
+cfg = ConfigDict(json.loads(cfg_json))
+tokenizer = data.Tokenizer(cfg.tokenizer)
+devices = sorted(jax.devices(), key=lambda d: d.id)
+local = {d: i for p in range(count) for i, d in enumerate(x for x in devices if x.process_index == p)}
+layouts = {
+  "data8": (devices, (8,), ("data",)),
+  "interleaved8": (sorted(devices, key=lambda d: (local[d], d.process_index)), (8,), ("data",)),
+  "data2_tensor4": (devices, (2, 4), ("data", "tensor")),
+}
+report, gathered = {"built": built, "rows": {}, "mesh_processes": {}}, {}
+for name, (order, shape, names) in layouts.items():
+  mesh = Mesh(np.array(order).reshape(shape), names)
+  sharding = NamedSharding(mesh, PartitionSpec("data", None))
+  del rows_read[:]
+  iterator = data.make_train_iterator(cfg, tokenizer, global_batch_size=batch_size, seed=5, sharding=sharding)
+  batches = [next(iterator) for _ in range(steps)]
+  for field in batches[0]:
+    gathered[f"{name}/{field}"] = np.stack([multihost_utils.process_allgather(b[field], tiled=True) for b in batches])
+  report["rows"][name] = sorted(set(rows_read))
+  report["mesh_processes"][name] = [d.process_index for d in mesh.devices.flat]
+with open(f"{out}/process_{index}.json", "w") as f:
+  json.dump(report, f)
+if index == 0:
+  np.savez(f"{out}/batches.npz", **gathered)
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(count, cfg, out):
+  """`count` local JAX processes (8 CPU devices in all) running _WORKER; their reports, and process 0's batches."""
+  out.mkdir()
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // count}", "JAX_PLATFORMS": "cpu"}
+  env["PYTHONPATH"] = REPO
+  port = _free_port()
+  args = [str(port), str(count), None, str(out), cfg.to_json(), str(STEPS), str(B)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _WORKER, *args[:2], str(i), *args[3:]],
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
     )
-    # Two epochs of the whole corpus are at least two of a shard: every document appears whole at least once.
-    rows = take_rows(iterator, 2 * math.ceil(whole_stream / 17))
-    shards.append(set(documents_in_stream(rows.ravel(), tokenizer)))
-  assert shards[0] and shards[1]
-  assert not shards[0] & shards[1]
-  assert shards[0] | shards[1] == set(texts)
-
-
-def test_one_process_serving_two_shards_sees_the_batches_of_two_processes(tokenizer, tmp_path):
-  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=32)
-  two = [
-    data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=3, process_index=p, process_count=2) for p in range(2)
+    for i in range(count)
   ]
-  cfg.shards = 2
-  one = data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=3)
-  for _ in range(3):
-    parts = [next(iterator) for iterator in two]
-    whole = next(one)
-    for name in FIELDS:
-      np.testing.assert_array_equal(whole[name], np.concatenate([part[name] for part in parts]))
-  state = one.get_state()
-  expected = next(one)
-  restored = data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=3)
-  restored.set_state(state)
-  np.testing.assert_array_equal(next(restored)["inputs"], expected["inputs"])
+  for proc in procs:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+  reports = [json.loads((out / f"process_{i}.json").read_text()) for i in range(count)]
+  with np.load(out / "batches.npz") as batches:
+    return reports, dict(batches)
+
+
+def expected_rows(mesh_processes, shape, process):
+  """Global rows of steps 0 .. STEPS - 1 that `process`'s devices hold, batch rows split over the first mesh axis."""
+  per_index = len(mesh_processes) // shape[0]  # devices per `data` index
+  mine = {position // per_index for position, p in enumerate(mesh_processes) if p == process}
+  rows_per_index = B // shape[0]
+  return {s * B + d * rows_per_index + r for s in range(STEPS) for d in mine for r in range(rows_per_index)}
+
+
+@pytest.mark.slow
+def test_processes_load_only_their_rows_tokenize_only_their_units_and_match_one_process(tokenizer, tmp_path):
+  cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200, eval_fraction=0.1)
+  cfg.tokenizer = tokenizer.model_path
+  num_units = len(Corpus(cfg).units)
+  assert num_units >= 4
+  shapes = {"data8": (8,), "interleaved8": (8,), "data2_tensor4": (2, 4)}
+  # Two processes on a fresh cache dir shared by both, then four on the same one: a second start.
+  for count in (2, 4):
+    reports, batches = run_processes(count, cfg, tmp_path / f"out{count}")
+    built = [set(report["built"]) for report in reports]
+    if count == 2:
+      assert built == [{u for u in range(num_units) if u % 2 == p} for p in range(2)]
+      assert built[0] | built[1] == set(range(num_units)) and not built[0] & built[1]
+    else:
+      assert built == [set()] * 4, "the second start tokenized again"
+    for name, shape in shapes.items():
+      for process, report in enumerate(reports):
+        rows = {r for r in report["rows"][name] if r < STEPS * B}  # later rows: batches prefetched ahead
+        assert rows == expected_rows(report["mesh_processes"][name], shape, process), (count, name, process)
+    # The global batches are those of one process with 8 devices.
+    reference = train_iterator(cfg, tokenizer, B, seed=5, sharding=batch_sharding((8,)))
+    want = [host(next(reference)) for _ in range(STEPS)]
+    for name in shapes:
+      for field in FIELDS:
+        np.testing.assert_array_equal(
+          batches[f"{name}/{field}"], np.stack([w[field] for w in want]), err_msg=f"{count} {name} {field}"
+        )
+
+
+def test_a_unit_build_reads_only_its_files_and_a_cache_not_shared_is_completed(
+  tokenizer, tmp_path, monkeypatch, caplog
+):
+  cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200)
+  units = Corpus(cfg).units
+  events = []
+  build, parse = token_cache._Builder._build, Corpus._jsonl_text
+  monkeypatch.setattr(
+    token_cache._Builder,
+    "_build",
+    lambda self, unit, path: events.append(("unit", unit.index)) or build(self, unit, path),
+  )
+  monkeypatch.setattr(Corpus, "_jsonl_text", lambda self, *a: events.append(("line", a[1])) or parse(self, *a))
+  # Process 1 of 2 alone, as on a host whose cache dir the other process's host does not see.
+  with caplog.at_level(logging.WARNING):
+    token_cache.load_token_cache(cfg, tokenizer, process_index=1, process_count=2)
+  built = [index for kind, index in events if kind == "unit"]
+  mine = [u.index for u in units if u.index % 2 == 1]
+  assert built[: len(mine)] == mine, "its own units first"
+  assert sorted(built[len(mine) :]) == [u.index for u in units if u.index % 2 == 0], "then the ones not shared"
+  warnings = [r.getMessage() for r in caplog.records if "not shared" in r.getMessage()]
+  assert len(warnings) == 1
+  # Each JSONL line is parsed once, while building the unit whose byte range holds its first byte.
+  lines, current = [], None
+  for kind, value in events:
+    if kind == "unit":
+      current = units[value]
+    else:
+      assert current.fmt == "jsonl" and current.begin <= value < current.end
+      lines.append(value)
+  text = (tmp_path / "records.jsonl").read_bytes()
+  assert sorted(lines) == [0] + [i + 1 for i, c in enumerate(text[:-1]) if c == ord("\n")]
+  assert len({u.begin for u in units if u.fmt == "jsonl"}) > 2, "the JSONL file must span several units"
+  events.clear()
+  token_cache.load_token_cache(cfg, tokenizer, process_index=0, process_count=2)
+  assert events == [], "a second start tokenized again"
 
 
 # Held-out split
@@ -263,10 +482,9 @@ def test_no_held_out_document_reaches_training(tokenizer, tmp_path):
   texts = numbered_documents(60)
   cfg = make_data_cfg(tmp_path / "cache", files=write_documents(tmp_path / "docs", texts), seq_len=16)
   cfg.eval_fraction, cfg.shuffle = 0.25, False
-  eval_batches = data.make_eval_batches(cfg, tokenizer, batch_size=4, num_batches=1000)
-  eval_rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in eval_batches])
-  held_out = documents_in_stream(eval_rows.ravel(), tokenizer)
-  rows = take_rows(data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=0), 2 * len(texts) * 4)
+  batches = eval_batches(cfg, tokenizer, 4, num_batches=1000)
+  held_out = documents_in_stream(np.concatenate([batch_rows(b) for b in batches]).ravel(), tokenizer)
+  rows = take_rows(train_iterator(cfg, tokenizer, 4, seed=0), 2 * len(texts) * 4)
   trained = set(documents_in_stream(rows.ravel(), tokenizer))
   assert 0 < len(held_out) < len(texts) / 2
   assert not trained & set(held_out)
@@ -274,76 +492,109 @@ def test_no_held_out_document_reaches_training(tokenizer, tmp_path):
   assert held_out == [t for t in texts if t in set(held_out)], "eval keeps corpus order"
 
 
-def test_eval_batches_are_fixed_padded_and_split_across_processes(tokenizer, tmp_path):
+def test_eval_batches_are_fixed_padded_and_the_same_on_every_mesh(tokenizer, tmp_path):
   cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=32, eval_fraction=0.3)
-  single = data.make_eval_batches(cfg, tokenizer, batch_size=6, num_batches=1000)
+  single = [host(b) for b in eval_batches(cfg, tokenizer, 8, num_batches=1000)]
   assert 1 <= len(single) < 1000
-  again = data.make_eval_batches(cfg, tokenizer, batch_size=6, num_batches=1000)
+  again = [host(b) for b in eval_batches(cfg, tokenizer, 8, num_batches=1000, sharding=batch_sharding((8,)))]
   for a, b in zip(single, again, strict=True):
     for name in FIELDS:
       np.testing.assert_array_equal(a[name], b[name])
   last = single[-1]
+  assert (last["segment_ids"] == 0).all(axis=1).any(), "the last batch ends in rows of padding"
   assert last["loss_mask"][last["segment_ids"] == 0].sum() == 0
-  assert len(data.make_eval_batches(cfg, tokenizer, batch_size=6, num_batches=2)) == 2
-  # Two processes with 3 rows each make the same global batches as one process with 6.
-  halves = [
-    data.make_eval_batches(cfg, tokenizer, batch_size=3, num_batches=1000, process_index=p, process_count=2)
-    for p in range(2)
-  ]
-  assert len(halves[0]) == len(halves[1]) == len(single)
-  for whole, first, second in zip(single, *halves):
-    for name in FIELDS:
-      np.testing.assert_array_equal(whole[name], np.concatenate([first[name], second[name]]))
+  assert len(eval_batches(cfg, tokenizer, 8, num_batches=2)) == 2
+  # The held-out stream in corpus order, cut into rows: what the batches hold.
+  keys = [d.key for d in Corpus(cfg).documents()]
+  texts = [open(os.path.join(STDLIB, "email", k), encoding="utf-8").read() for k in keys]
+  held = [t for k, t in zip(keys, texts) if sources.eval_hash(k) < 0.3 and t]
+  expected = naive_rows([tokenizer.encode(t) for t in held], 33, tokenizer.bos_id, tokenizer.eos_id)
+  got = np.concatenate([batch_rows(b) for b in single])
+  np.testing.assert_array_equal(got[: len(expected)], np.array([tokens for tokens, _, _ in expected]))
+  assert not got[len(expected) :].any()
 
 
-# Checkpointing
+def jsonl_corpus(path, count):
+  """`count` JSONL documents in one file; (texts, keys) as the corpus names them (file name @ byte offset)."""
+  texts = [f"document number {i}\n" * (1 + i % 3) for i in range(count)]
+  lines = [json.dumps({"text": text}) + "\n" for text in texts]
+  path.write_text("".join(lines))
+  offsets = np.cumsum([0] + [len(line.encode()) for line in lines])[:-1]
+  return texts, [f"{path.name}@{offset}" for offset in offsets]
 
 
-def test_restored_iterator_yields_the_same_batches(tokenizer, tmp_path):
-  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=32)
-  iterator = data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=7)
-  for _ in range(3):
-    next(iterator)
-  state = json.loads(json.dumps(iterator.get_state()))  # a checkpoint stores it as JSON
-  expected = [next(iterator) for _ in range(5)]
-  fresh = data.make_train_iterator(cfg, tokenizer, batch_size=4, seed=7)
-  fresh.set_state(state)
-  for want, got in zip(expected, [next(fresh) for _ in range(5)]):
-    for name in FIELDS:
-      np.testing.assert_array_equal(got[name], want[name])
+def test_a_small_corpus_holds_out_exactly_one_document_and_trains(tokenizer, tmp_path):
+  texts, keys = jsonl_corpus(tmp_path / "small.jsonl", 40)
+  hashes = [sources.eval_hash(key) for key in keys]
+  assert min(hashes) >= 0.01, "the corpus must be one where eval_fraction=0.01 selects nothing"
+  cfg = make_data_cfg(tmp_path / "cache", files=str(tmp_path / "small.jsonl"), seq_len=16, eval_fraction=0.01)
+  cfg.shuffle = False
+  batches = eval_batches(cfg, tokenizer, 4, num_batches=8)
+  held_out = documents_in_stream(np.concatenate([batch_rows(b) for b in batches]).ravel(), tokenizer)
+  assert held_out == [texts[int(np.argmin(hashes))]]
+  rows = take_rows(train_iterator(cfg, tokenizer, 4, seed=0), 200)
+  assert set(documents_in_stream(rows.ravel(), tokenizer)) == set(texts) - set(held_out)
 
 
-def test_iterator_round_trips_through_an_orbax_checkpoint(tokenizer, tmp_path):
-  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=32)
-  iterator = data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=1)
-  next(iterator)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-    expected = next(iterator)
-    fresh = data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=1)
-    manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-  np.testing.assert_array_equal(next(fresh)["inputs"], expected["inputs"])
+def test_a_one_document_corpus_trains_without_evaluation(tokenizer, tmp_path, caplog):
+  texts = ["the only document\n" * 5]
+  cfg = make_data_cfg(tmp_path / "cache", files=write_documents(tmp_path / "docs", texts), seq_len=16)
+  cfg.eval_fraction, cfg.shuffle = 0.5, False
+  with caplog.at_level(logging.INFO, logger="data"):
+    assert eval_batches(cfg, tokenizer, 2, num_batches=4) == []
+  lines = [r.getMessage() for r in caplog.records if "evaluation" in r.getMessage()]
+  assert len(lines) == 1 and "no held-out document" in lines[0] and "trains without evaluation" in lines[0]
+  rows = take_rows(train_iterator(cfg, tokenizer, 2, seed=0), 8)
+  assert set(documents_in_stream(rows.ravel(), tokenizer)) == set(texts)
+  cfg.eval_fraction = 0.0
+  assert eval_batches(cfg, tokenizer, 2, num_batches=4) == []
 
 
-# Sources and bad input
+# Sources, paths and bad input
 
 
-def test_jsonl_parquet_and_text_sources(tokenizer, tmp_path):
+def test_jsonl_parquet_and_text_sources_in_units(tokenizer, tmp_path):
   import pyarrow
   import pyarrow.parquet
 
   source = tmp_path / "src"
   source.mkdir()
-  (source / "a.jsonl").write_text('{"text": "first line doc", "id": 1}\n\n{"text": "second\\n  doc"}\n')
-  table = pyarrow.table({"text": ["parquet one", "parquet two"], "other": [1, 2]})
-  pyarrow.parquet.write_table(table, source / "b.parquet")
+  jsonl = [{"text": "first line doc", "id": 1}, None, {"text": "second\n  doc"}] + [{"text": f"j{i}"} for i in range(9)]
+  (source / "a.jsonl").write_text("".join("\n" if r is None else json.dumps(r) + "\n" for r in jsonl))
+  table = pyarrow.table({"text": [f"parquet {i}" for i in range(5)], "other": list(range(5))})
+  pyarrow.parquet.write_table(table, source / "b.parquet", row_group_size=2)
   (source / "c.txt").write_text("plain  text\n")
-  cfg = make_data_cfg(tmp_path / "cache", files=str(source / "*"), seq_len=16)
+  cfg = make_data_cfg(tmp_path / "cache", files=str(source / "*"), seq_len=16, unit_bytes=40)
   cfg.eval_fraction, cfg.shuffle = 0.0, False
-  rows = take_rows(data.make_train_iterator(cfg, tokenizer, batch_size=1, seed=0), 20)
-  expected = ["first line doc", "second\n  doc", "parquet one", "parquet two", "plain  text\n"]
-  assert documents_in_stream(rows.ravel(), tokenizer)[:5] == expected
+  formats = [unit.fmt for unit in Corpus(cfg).units]
+  assert formats.count("jsonl") > 3 and formats.count("parquet") == 3 and formats.count("text") == 1
+  rows = take_rows(train_iterator(cfg, tokenizer, 1, seed=0), 40)
+  expected = [r["text"] for r in jsonl if r] + [f"parquet {i}" for i in range(5)] + ["plain  text\n"]
+  assert documents_in_stream(rows.ravel(), tokenizer)[: len(expected)] == expected
+
+
+def test_glob_follows_python_glob(tmp_path):
+  for name in ["a.txt", "b.py", ".hidden.txt", "sub/c.txt", "sub/deeper/d.txt", ".hid/e.txt", "sub/.f.txt"]:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(name)
+  patterns = ["*.txt", "**/*.txt", "**", "sub/**/*.txt", "s*/*", ".*", "*/deeper/?.txt", "[ab].*"]
+  for pattern in [os.path.join(tmp_path, p) for p in patterns] + [EMAIL_GLOB]:
+    expected = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    assert [path for path, _ in sources._glob(pattern)[1]] == expected, pattern
+
+
+def test_the_remote_code_path_reads_the_same_batches(tokenizer, tmp_path, monkeypatch):
+  cfg = make_data_cfg(tmp_path / "local", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200)
+  local = token_cache.load_token_cache(cfg, tokenizer)
+  assert isinstance(local._units[0].tokens, np.memmap)
+  want = take_rows(train_iterator(cfg, tokenizer, 4, seed=1), 12)
+  # Every path treated as a URL: epath stat and glob, no file locks, token files read instead of mapped.
+  monkeypatch.setattr(cache, "is_url", lambda path: True)
+  monkeypatch.setattr(cache.fcntl, "flock", lambda *a: pytest.fail("locked a remote cache dir"))
+  cfg.cache_dir = str(tmp_path / "remote")
+  remote = token_cache.load_token_cache(cfg, tokenizer)
+  assert not isinstance(remote._units[0].tokens, np.memmap)
+  np.testing.assert_array_equal(take_rows(train_iterator(cfg, tokenizer, 4, seed=1), 12), want)
 
 
 def bad_input_cases(tmp_path):
@@ -359,19 +610,21 @@ def bad_input_cases(tmp_path):
     "missing field": ({"files": str(tmp_path / "bad.jsonl")}, r"bad\.jsonl:2: no 'text' field; set data.text_field"),
     "invalid json": ({"files": str(tmp_path / "broken.jsonl")}, r"broken\.jsonl:2: not valid JSON"),
     "bad policy": ({"invalid_utf8": "ignore"}, r"data.invalid_utf8='ignore' is not a policy"),
+    "bad unit size": ({"unit_bytes": 0}, r"data.unit_bytes=0 must be at least 1"),
   }
 
 
 @pytest.mark.parametrize(
   "case",
-  ["missing path", "empty glob", "directory", "empty corpus", "missing field", "invalid json", "bad policy"],
-)
+  ["missing path", "empty glob", "directory", "empty corpus", "missing field", "invalid json", "bad policy",
+   "bad unit size"],
+)  # fmt: skip
 def test_bad_input_gives_a_one_line_error(tokenizer, tmp_path, case):
   overrides, message = bad_input_cases(tmp_path)[case]
   cfg = make_data_cfg(tmp_path / "cache", **overrides)
   cfg.eval_fraction = 0.0
   with pytest.raises(data.DataError, match=message) as error:
-    data.make_train_iterator(cfg, tokenizer, batch_size=1, seed=0)
+    train_iterator(cfg, tokenizer, 1, seed=0)
   assert "\n" not in str(error.value)
 
 
@@ -406,7 +659,7 @@ def test_invalid_utf8_is_replaced_or_skipped(tokenizer, tmp_path, caplog, policy
   cfg = make_data_cfg(tmp_path / "cache", files=str(docs / "*.txt"), invalid_utf8=policy, seq_len=16)
   cfg.eval_fraction, cfg.shuffle = 0.0, False
   with caplog.at_level(logging.WARNING):
-    rows = take_rows(data.make_train_iterator(cfg, tokenizer, batch_size=1, seed=0), 4)
+    rows = take_rows(train_iterator(cfg, tokenizer, 1, seed=0), 4)
   expected = ["good text\n", "bad \ufffd\ufffd bytes\n"] if policy == "replace" else ["good text\n"]
   assert documents_in_stream(rows.ravel(), tokenizer)[: len(expected)] == expected
   if policy == "skip":
@@ -424,39 +677,26 @@ def test_token_cache_is_reused_and_rebuilt_when_a_file_changes(tokenizer, tmp_pa
   monkeypatch.setattr(token_cache, "_encode_batch", lambda texts: calls.append(len(texts)) or encode(texts))
   texts = numbered_documents(10)
   cfg = make_data_cfg(tmp_path / "cache", files=write_documents(tmp_path / "docs", texts), eval_fraction=0.3)
-  first = next(data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=0))
+  first = host(next(train_iterator(cfg, tokenizer, 2, seed=0)))
   assert sum(calls) == 10
-  data.make_eval_batches(cfg, tokenizer, batch_size=2, num_batches=1)  # the same cache holds the eval split
-  second = next(data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=0))
+  eval_batches(cfg, tokenizer, 2, num_batches=1)  # the same cache holds the eval split
+  second = host(next(train_iterator(cfg, tokenizer, 2, seed=0)))
   assert sum(calls) == 10, "the second run tokenized again"
   np.testing.assert_array_equal(first["inputs"], second["inputs"])
   (tmp_path / "docs" / "doc_000.txt").write_text("changed text, longer than before\n")
-  next(data.make_train_iterator(cfg, tokenizer, batch_size=2, seed=0))
+  next(train_iterator(cfg, tokenizer, 2, seed=0))
   assert sum(calls) == 20
 
 
 def test_worker_processes_tokenize_like_the_main_process(tokenizer, tmp_path):
   def build(num_workers):
     cfg = make_data_cfg(tmp_path / f"cache{num_workers}", files=EMAIL_GLOB, num_workers=num_workers)
-    return token_cache.load_token_cache(cfg, tokenizer, process_index=0, process_count=1)
+    cfg.unit_bytes = 100_000
+    return token_cache.load_token_cache(cfg, tokenizer)
 
   in_process, workers = build(0), build(2)
-  np.testing.assert_array_equal(workers.tokens, in_process.tokens)
-  np.testing.assert_array_equal(workers.offsets, in_process.offsets)
-  np.testing.assert_array_equal(workers.held_out, in_process.held_out)
-
-
-# Global batch
-
-
-def test_global_batch_lays_local_rows_out_on_the_mesh(tokenizer, tmp_path):
-  devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch", None))
-  cfg = make_data_cfg(tmp_path / "cache", files=EMAIL_GLOB, seq_len=8)
-  local = next(data.make_train_iterator(cfg, tokenizer, batch_size=2 * len(devices), seed=0))
-  batch = data.global_batch(local, sharding)
-  assert set(batch) == set(FIELDS)
-  for name in FIELDS:
-    assert batch[name].sharding == sharding
-    np.testing.assert_array_equal(np.asarray(batch[name]), local[name])
+  assert len(in_process._units) > 1
+  np.testing.assert_array_equal(workers.doc_length, in_process.doc_length)
+  np.testing.assert_array_equal(workers.eval_hash, in_process.eval_hash)
+  for a, b in zip(workers._units, in_process._units, strict=True):
+    np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -35,8 +35,7 @@ def _args(workdir, cache, layout: dict, steps: int = STEPS) -> list[str]:
     "model.num_heads": 4,
     "model.num_kv_heads": 4,
     "model.dropout_rate": 0.0,
-    "train.global_batch_size": 8,
-    "data.shards": 2,  # the same documents per batch row whether one process reads both shards or two read one
+    "train.global_batch_size": 8,  # the same global rows per step whether one process loads them or two do
   }
   args = mini_run_args(workdir, cache, steps=steps, every=steps)
   return [a for a in args if not a.startswith("--config.mesh.")] + [f"--config.{k}={v}" for k, v in overrides.items()]
