@@ -73,14 +73,13 @@ def test_a_run_directory_written_through_the_url_code_path_is_complete(tmp_path,
   assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert list((workdir / "tb" / "plugins" / "profile").rglob("*.xplane.pb"))  # train.profile_steps's trace
 
-  # Resumed in a new build: the train step comes from the persistent compilation cache, not the compiler.
+  # The same run started again (a new build, as after a restart): its steps come from the persistent
+  # compilation cache, not the compiler.
   hits = []
   listener = lambda event, **kw: hits.append(event) if event.endswith("/compilation_cache/cache_hits") else None
   jax.monitoring.register_event_listener(listener)
   try:
-    train(
-      mini_run_config(tmp_path / "cache", **{**overrides, "train.steps": 10, "train.profile_steps": 0}), str(workdir)
-    )
+    train(mini_run_config(tmp_path / "cache", **overrides), str(tmp_path / "again"))
   finally:
     jax.monitoring.unregister_event_listener(listener)
-  assert hits and sorted(os.listdir(workdir / "checkpoints")) == ["10", "4", "8"]
+  assert len(hits) >= 2  # at least the train and the eval step

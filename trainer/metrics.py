@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import tempfile
 import time
 
@@ -130,12 +131,12 @@ class MetricWriter:
     if self._staging is None:
       return
     (self._run / "metrics.jsonl").write_bytes(self.path.read_bytes())
-    staged_tb = self._staging / "tb"
-    for staged in staged_tb.rglob("*"):  # event files, and profiler traces in their subfolders
-      if staged.is_file():
-        target = self._run / "tb" / staged.relative_to(staged_tb)
+    staged_tb = str(self._staging / "tb")
+    for folder, _, names in os.walk(staged_tb):  # event files, and profiler traces in their subfolders
+      for name in names:
+        target = self._run / "tb" / os.path.relpath(os.path.join(folder, name), staged_tb)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(staged.read_bytes())
+        target.write_bytes((epath.Path(folder) / name).read_bytes())
 
   @property
   def tensorboard_dir(self) -> str:
