@@ -122,6 +122,7 @@ class _GlobalBatches:
     }
 
   def _piece(self, local_NxL: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    """One device's block of a field, cut from the N rows this process built (N = len(self._local_rows))."""
     rows = [self._position[r] for r in range(*index[0].indices(self._shape[0]))]
     return local_NxL[rows][:, index[1]]
 
