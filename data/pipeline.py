@@ -14,6 +14,7 @@ Every batch is a dict of global [B, L] arrays (L = data.seq_len), taken from pac
   loss_mask    float32  1.0 where the target is a real token of the input's document, else 0.0
 """
 
+import atexit
 import functools
 import logging
 import math
@@ -121,6 +122,7 @@ class _GlobalBatches:
     }
 
   def _piece(self, local_NxL: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    """One device's block of a field, cut from the N rows this process built (N = len(self._local_rows))."""
     rows = [self._position[r] for r in range(*index[0].indices(self._shape[0]))]
     return local_NxL[rows][:, index[1]]
 
@@ -132,7 +134,9 @@ class _Prefetcher:
     self._queue = queue.Queue(maxsize=_PREFETCH_DEPTH)
     self._stop = threading.Event()
     # The thread holds the queue and the event, never this object, so dropping the iterator stops it.
-    threading.Thread(target=_produce, args=(make_item, self._queue, self._stop), daemon=True).start()
+    self._thread = threading.Thread(target=_produce, args=(make_item, self._queue, self._stop), daemon=True)
+    _producers.add((self._thread, self._stop))
+    self._thread.start()
     self._error = None
 
   def __iter__(self) -> "_Prefetcher":
@@ -147,13 +151,37 @@ class _Prefetcher:
     raise self._error
 
   def close(self) -> None:
+    """Stops the background thread and waits for it."""
     self._stop.set()
+    self._thread.join()
 
   def __del__(self) -> None:
     self._stop.set()
 
 
+# Live producer threads with their stop events. A thread still inside JAX when the interpreter shuts down
+# aborts the process (seen: "terminate called after throwing"), so at exit they are stopped and joined; this
+# handler is registered after JAX's (imported above), so it runs before JAX tears its runtime down.
+_producers: set[tuple[threading.Thread, threading.Event]] = set()
+
+
+@atexit.register
+def _stop_producers() -> None:
+  live = list(_producers)
+  for _, stop in live:
+    stop.set()
+  for thread, _ in live:
+    thread.join()
+
+
 def _produce(make_item: Callable[[int], object], out: queue.Queue, stop: threading.Event) -> None:
+  try:
+    _produce_until_stopped(make_item, out, stop)
+  finally:
+    _producers.discard((threading.current_thread(), stop))
+
+
+def _produce_until_stopped(make_item: Callable[[int], object], out: queue.Queue, stop: threading.Event) -> None:
   for i in range(2**62):
     try:
       item = (True, make_item(i))

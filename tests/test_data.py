@@ -322,6 +322,48 @@ def test_the_next_batch_is_built_in_the_background_and_errors_reach_the_caller(t
       next(failing)
 
 
+_EXIT_WHILE_BUILDING = r"""
+import json, sys, time
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+import data
+
+# The second batch's first field waits ~1 s inside JAX's C++ runtime (GIL released), and the main thread
+# exits meanwhile: a thread still in there when the interpreter finalizes aborts the process.
+slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, y: jnp.tanh(y @ y), x))
+x = jnp.ones((256, 256))
+slow(x).block_until_ready()  # compiled before the clock starts
+calls, started = [], []
+make_array = jax.make_array_from_callback
+def slow_make_array(*args):
+  calls.append(1)
+  if len(calls) == 6:
+    started.append(1)
+    slow(x).block_until_ready()
+  return make_array(*args)
+jax.make_array_from_callback = slow_make_array
+cfg = ConfigDict(json.loads(sys.argv[1]))
+sharding = NamedSharding(Mesh(jax.devices(), ("data",)), PartitionSpec("data", None))
+iterator = data.make_train_iterator(cfg, data.Tokenizer(cfg.tokenizer), global_batch_size=8, seed=0, sharding=sharding)
+next(iterator)
+while not started:
+  time.sleep(0.01)
+"""
+
+
+def test_exiting_while_the_next_batch_is_placed_on_the_devices_exits_cleanly(tokenizer, tmp_path):
+  cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200)
+  cfg.tokenizer = tokenizer.model_path
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # 5 fields x 8 devices: pieces per batch
+  proc = subprocess.run(
+    [sys.executable, "-c", _EXIT_WHILE_BUILDING, cfg.to_json()], env=env, cwd=REPO, capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 _WORKER = r"""
 import json, sys
 import jax
