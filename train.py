@@ -35,9 +35,9 @@ _TIMEOUT = flags.DEFINE_integer(
 def _user_errors() -> tuple[type[Exception], ...]:
   import data
   from sharding.mesh import MeshError
+  from storage import StorageError
   from trainer.checkpoint import CheckpointError
   from trainer.distributed import DistributedError
-  from trainer.storage import StorageError
 
   return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError, StorageError)
 
@@ -51,7 +51,7 @@ def main(argv):
   )
   try:
     validate(cfg)
-    from trainer.storage import check_urls
+    from storage import check_urls
 
     # URLs answer now, before anything is built or written anywhere.
     check_urls(

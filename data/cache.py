@@ -14,16 +14,13 @@ from collections.abc import Iterator
 
 from etils import epath
 
-
-def is_url(path) -> bool:
-  """True for gs://... and other remote stores, False for local paths (which get mmap and file locks)."""
-  return "://" in os.fspath(path)
+import storage
 
 
 def cache_root(cache_dir: str) -> epath.Path:
   """`config.data.cache_dir`, or $XDG_CACHE_HOME/kiln, or ~/.cache/kiln."""
   if cache_dir:
-    return epath.Path(cache_dir if is_url(cache_dir) else os.path.abspath(os.path.expanduser(cache_dir)))
+    return storage.as_path(cache_dir)
   xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
   return epath.Path(xdg) / "kiln"
 
@@ -45,7 +42,7 @@ def file_sha256(path) -> str:
 @contextlib.contextmanager
 def file_lock(path) -> Iterator[None]:
   """Serializes builders of one local cache entry across processes on a host (or a shared file system)."""
-  if is_url(path):
+  if storage.is_url(path):
     yield
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 from etils import epath
 
-from data import cache
+import storage
 from data.errors import DataError
 
 _log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class Corpus:
 
 
 def _location(f: _SourceFile) -> str:
-  return f.path if cache.is_url(f.path) else os.path.abspath(f.path)
+  return f.path if storage.is_url(f.path) else os.path.abspath(f.path)
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -313,7 +313,7 @@ def _line_number(path: str, offset: int) -> int:
 
 def _source_file(path: str, key: str) -> _SourceFile:
   fmt = _FORMAT_BY_SUFFIX.get(pathlib.PurePosixPath(path).suffix.lower(), _TEXT)
-  if cache.is_url(path):
+  if storage.is_url(path):
     stat = epath.Path(path).stat()
     return _SourceFile(path, key, fmt, stat.length, stat.mtime)
   stat = os.stat(path)  # ns mtimes: a file rewritten within the same second is still noticed
@@ -396,13 +396,13 @@ def _expand_globs(patterns: str) -> list[_SourceFile]:
   for pattern in (p.strip() for p in patterns.split(",")):
     if not pattern:
       continue
-    if not cache.is_url(pattern):
+    if not storage.is_url(pattern):
       pattern = os.path.expanduser(pattern)
     path = epath.Path(pattern)
     if _has_wildcard(pattern):
       root, matches = _glob(pattern)
       if not matches:
-        where = "" if cache.is_url(pattern) else f" (relative globs start at {os.getcwd()})"
+        where = "" if storage.is_url(pattern) else f" (relative globs start at {os.getcwd()})"
         raise DataError(f"data.files: {pattern!r} matches no files; fix the glob{where}")
     elif path.is_dir():
       raise DataError(f"data.files: {pattern!r} is a directory; name its files with a glob like '{pattern}/**/*.txt'")
@@ -411,7 +411,7 @@ def _expand_globs(patterns: str) -> list[_SourceFile]:
     else:
       matches = [(pattern, path.name)]
     for match, key in matches:
-      identity = match if cache.is_url(match) else os.path.realpath(match)
+      identity = match if storage.is_url(match) else os.path.realpath(match)
       if identity not in seen:  # a file matched by two globs is still one document
         seen.add(identity)
         files.append(_source_file(match, key))

@@ -33,6 +33,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+import storage
 from data import cache
 from data.sources import Corpus, Unit, eval_hash
 from data.tokenizer import Tokenizer
@@ -51,7 +52,7 @@ class _UnitTokens:
 
   def __init__(self, path: epath.Path) -> None:
     self.path = path
-    self._local = not cache.is_url(path)
+    self._local = not storage.is_url(path)
     with path.open("rb") as f:
       f.seek(-_FOOTER_LENGTH_BYTES, 2)
       footer_length = int.from_bytes(f.read(_FOOTER_LENGTH_BYTES), "little")

@@ -25,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+import storage
 from data import cache
 from data.errors import DataError
 from data.sources import Corpus, eval_hash, unit_hash
@@ -97,7 +98,7 @@ def load_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
   run_copy = str(epath.Path(workdir) / _RUN_COPY_NAME) if workdir else None
   has_run_copy = run_copy is not None and epath.Path(run_copy).is_file()
   if data_cfg.tokenizer:
-    source = data_cfg.tokenizer if cache.is_url(data_cfg.tokenizer) else os.path.expanduser(data_cfg.tokenizer)
+    source = data_cfg.tokenizer if storage.is_url(data_cfg.tokenizer) else os.path.expanduser(data_cfg.tokenizer)
     if not epath.Path(source).is_file():
       raise DataError(
         f"data.tokenizer: no such file {source!r}; give a sentencepiece .model, or leave it empty to train one"

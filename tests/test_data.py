@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import data
+import storage
 from configs.base import base_config
 from data import cache, pipeline, sources, token_cache
 from data.packing import PackedRows, to_model_inputs
@@ -631,7 +632,7 @@ def test_the_remote_code_path_reads_the_same_batches(tokenizer, tmp_path, monkey
   assert isinstance(local._units[0].tokens, np.memmap)
   want = take_rows(train_iterator(cfg, tokenizer, 4, seed=1), 12)
   # Every path treated as a URL: epath stat and glob, no file locks, token files read instead of mapped.
-  monkeypatch.setattr(cache, "is_url", lambda path: True)
+  monkeypatch.setattr(storage, "is_url", lambda path: True)
   monkeypatch.setattr(cache.fcntl, "flock", lambda *a: pytest.fail("locked a remote cache dir"))
   cfg.cache_dir = str(tmp_path / "remote")
   remote = token_cache.load_token_cache(cfg, tokenizer)

@@ -8,8 +8,8 @@ import sys
 import jax
 import pytest
 
+from storage import StorageError, check_urls
 from tests.helpers import mini_run_config
-from trainer.storage import StorageError, check_urls
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # gcsfs pointed at a closed port on this machine: a bucket out of reach without sending traffic anywhere else

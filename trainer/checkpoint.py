@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from trainer.storage import as_path
+from storage import as_path
 
 _log = logging.getLogger(__name__)
 

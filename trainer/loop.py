@@ -12,12 +12,12 @@ import data
 from data.cache import cache_root
 from model.config import ModelConfig
 from sharding.mesh import make_mesh
+from storage import as_path
 from trainer.checkpoint import Checkpointer, load_params
 from trainer.experiment import Experiment, build
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
 from trainer.optim import restart_schedule
 from trainer.preemption import PreemptionGuard
-from trainer.storage import as_path
 
 _log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config
 def _use_compilation_cache(data_cfg, enabled: bool) -> None:
   """JAX's persistent compilation cache in the cache dir: a restarted or resumed run loads its compiled steps
   instead of compiling them again."""
-  path = str(as_path(cache_root(data_cfg.cache_dir)) / "jax")
+  path = str(cache_root(data_cfg.cache_dir) / "jax")
   if enabled and jax.config.jax_compilation_cache_dir != path:
     from jax.experimental.compilation_cache import compilation_cache
 

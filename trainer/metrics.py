@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 
 from model import ModelConfig
-from trainer.storage import as_path, is_url
+from storage import as_path, is_url
 
 _log = logging.getLogger(__name__)
 

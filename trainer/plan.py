@@ -7,9 +7,9 @@ import jax
 
 from sharding.mesh import make_mesh
 from sharding.partition import bytes_per_device
+from storage import as_path
 from trainer.experiment import build
 from trainer.metrics import flops_per_token
-from trainer.storage import as_path
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 

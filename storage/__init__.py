@@ -1,7 +1,8 @@
-"""Run paths that are local or URLs (gs://, and whatever else etils.epath reaches), through one abstraction.
+"""Paths that are local or URLs (gs://, and whatever else etils.epath reaches), through one abstraction.
 
-Everything the trainer writes into a run directory goes through `etils.epath.Path`, so `--workdir
-gs://bucket/run` works like a local directory. A URL is checked once at start-up, before anything is built
+The run directory, the data files, the tokenizer, the cache dir and `checkpoint.init_from` all go through
+`etils.epath.Path` (data/ and trainer/ both use this module), so `--workdir gs://bucket/run` works like a
+local directory. A URL is checked once at start-up, before anything is built
 or created: one that cannot be reached (no credentials, no network, no bucket) is one line naming it.
 """
 
