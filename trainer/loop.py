@@ -111,13 +111,11 @@ def train(cfg, workdir: str) -> dict:
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
     start_row=start_row,
   )  # fmt: skip
+  # [] when nothing is held out (data.eval_fraction=0, or a one-document corpus): the run has no evaluation.
   eval_batches = data.make_eval_batches(
-    cfg.data,
-    tokenizer,
-    global_batch_size=batch_rows,
-    num_batches=cfg.train.eval_batches,
+    cfg.data, tokenizer, global_batch_size=batch_rows, num_batches=cfg.train.eval_batches,
     sharding=exp.batch_sharding,
-  )  # fmt: skip ([] when nothing is held out: the run has no evaluation)
+  )  # fmt: skip
 
   writer = MetricWriter(workdir, enabled=is_writer)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -198,6 +196,7 @@ def train(cfg, workdir: str) -> dict:
         print(f"{stop}: saved checkpoint at step {done} in {checkpointer.directory}; exiting", flush=True)
         break
   progress.close()
+  train_iter.close()  # the background thread that builds the next batch
   checkpointer.wait()
   checkpointer.close()
   writer.close()
