@@ -33,6 +33,10 @@ from sharding import rules as sharding_rules
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 IDLE, FORWARD, BACKWARD = 0, 1, 2
+# Inside the stages the logits keep their whole vocabulary: XLA's SPMD partitioner (jax 0.10.2) aborts on the
+# loss's target-logit gather over a vocab-sharded axis inside a partly manual shard_map (a CHECK failure in
+# ExpandDeviceGroupsWithIota). With tensor > 1 this costs one all-gather of each microbatch's logits.
+_RULES_INSIDE = {"vocab": ()}
 _COLUMNS = ("op", "microbatch", "repeat", "x_slot", "g_slot", "recv_x_slot", "recv_g_slot")
 
 
@@ -221,7 +225,7 @@ def run(schedule: Schedule, mesh, chunk_fn, head_fn, chunks, head_params, x_MxBx
 
   def body(chunks, head_params, x_MxBxLxD, side, keys):
     # Inside, `stage` is manual: activation constraints must name the mesh as the tracer sees it.
-    with sharding_rules.activate(jax.sharding.get_abstract_mesh(), rules):
+    with sharding_rules.activate(jax.sharding.get_abstract_mesh(), {**rules, **_RULES_INSIDE}):
       return _run_local(sched, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys)
 
   out_specs = (spec_stage, spec_rep, spec_rep, spec_stage, spec_rep)
