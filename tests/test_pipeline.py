@@ -16,7 +16,8 @@ M = 4  # pipeline microbatches in the training comparisons
 SCHEDULES = {"gpipe": {}, "1f1b": {}, "circular": {"pipeline.repeats": 2}}
 LAYOUTS = {
   "stage4_data2": {"mesh.stage": 4, "mesh.data": 2},
-  "stage2_tensor2_data2": {"mesh.stage": 2, "mesh.tensor": 2, "mesh.data": 2},
+  # grad_accum=2: each of its two microbatches is split again into the pipeline's M.
+  "stage2_tensor2_data2_accum2": {"mesh.stage": 2, "mesh.tensor": 2, "mesh.data": 2, "train.grad_accum": 2},
   "moe_stage2_expert2_data2": {"mesh.stage": 2, "mesh.expert": 2, "mesh.data": 2},
 }
 # 8 layers: 4 stages x 2 repeats of one layer. The MoE model has an MoE layer every 2 (4 units of 2 layers)

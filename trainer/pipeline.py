@@ -341,7 +341,8 @@ def _run_local(sched: Schedule, chunk_fn, head_fn, chunks, head_params, x_MxBxLx
   carry, _ = jax.lax.scan(tick, carry, jnp.arange(sched.ticks))
   # Each gradient and statistic outside the stages was made on one stage, zeros elsewhere: sum over `stage`.
   head_grads = jax.lax.psum(carry["head_grads"], "stage")
-  dx_M = jax.lax.psum(carry["dx_M"], "stage")
+  # In fp32: XLA:CPU's AllReducePromotion aborts on a bf16 all-reduce made here ("Invalid binary instruction").
+  dx_M = jax.lax.psum(carry["dx_M"].astype(jnp.float32), "stage").astype(x_dtype)
   head_stats = jax.lax.psum(carry["head_stats"], "stage")
   return carry["chunk_grads"], head_grads, dx_M, carry["unit_stats"], head_stats
 
