@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
+from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
 from trainer import pipeline
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError
@@ -50,15 +50,31 @@ def batches():
   return [packed_batch(rng, 16, 16) for _ in range(3)]
 
 
+def _train(cfg, batches, init=None):
+  """Like helpers.run_steps, but starts from `init` (a host TrainState) when given, so the pipelined runs
+  start from the reference's initial state without compiling an initializer each; returns the initial state."""
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  state = exp.init_state() if init is None else jax.device_put(init, exp.state_sharding)
+  init = jax.device_get(state)
+  losses = []
+  for batch in batches:
+    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), jax.device_get(state.params), exp, init
+
+
 @pytest.fixture(scope="module")
 def runs(batches):
-  """(layout, schedule or None for stage=1) -> run_steps result, computed once."""
+  """(layout, schedule or None for stage=1) -> (losses, final params, experiment, initial state), once each."""
   cache = {}
 
   def get(layout: str, schedule: str | None):
-    key = (layout.startswith("moe") if schedule is None else layout, schedule)
+    reference = (layout.startswith("moe"), None)
+    if reference not in cache:
+      cache[reference] = _train(_config(layout, None), batches)
+    key = reference if schedule is None else (layout, schedule)
     if key not in cache:
-      cache[key] = run_steps(_config(layout, schedule), batches)
+      cache[key] = _train(_config(layout, schedule), batches, init=cache[reference][3])
     return cache[key]
 
   return get
@@ -67,19 +83,23 @@ def runs(batches):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_pipeline_trains_like_one_stage(schedule, layout, runs):
-  want_losses, want_params, _ = runs(layout, None)
-  losses, params, exp = runs(layout, schedule)
+  want_losses, want_params, _, _ = runs(layout, None)
+  losses, params, exp, _ = runs(layout, schedule)
   assert exp.mesh.shape["stage"] == LAYOUTS[layout]["mesh.stage"] and exp.mesh.devices.size == 8
   np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_stacked_layers_are_split_over_stages(runs):
-  _, _, exp = runs("stage4_data2", "1f1b")
+def test_stacked_layers_are_split_over_stages_and_initialise_as_one_stage(runs):
+  _, _, exp, init = runs("stage4_data2", "1f1b")
   kernel = exp.shardings.params["blocks"]["mlp"]["w_up_DxF"]
   assert kernel.spec[0] == "stage"
   assert kernel.shard_shape((8, 32, 64))[0] == 2  # 8 layers over 4 stages
+  params = exp.init_state().params
+  assert params["blocks"]["mlp"]["w_up_DxF"].sharding.spec[0] == "stage"
+  for got, want in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(init.params), strict=True):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -127,10 +147,11 @@ def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_pe
 
 
 def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
-  _, _, staged = runs("stage4_data2", "1f1b")
-  _, _, single = runs("stage4_data2", None)
+  _, _, staged, init = runs("stage4_data2", "1f1b")
+  _, _, single, _ = runs("stage4_data2", None)
   for source, target in ((staged, single), (single, staged)):
-    state, _ = source.train_step(source.init_state(), jax.device_put(batches[0], source.batch_sharding))
+    start = jax.device_put(init, source.state_sharding)
+    state, _ = source.train_step(start, jax.device_put(batches[0], source.batch_sharding))
     directory = tmp_path / f"from_stage{source.mesh.shape['stage']}"
     checkpointer = Checkpointer(str(directory), small_config().checkpoint)
     checkpointer.save(1, state, None)
