@@ -1,6 +1,11 @@
 """Pipeline parallelism: every schedule trains exactly like stage=1, the tables have the textbook bubble, 1f1b
 keeps fewer activations than gpipe, and checkpoints move between stage counts."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -176,8 +181,13 @@ def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
     (
       {"mesh.stage": 2, "model.num_layers": 6, "pipeline.schedule": "circular", "pipeline.repeats": 2},
       ConfigError,
-      r"6 layers do not split into mesh\.stage=2 stages x pipeline\.repeats=2 chunks; make the layer count a "
-      r"multiple of 4",
+      r"6 layers do not split into mesh\.stage=2 stages x pipeline\.repeats=2 chunks; make "
+      r"config\.model\.num_layers a multiple of 4",
+    ),
+    (
+      {"mesh.stage": 2, "model.num_layers": 6, "moe.num_experts": 4, "moe.every": 2},
+      ConfigError,
+      r"3 layer units \(num_layers / moe\.every=2\) do not split into mesh\.stage=2 stages .* multiple of 4",
     ),
     ({"mesh.stage": 4, "pipeline.microbatches": 2}, ConfigError, r"microbatches=2 is fewer than the 4 stages"),
     (
@@ -191,3 +201,27 @@ def test_pipeline_config_errors_name_the_numbers(changes, error, message):
   cfg = small_config(**changes)
   with pytest.raises(error, match=message):
     build(cfg, VOCAB, mesh_for(cfg))
+
+
+@pytest.mark.slow
+def test_dry_run_plans_llama_7b_over_four_slices(tmp_path):
+  """The README's worked example: 4 stages over DCN x fsdp=16 on 64 emulated devices, compiled, not run."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=64", "JAX_PLATFORMS": "cpu"}
+  args = ["--config.mesh.dcn_stage=4", "--config.mesh.fsdp=16", "--config.pipeline.microbatches=16"]
+  proc = subprocess.run(
+    [sys.executable, "train.py", "--config", "configs/llama_7b.py", f"--workdir={tmp_path}", "--dry_run", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  plan = json.load(open(tmp_path / "plan.json"))
+  assert plan["devices"] == 64 and plan["mesh"]["stage"] == 4 and plan["mesh"]["fsdp"] == 16
+  assert plan["collectives"]["collective-permute"] >= 2
+  want = {"schedule": "1f1b", "stages": 4, "microbatches": 16, "repeats": 1}
+  assert {k: plan["pipeline"][k] for k in want} == want
+  assert plan["pipeline"]["bubble_fraction"] == pytest.approx(3 / 19)
+  # 4 stashed inputs + 1 gradient of one sequence (256 / 16 microbatches / 16 fsdp) x 2048 x 4096 in bf16.
+  assert plan["pipeline"]["activation_bytes_per_device"] == 5 * 2048 * 4096 * 2
+  assert "pipeline: 1f1b schedule, 4 stages x 16 microbatches" in proc.stderr

@@ -81,7 +81,9 @@ def _check_batch_divides(cfg, mesh: Mesh, batch_spec: PartitionSpec) -> None:
       f"{cfg.train.grad_accum * pipeline_micro}"
     )
   if micro % shards:
-    split = f"grad_accum={cfg.train.grad_accum}" + (f" / pipeline.microbatches={pipeline_micro}" * (pipeline_micro > 1))
+    split = f"grad_accum={cfg.train.grad_accum}"
+    if pipeline_micro > 1:
+      split += f" / pipeline.microbatches={pipeline_micro}"
     raise MeshError(
       f"the batch of {micro} sequences per microbatch (config.train.global_batch_size="
       f"{cfg.train.global_batch_size} / {split}) does not split over the "
@@ -107,7 +109,7 @@ def _check_stages_divide(units: int, stages: int, repeats: int, moe_every: int) 
     what = f"{units} layer units (num_layers / moe.every={moe_every})" if moe_every > 1 else f"{units} layers"
     raise ConfigError(
       f"{what} do not split into mesh.stage={stages} stages x pipeline.repeats={repeats} chunks; "
-      f"make the layer count a multiple of {stages * repeats}"
+      f"make config.model.num_layers a multiple of {stages * repeats * moe_every}"
     )
 
 
