@@ -155,7 +155,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   stage_schedule, pipeline_plan = _pipeline_plan(cfg, mesh, batch_spec, model_cfg)
   if pipeline_plan is not None:
     _log.info(
-      "pipeline: %s schedule, %d stages x %d microbatches x %d repeats, bubble %.1f%%, %.1f MiB of pipeline "
+      "pipeline: %s schedule, %d stages x %d microbatches x %d repeats, bubble %.1f%%, %.3g MiB of pipeline "
       "activations per device",
       stage_schedule.name,
       stage_schedule.stages,
