@@ -123,7 +123,7 @@ class Transformer(nnx.Module):
     x_BxLxD = self.embed(tokens_BxL, positions_BxL, embed_key)
     unit_keys = jax.random.split(layers_key, num_units(cfg)) if layers_key is not None else None
     x_BxLxD, aux_X = apply_units(cfg, self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, unit_keys)
-    logits_BxLxV = self.head(x_BxLxD)
+    logits_BxLxV = self.logits(self.final_norm(x_BxLxD))
     # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
     aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
     return logits_BxLxV, aux
@@ -139,11 +139,10 @@ class Transformer(nnx.Module):
       x_BxLxD = x_BxLxD + sinusoidal(positions_BxL, cfg.d_model).astype(dt)
     return constrain(dropout(x_BxLxD, cfg.dropout_rate, dropout_key), ("batch", "length", "embed"))
 
-  def head(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Final norm and LM head: the stack's output -> fp32 logits [B, L, V]."""
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """The LM head: fp32 logits [B, L, V] of the final-normed residual stream."""
     cfg = self.cfg
     dt = cfg.dtype
-    x_BxLxD = self.final_norm(x_BxLxD)
     if cfg.tie_embeddings:
       logits_BxLxV = jnp.einsum(
         "BLD,VD->BLV", x_BxLxD, self.embed_VxD[...].astype(dt), preferred_element_type=jnp.float32

@@ -162,7 +162,8 @@ def _pipeline_grads(
     return y_BxLxD, loss / (units * microbatches_per_step), aux_C
 
   def head_fn(blocks, rest, y_BxLxD, side):
-    logits = assemble(rest, blocks).head(y_BxLxD)
+    model = assemble(rest, blocks)
+    logits = model.logits(model.final_norm(y_BxLxD))
     nll_sum, z_sum, _ = cross_entropy_sums(logits, side["targets"], side["loss_mask"])
     return (nll_sum + z_loss_weight * z_sum) / total_tokens, {"nll_sum": nll_sum, "z_sum": z_sum}
 
