@@ -92,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Logical axis name -> comma-separated mesh axes ("" = replicated); see sharding/rules.py.
   c.mesh.rules = ml_collections.ConfigDict(DEFAULT_RULES)
 
+  c.pipeline = ml_collections.ConfigDict()  # used only when mesh.stage (x dcn_stage) > 1
+  c.pipeline.schedule = "1f1b"  # gpipe | circular | 1f1b
+  c.pipeline.microbatches = 4  # per grad_accum microbatch; at least mesh.stage
+  c.pipeline.repeats = 1  # circular only (> 1): layer chunks per stage
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 3

@@ -119,25 +119,30 @@ class Transformer(nnx.Module):
     `dropout_key` None means deterministic (evaluation); a key turns dropout on.
     """
     cfg = self.cfg
+    embed_key, layers_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    x_BxLxD = self.embed(tokens_BxL, positions_BxL, embed_key)
+    unit_keys = jax.random.split(layers_key, num_units(cfg)) if layers_key is not None else None
+    x_BxLxD, aux_X = apply_units(cfg, self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, unit_keys)
+    logits_BxLxV = self.logits(self.final_norm(x_BxLxD))
+    # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
+    aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
+    return logits_BxLxV, aux
+
+  def embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    """Token (and learned or sinusoidal position) embeddings, in the compute dtype: the stack's input."""
+    cfg = self.cfg
     dt = cfg.dtype
     x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
     if cfg.position_type == "learned":
       x_BxLxD = x_BxLxD + jnp.take(self.pos_embed_LxD[...], positions_BxL, axis=0).astype(dt)
     elif cfg.position_type == "sinusoidal":
       x_BxLxD = x_BxLxD + sinusoidal(positions_BxL, cfg.d_model).astype(dt)
-    embed_key, layers_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    x_BxLxD = constrain(dropout(x_BxLxD, cfg.dropout_rate, embed_key), ("batch", "length", "embed"))
+    return constrain(dropout(x_BxLxD, cfg.dropout_rate, dropout_key), ("batch", "length", "embed"))
 
-    def body(x_BxLxD, unit, key):
-      return unit(x_BxLxD, positions_BxL, segment_ids_BxL, key)
-
-    if cfg.remat != "none":
-      body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    units = cfg.num_layers // (cfg.moe_every if cfg.num_experts > 0 else 1)
-    unit_keys = jax.random.split(layers_key, units) if layers_key is not None else None
-    x_BxLxD, aux_X = _scan(self.blocks, body, x_BxLxD, unit_keys)
-
-    x_BxLxD = self.final_norm(x_BxLxD)
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """The LM head: fp32 logits [B, L, V] of the final-normed residual stream."""
+    cfg = self.cfg
+    dt = cfg.dtype
     if cfg.tie_embeddings:
       logits_BxLxV = jnp.einsum(
         "BLD,VD->BLV", x_BxLxD, self.embed_VxD[...].astype(dt), preferred_element_type=jnp.float32
@@ -146,7 +151,21 @@ class Transformer(nnx.Module):
       logits_BxLxV = jnp.einsum(
         "BLD,DV->BLV", x_BxLxD, self.head_DxV[...].astype(dt), preferred_element_type=jnp.float32
       )
-    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
-    # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
-    aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
-    return logits_BxLxV, aux
+    return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
+def num_units(cfg: ModelConfig) -> int:
+  """Length of the stacked "layers" axis: layers, or MoE groups of `moe_every` layers."""
+  return cfg.num_layers // (cfg.moe_every if cfg.num_experts > 0 else 1)
+
+
+def apply_units(cfg: ModelConfig, units, x_BxLxD, positions_BxL, segment_ids_BxL, unit_keys):
+  """Runs a stack of units (all of `Transformer.blocks`, or a contiguous slice of it with the same structure,
+  as a pipeline stage holds) over x; `unit_keys` [units] or None. Returns x and the aux outputs per unit."""
+
+  def body(x_BxLxD, unit, key):
+    return unit(x_BxLxD, positions_BxL, segment_ids_BxL, key)
+
+  if cfg.remat != "none":
+    body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  return _scan(units, body, x_BxLxD, unit_keys)

@@ -42,6 +42,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   return shape
 
 
+def _blocks_as_slices(ici: list[int], dcn: list[int], devices: list) -> np.ndarray:
+  """The hybrid mesh's layout when devices carry no `slice_index`: slice k is devices [k * n, (k + 1) * n) for
+  n = prod(ici), and each axis is its dcn factor (outer) times its ici factor (inner)."""
+  n = len(ici)
+  blocks = np.array(devices, dtype=object).reshape(*dcn, *ici)
+  return blocks.transpose([x for a in range(n) for x in (a, n + a)]).reshape([d * i for d, i in zip(dcn, ici)])
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """Builds the mesh; with any `dcn_<axis>` > 1, a hybrid mesh whose outer factor spans slices (multi-slice)."""
   devices = list(devices if devices is not None else jax.devices())
@@ -49,7 +57,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   dcn = [mesh_cfg[f"dcn_{a}"] for a in MESH_AXES]
   if math.prod(dcn) > 1:
     ici = [shape[a] // d for a, d in zip(MESH_AXES, dcn)]
-    device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    if all(hasattr(d, "slice_index") for d in devices):
+      device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:  # emulated devices (CPU) have no slices: take consecutive blocks of devices as the slices
+      device_array = _blocks_as_slices(ici, dcn, devices)
   else:
     try:
       device_array = mesh_utils.create_device_mesh([shape[a] for a in MESH_AXES], devices)

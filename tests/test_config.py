@@ -47,8 +47,9 @@ def test_good_overrides_pass():
       r"param_dtype=bfloat16 keeps the master weights in bfloat16.*"
       r"allow_low_precision_params=True",
     ),
-    ({"mesh.stage": 2}, r"config\.mesh\.stage=2 x dcn_stage=1: nothing runs on the stage axis"),
-    ({"mesh.dcn_stage": 2}, r"stage=1 x dcn_stage=2: nothing runs on the stage axis"),
+    ({"pipeline.schedule": "zigzag"}, r"config\.pipeline\.schedule='zigzag' is not one of gpipe, circular, 1f1b"),
+    ({"pipeline.schedule": "circular"}, r"repeats=1 with schedule 'circular': circular needs repeats > 1"),
+    ({"pipeline.repeats": 2}, r"repeats=2 with schedule '1f1b': circular needs repeats > 1"),
     ({"model.mlp_type": "relu"}, r"config\.model\.mlp_type='relu' is not one of swiglu, gelu"),
     ({"train.global_batch_size": 10, "train.grad_accum": 4}, r"global_batch_size=10 is not divisible by"),
     ({"optim.zero_stage": 3}, r"zero_stage=3 must be 0, 1 or 2"),

@@ -172,11 +172,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     "round away; keep float32 (config.model.compute_dtype=bfloat16 gives bf16 speed), or set "
     "config.model.allow_low_precision_params=True if you mean it",
   )
-  stages = cfg.mesh.stage * cfg.mesh.dcn_stage
+  pipe = cfg.pipeline
+  _one_of(cfg, "pipeline.schedule", ("gpipe", "circular", "1f1b"))
+  _require(pipe.microbatches > 0, f"config.pipeline.microbatches={pipe.microbatches} must be positive")
   _require(
-    stages == 1,
-    f"config.mesh.stage={cfg.mesh.stage} x dcn_stage={cfg.mesh.dcn_stage}: nothing runs on the stage axis yet "
-    "(no pipeline schedule), so those devices would only repeat the work; set config.mesh.stage=1 and dcn_stage=1",
+    (pipe.repeats > 1) == (pipe.schedule == "circular"),
+    f"config.pipeline.repeats={pipe.repeats} with schedule {pipe.schedule!r}: circular needs repeats > 1 "
+    "(layer chunks per stage), gpipe and 1f1b take repeats=1",
   )
   _require(
     t.global_batch_size % t.grad_accum == 0,

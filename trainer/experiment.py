@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -10,13 +11,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import ModelConfig
 from model.config import padded_vocab_size
+from model.transformer import num_units
 from sharding.mesh import MeshError
 from sharding.partition import StateShardings, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
+from trainer import pipeline
 from trainer.config import ConfigError
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
-from trainer.step import BATCH_AXES, make_eval_step, make_train_step
+from trainer.step import BATCH_AXES, Pipelined, make_eval_step, make_train_step
+
+_log = logging.getLogger(__name__)
 
 BATCH_FIELDS = {
   "inputs": jnp.int32,
@@ -52,6 +57,7 @@ class Experiment:
   train_step: object  # jitted (state, batch) -> (state, metrics); donates state
   eval_step: object  # jitted (params, batch) -> (nll_sum, tokens)
   init_state: object  # jitted () -> TrainState, created in its shardings
+  pipeline: dict | None = None  # with mesh.stage > 1: the plan's `pipeline` entry (schedule, S, M, R, ...)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: for ahead-of-time compilation and for restoring checkpoints."""
@@ -66,11 +72,21 @@ class Experiment:
 def _check_batch_divides(cfg, mesh: Mesh, batch_spec: PartitionSpec) -> None:
   axes = entry_axes(batch_spec[0])
   shards = math.prod(mesh.shape[a] for a in axes)
-  micro = cfg.train.global_batch_size // cfg.train.grad_accum
+  pipeline_micro = cfg.pipeline.microbatches if mesh.shape["stage"] > 1 else 1
+  micro = cfg.train.global_batch_size // (cfg.train.grad_accum * pipeline_micro)
+  if cfg.train.global_batch_size % (cfg.train.grad_accum * pipeline_micro):
+    raise ConfigError(
+      f"config.train.global_batch_size={cfg.train.global_batch_size} does not split into grad_accum="
+      f"{cfg.train.grad_accum} x pipeline.microbatches={pipeline_micro} microbatches; make it a multiple of "
+      f"{cfg.train.grad_accum * pipeline_micro}"
+    )
   if micro % shards:
+    split = f"grad_accum={cfg.train.grad_accum}"
+    if pipeline_micro > 1:
+      split += f" / pipeline.microbatches={pipeline_micro}"
     raise MeshError(
       f"the batch of {micro} sequences per microbatch (config.train.global_batch_size="
-      f"{cfg.train.global_batch_size} / grad_accum={cfg.train.grad_accum}) does not split over the "
+      f"{cfg.train.global_batch_size} / {split}) does not split over the "
       f"{shards} devices of mesh axes {axes}; make it a multiple of {shards}"
     )
   if cfg.train.global_batch_size % jax.process_count():
@@ -88,13 +104,66 @@ def _check_zero_has_data_axis(zero_stage: int, mesh: Mesh) -> None:
     )
 
 
+def _check_stages_divide(units: int, stages: int, repeats: int, moe_every: int) -> None:
+  if units % (stages * repeats):
+    what = f"{units} layer units (num_layers / moe.every={moe_every})" if moe_every > 1 else f"{units} layers"
+    raise ConfigError(
+      f"{what} do not split into mesh.stage={stages} stages x pipeline.repeats={repeats} chunks; "
+      f"make config.model.num_layers a multiple of {stages * repeats * moe_every}"
+    )
+
+
+def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelConfig):
+  """The schedule of a pipelined run and its plan entry; (None, None) when mesh.stage is 1."""
+  stages, p = mesh.shape["stage"], cfg.pipeline
+  if stages == 1:
+    return None, None
+  if p.microbatches < stages:
+    raise ConfigError(
+      f"config.pipeline.microbatches={p.microbatches} is fewer than the {stages} stages: most stages would idle; "
+      f"use at least {stages} (4 x stages keeps the bubble near 20% or less)"
+    )
+  moe_every = model_cfg.moe_every if model_cfg.num_experts > 0 else 1
+  _check_stages_divide(num_units(model_cfg), stages, p.repeats, moe_every)
+  schedule = pipeline.make_schedule(p.schedule, stages, p.microbatches, p.repeats)
+  # One microbatch's [B, L, D] activation on one device: B split over the batch's mesh axes.
+  shards = math.prod(mesh.shape[a] for a in entry_axes(batch_spec[0]))
+  rows = cfg.train.global_batch_size // (cfg.train.grad_accum * p.microbatches * shards)
+  activation = rows * cfg.data.seq_len * model_cfg.d_model * jnp.dtype(model_cfg.dtype).itemsize
+  plan = {
+    "schedule": p.schedule,
+    "stages": stages,
+    "microbatches": p.microbatches,
+    "repeats": p.repeats,
+    "bubble_fraction": schedule.bubble_fraction,
+    # The pipeline's own buffers: stashed chunk inputs and gradients in flight (peak counts from the table).
+    "activation_bytes_per_device": (schedule.stash_slots + schedule.grad_slots) * activation,
+  }
+  return schedule, plan
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
   rules = parse_rules(cfg.mesh.rules)
+  if mesh.shape["stage"] > 1:
+    # The stacked layer axis is split over stages; the parameter tree stays that of stage=1.
+    rules["layers"] = ("stage", *(a for a in rules["layers"] if a != "stage"))
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   _check_batch_divides(cfg, mesh, batch_spec)
   vocab = padded_vocab_size(tokenizer_vocab_size, cfg.model.vocab_multiple, mesh.shape["tensor"])
   model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab, max_len=cfg.data.seq_len)
+  stage_schedule, pipeline_plan = _pipeline_plan(cfg, mesh, batch_spec, model_cfg)
+  if pipeline_plan is not None:
+    _log.info(
+      "pipeline: %s schedule, %d stages x %d microbatches x %d repeats, bubble %.1f%%, %.3g MiB of pipeline "
+      "activations per device",
+      stage_schedule.name,
+      stage_schedule.stages,
+      stage_schedule.microbatches,
+      stage_schedule.repeats,
+      100 * stage_schedule.bubble_fraction,
+      pipeline_plan["activation_bytes_per_device"] / 2**20,
+    )
   graphdef, abstract_params, logical_names = abstract_model(model_cfg)
   optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps, logical_names)
   shardings = state_shardings(abstract_params, logical_names, optimizer, rules, mesh, cfg.optim.zero_stage)
@@ -114,6 +183,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     dropout=cfg.model.dropout_rate > 0,
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
+    pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
   )
   train_step = jax.jit(
     _with_rules(step_fn, mesh, rules),
@@ -141,4 +211,5 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     train_step=train_step,
     eval_step=eval_step,
     init_state=init_state,
+    pipeline=pipeline_plan,
   )

@@ -43,6 +43,8 @@ def plan(cfg, workdir: str | None = None) -> dict:
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
     "collectives": count_collectives(compiled.as_text()),
   }
+  if exp.pipeline is not None:  # mesh.stage > 1: schedule, stages, microbatches, repeats, bubble, activations
+    result["pipeline"] = exp.pipeline
   if workdir is not None and jax.process_index() == 0:
     run = as_path(workdir)
     run.mkdir(parents=True, exist_ok=True)

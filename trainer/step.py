@@ -1,25 +1,42 @@
 """The pure train and eval steps: (state, batch) -> (state, metrics), jitted once by the loop."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+from jax.sharding import Mesh
 
-from model import cross_entropy_sums
+from model import ModelConfig, cross_entropy_sums
+from model.transformer import apply_units, num_units
 from sharding.rules import constrain
+from trainer import pipeline
 from trainer.state import TrainState, apply_model
 
 BATCH_AXES = ("batch", "length")
 
 
-def _microbatches(batch: dict, n: int) -> dict:
-  """[B, L] -> [n, B/n, L], microbatch m = rows m, m+n, ...: every data shard holds part of every microbatch."""
+def _microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
+  """[B, L, ...] -> [n, B/n, L, ...], microbatch m = rows m, m+n, ...: every data shard holds part of every
+  microbatch. `extra`: logical names of the dimensions after L."""
 
   def split(x):
     b = x.shape[0]
     x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
-    return constrain(x, (None, *BATCH_AXES))
+    return constrain(x, (None, *BATCH_AXES, *extra))
 
   return jax.tree.map(split, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipelined:
+  """What the train step needs to run the layer stack as a pipeline over the mesh's `stage` axis."""
+
+  schedule: pipeline.Schedule
+  mesh: Mesh
+  model_cfg: ModelConfig
 
 
 def make_train_step(
@@ -32,12 +49,14 @@ def make_train_step(
   dropout: bool,
   aux_loss_weights: dict[str, float] | None = None,
   grad_shardings=None,
+  pipelined: Pipelined | None = None,
 ):
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   The objective of a batch is (sum of token losses + z_loss_weight * sum log(Z)^2) / target tokens, plus the
   weighted auxiliary losses (MoE) averaged over microbatches; microbatches add gradients of their share, so
-  grad_accum=n is the same update as the whole batch at once.
+  grad_accum=n is the same update as the whole batch at once. With `pipelined`, each of the grad_accum
+  microbatches is split again into the schedule's M microbatches, which the pipeline runs (`_pipeline_grads`).
   """
   aux_loss_weights = aux_loss_weights or {}
 
@@ -53,6 +72,17 @@ def make_train_step(
       return value, {"nll_sum": nll_sum, "z_sum": z_sum, **aux}
 
     grad_fn = jax.grad(objective, has_aux=True)
+    if pipelined is not None:
+      grad_fn = functools.partial(
+        _pipeline_grads,
+        graphdef,
+        pipelined,
+        total_tokens=total_tokens,
+        z_loss_weight=z_loss_weight,
+        aux_loss_weights=aux_loss_weights,
+        microbatches_per_step=grad_accum * pipelined.schedule.microbatches,
+        dropout=dropout,
+      )
     micro = _microbatches(batch, grad_accum)
     keys = jax.random.split(step_key, grad_accum)
 
@@ -81,6 +111,73 @@ def make_train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def _pipeline_grads(
+  graphdef,
+  pipelined: Pipelined,
+  params: dict,
+  batch: dict,
+  key,
+  *,
+  total_tokens,
+  z_loss_weight: float,
+  aux_loss_weights: dict[str, float],
+  microbatches_per_step: int,
+  dropout: bool,
+):
+  """Gradients and statistics of one accumulation microbatch, like `jax.grad(objective)`, through the pipeline.
+
+  The embedding runs before the pipeline and the final norm, LM head and loss inside it on the last stage;
+  both are replicated over `stage` (their weights are small next to the stack's, and the tied embedding
+  then needs no transfer between the first and last stage): the embedding's gradient is one `jax.vjp`
+  around the pipeline, fed the gradient of the first chunk's input.
+  """
+  cfg, sched = pipelined.model_cfg, pipelined.schedule
+  stages, repeats, m_count = sched.stages, sched.repeats, sched.microbatches
+  units = num_units(cfg)
+  rest = {name: value for name, value in params.items() if name != "blocks"}
+  side = _microbatches({k: batch[k] for k in ("positions", "segment_ids", "targets", "loss_mask")}, m_count)
+
+  def assemble(rest, blocks):
+    return nnx.merge(graphdef, nnx.State({**rest, "blocks": blocks}))
+
+  embed_key, unit_keys_MxX = None, None
+  if dropout:
+    embed_key, layers_key = jax.random.split(key)
+    unit_keys_MxX = jax.random.split(layers_key, (m_count, units))
+    unit_keys_MxX = jax.vmap(lambda k: pipeline.to_stage_major(k, stages, repeats))(unit_keys_MxX)
+
+  def embed(rest):
+    x_BxLxD = assemble(rest, params["blocks"]).embed(batch["inputs"], batch["positions"], embed_key)
+    return _microbatches({"x": x_BxLxD}, m_count, extra=("embed",))["x"]
+
+  x_MxBxLxD, embed_pullback = jax.vjp(embed, rest)
+
+  def chunk_fn(blocks, rest, x_BxLxD, side, keys):
+    model = assemble(rest, blocks)
+    y_BxLxD, aux_C = apply_units(cfg, model.blocks, x_BxLxD, side["positions"], side["segment_ids"], keys)
+    # Each MoE layer's share of the step's auxiliary loss: stage=1 averages over layers and microbatches.
+    loss = sum((w * jnp.sum(aux_C[name]) for name, w in aux_loss_weights.items()), jnp.zeros((), jnp.float32))
+    return y_BxLxD, loss / (units * microbatches_per_step), aux_C
+
+  def head_fn(blocks, rest, y_BxLxD, side):
+    model = assemble(rest, blocks)
+    logits = model.logits(model.final_norm(y_BxLxD))
+    nll_sum, z_sum, _ = cross_entropy_sums(logits, side["targets"], side["loss_mask"])
+    return (nll_sum + z_loss_weight * z_sum) / total_tokens, {"nll_sum": nll_sum, "z_sum": z_sum}
+
+  chunks = pipeline.to_stage_major(params["blocks"], stages, repeats)
+  d_chunks, d_head, dx_MxBxLxD, unit_stats, head_stats = pipeline.run(
+    sched, pipelined.mesh, chunk_fn, head_fn, chunks, rest, x_MxBxLxD, side, unit_keys_MxX
+  )
+  (d_embed,) = embed_pullback(dx_MxBxLxD)
+  grads = {**jax.tree.map(jnp.add, d_head, d_embed), "blocks": pipeline.from_stage_major(d_chunks, stages, repeats)}
+  unit_stats = pipeline.from_stage_major(unit_stats, stages, repeats)
+  # As the stage=1 objective reports them for this accumulation microbatch: MoE scalars averaged over layers,
+  # per-layer arrays kept, both averaged over the pipeline's microbatches.
+  stats = {name: (v.mean(0) if v.ndim == 1 else v) / m_count for name, v in unit_stats.items()}
+  return grads, {**head_stats, **stats}
 
 
 def make_eval_step(graphdef):

@@ -1,0 +1,227 @@
+"""Pipeline parallelism: every schedule trains exactly like stage=1, the tables have the textbook bubble, 1f1b
+keeps fewer activations than gpipe, and checkpoints move between stage counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
+from trainer import pipeline
+from trainer.checkpoint import Checkpointer
+from trainer.config import ConfigError
+from trainer.experiment import build
+from trainer.plan import count_collectives
+
+M = 4  # pipeline microbatches in the training comparisons
+SCHEDULES = {"gpipe": {}, "1f1b": {}, "circular": {"pipeline.repeats": 2}}
+LAYOUTS = {
+  "stage4_data2": {"mesh.stage": 4, "mesh.data": 2},
+  # grad_accum=2: each of its two microbatches is split again into the pipeline's M.
+  "stage2_tensor2_data2_accum2": {"mesh.stage": 2, "mesh.tensor": 2, "mesh.data": 2, "train.grad_accum": 2},
+  "moe_stage2_expert2_data2": {"mesh.stage": 2, "mesh.expert": 2, "mesh.data": 2},
+}
+# 8 layers: 4 stages x 2 repeats of one layer. The MoE model has an MoE layer every 2 (4 units of 2 layers)
+# and tight capacity, so tokens are dropped: that only matches stage=1 if the microbatches hold the same rows.
+DENSE = {"model.num_layers": 8, "train.global_batch_size": 16}
+MOE = {
+  **DENSE,
+  "moe.num_experts": 4,
+  "moe.every": 2,
+  "moe.expert_mlp_dim": 32,
+  "moe.num_shared_experts": 1,
+  "moe.capacity_factor": 1.0,
+}
+
+
+def _config(layout: str, schedule: str | None):
+  model = MOE if layout.startswith("moe") else DENSE
+  if schedule is None:
+    # The stage=1 reference. MoE: grad_accum=M splits the batch into the pipeline's microbatches, since the
+    # capacity rule and the balancing loss depend on which tokens share a microbatch (dense: any split).
+    return small_config(**model, **({"train.grad_accum": M} if layout.startswith("moe") else {}))
+  return small_config(
+    **model, **LAYOUTS[layout], **{"pipeline.schedule": schedule, "pipeline.microbatches": M}, **SCHEDULES[schedule]
+  )
+
+
+@pytest.fixture(scope="module")
+def batches():
+  rng = np.random.default_rng(0)
+  return [packed_batch(rng, 16, 16) for _ in range(3)]
+
+
+def _train(cfg, batches, init=None):
+  """Like helpers.run_steps, but starts from `init` (a host TrainState) when given, so the pipelined runs
+  start from the reference's initial state without compiling an initializer each; returns the initial state."""
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  state = exp.init_state() if init is None else jax.device_put(init, exp.state_sharding)
+  init = jax.device_get(state)
+  losses = []
+  for batch in batches:
+    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), jax.device_get(state.params), exp, init
+
+
+@pytest.fixture(scope="module")
+def runs(batches):
+  """(layout, schedule or None for stage=1) -> (losses, final params, experiment, initial state), once each."""
+  cache = {}
+
+  def get(layout: str, schedule: str | None):
+    reference = (layout.startswith("moe"), None)
+    if reference not in cache:
+      cache[reference] = _train(_config(layout, None), batches)
+    key = reference if schedule is None else (layout, schedule)
+    if key not in cache:
+      cache[key] = _train(_config(layout, schedule), batches, init=cache[reference][3])
+    return cache[key]
+
+  return get
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_pipeline_trains_like_one_stage(schedule, layout, runs):
+  want_losses, want_params, _, _ = runs(layout, None)
+  losses, params, exp, _ = runs(layout, schedule)
+  assert exp.mesh.shape["stage"] == LAYOUTS[layout]["mesh.stage"] and exp.mesh.devices.size == 8
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_layers_are_split_over_stages_and_initialise_as_one_stage(runs):
+  _, _, exp, init = runs("stage4_data2", "1f1b")
+  kernel = exp.shardings.params["blocks"]["mlp"]["w_up_DxF"]
+  assert kernel.spec[0] == "stage"
+  assert kernel.shard_shape((8, 32, 64))[0] == 2  # 8 layers over 4 stages
+  params = exp.init_state().params
+  assert params["blocks"]["mlp"]["w_up_DxF"].sharding.spec[0] == "stage"
+  for got, want in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(init.params), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("stages,microbatches,repeats", [(2, 2, 2), (4, 4, 2), (4, 16, 3), (3, 7, 2)])
+def test_table_bubble_is_the_formula(schedule, stages, microbatches, repeats):
+  repeats = repeats if schedule == "circular" else 1
+  table = pipeline.make_schedule(schedule, stages, microbatches, repeats)
+  assert table.bubble_fraction == pytest.approx(pipeline.bubble_formula(schedule, stages, microbatches, repeats))
+  # Each stage runs every chunk forward and backward once for every microbatch.
+  busy = (table.table["op"] != pipeline.IDLE).sum(axis=0)
+  assert (busy == 2 * microbatches * repeats).all()
+
+
+def test_1f1b_stashes_at_most_stages_activations_gpipe_all_microbatches():
+  for stages, microbatches in [(2, 8), (4, 16)]:
+    assert pipeline.make_schedule("1f1b", stages, microbatches).stash_slots == stages
+    assert pipeline.make_schedule("gpipe", stages, microbatches).stash_slots == microbatches
+
+
+def _compiled(schedule: str, microbatches: int):
+  cfg = small_config(
+    **{
+      "mesh.stage": 2,
+      "train.global_batch_size": 4 * microbatches,
+      "pipeline.schedule": schedule,
+      "pipeline.microbatches": microbatches,
+    }
+  )
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  return exp, exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()
+
+
+def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_permute():
+  stages = 2
+  plans = {name: _compiled(name, 4 * stages) for name in ("gpipe", "1f1b")}
+  temp = {name: compiled.memory_analysis().temp_size_in_bytes for name, (_, compiled) in plans.items()}
+  assert temp["1f1b"] < temp["gpipe"], temp
+  for _, compiled in plans.values():
+    assert count_collectives(compiled.as_text())["collective-permute"] >= 2  # activations up, gradients down
+  # The plan's own account: gpipe stashes 4S microbatch inputs, 1f1b S.
+  ratio = (
+    plans["gpipe"][0].pipeline["activation_bytes_per_device"] / plans["1f1b"][0].pipeline["activation_bytes_per_device"]
+  )
+  assert ratio == (4 * stages + 1) / (stages + 1)  # stash + one gradient slot each
+
+
+def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
+  _, _, staged, init = runs("stage4_data2", "1f1b")
+  _, _, single, _ = runs("stage4_data2", None)
+  for source, target in ((staged, single), (single, staged)):
+    start = jax.device_put(init, source.state_sharding)
+    state, _ = source.train_step(start, jax.device_put(batches[0], source.batch_sharding))
+    directory = tmp_path / f"from_stage{source.mesh.shape['stage']}"
+    checkpointer = Checkpointer(str(directory), small_config().checkpoint)
+    checkpointer.save(1, state, None)
+    checkpointer.wait()
+    saved = jax.device_get(state)
+    _, want = source.train_step(state, jax.device_put(batches[1], source.batch_sharding))  # donates `state`
+    restored = Checkpointer(str(directory), small_config().checkpoint).restore_latest(target.abstract_state(), None)
+    for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved), strict=True):
+      np.testing.assert_array_equal(a, b)
+    _, got = target.train_step(restored, jax.device_put(batches[1], target.batch_sharding))
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "changes,error,message",
+  [
+    (
+      {"mesh.stage": 4, "model.num_layers": 6},
+      ConfigError,
+      r"6 layers do not split into mesh\.stage=4 stages x pipeline\.repeats=1 chunks",
+    ),
+    (
+      {"mesh.stage": 2, "model.num_layers": 6, "pipeline.schedule": "circular", "pipeline.repeats": 2},
+      ConfigError,
+      r"6 layers do not split into mesh\.stage=2 stages x pipeline\.repeats=2 chunks; make "
+      r"config\.model\.num_layers a multiple of 4",
+    ),
+    (
+      {"mesh.stage": 2, "model.num_layers": 6, "moe.num_experts": 4, "moe.every": 2},
+      ConfigError,
+      r"3 layer units \(num_layers / moe\.every=2\) do not split into mesh\.stage=2 stages .* multiple of 4",
+    ),
+    ({"mesh.stage": 4, "pipeline.microbatches": 2}, ConfigError, r"microbatches=2 is fewer than the 4 stages"),
+    (
+      {"mesh.stage": 2, "train.global_batch_size": 12, "pipeline.microbatches": 8},
+      ConfigError,
+      r"global_batch_size=12 does not split into grad_accum=1 x pipeline\.microbatches=8",
+    ),
+  ],
+)
+def test_pipeline_config_errors_name_the_numbers(changes, error, message):
+  cfg = small_config(**changes)
+  with pytest.raises(error, match=message):
+    build(cfg, VOCAB, mesh_for(cfg))
+
+
+@pytest.mark.slow
+def test_dry_run_plans_llama_7b_over_four_slices(tmp_path):
+  """The README's worked example: 4 stages over DCN x fsdp=16 on 64 emulated devices, compiled, not run."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=64", "JAX_PLATFORMS": "cpu"}
+  args = ["--config.mesh.dcn_stage=4", "--config.mesh.fsdp=16", "--config.pipeline.microbatches=16"]
+  proc = subprocess.run(
+    [sys.executable, "train.py", "--config", "configs/llama_7b.py", f"--workdir={tmp_path}", "--dry_run", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  plan = json.load(open(tmp_path / "plan.json"))
+  assert plan["devices"] == 64 and plan["mesh"]["stage"] == 4 and plan["mesh"]["fsdp"] == 16
+  assert plan["collectives"]["collective-permute"] >= 2
+  want = {"schedule": "1f1b", "stages": 4, "microbatches": 16, "repeats": 1}
+  assert {k: plan["pipeline"][k] for k in want} == want
+  assert plan["pipeline"]["bubble_fraction"] == pytest.approx(3 / 19)
+  # 4 stashed inputs + 1 gradient of one sequence (256 / 16 microbatches / 16 fsdp) x 2048 x 4096 in bf16.
+  assert plan["pipeline"]["activation_bytes_per_device"] == 5 * 2048 * 4096 * 2
+  assert "pipeline: 1f1b schedule, 4 stages x 16 microbatches" in proc.stderr
