@@ -163,7 +163,7 @@ def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
     checkpointer.wait()
     saved = jax.device_get(state)
     _, want = source.train_step(state, jax.device_put(batches[1], source.batch_sharding))  # donates `state`
-    restored = Checkpointer(str(directory), small_config().checkpoint).restore_latest(target.abstract_state(), None)
+    restored = Checkpointer(str(directory), small_config().checkpoint).restore_latest(target.abstract_state()).state
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved), strict=True):
       np.testing.assert_array_equal(a, b)
     _, got = target.train_step(restored, jax.device_put(batches[1], target.batch_sharding))
