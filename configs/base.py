@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"  # float32 | bfloat16
   c.model.remat = "none"  # none | full | dots: what the backward pass recomputes
+  c.model.attention = "auto"  # auto | xla | chunked | cudnn (GPU) | splash (TPU): the kernel behind model/attend.py
+  c.model.attention_block = 512  # keys per block of the chunked attention (memory O(seq_len x block))
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 0  # 0: dense model

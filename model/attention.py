@@ -1,20 +1,13 @@
-"""Causal self-attention with grouped KV heads (MHA, GQA and MQA) and packed-document masking."""
+"""Self-attention with grouped KV heads (MHA, GQA and MQA): projections and RoPE here, the kernel in `attend`."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.attend import attend
 from model.config import ModelConfig
 from model.layers import output_std, param, rope
 from sharding.rules import constrain
-
-
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-  """[B, L, S] True where query l may attend key s: causal, and only within its own document (segment)."""
-  length = segment_ids_BxL.shape[1]
-  causal_LxS = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-  same_doc_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return causal_LxS[None] & same_doc_BxLxS
 
 
 class Attention(nnx.Module):
@@ -41,14 +34,16 @@ class Attention(nnx.Module):
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
       k_BxSxKxH = rope(k_BxSxKxH, positions_BxL, cfg.rope_theta)
 
-    b, length, n, h = q_BxLxNxH.shape
-    k = cfg.num_kv_heads
-    q_BxLxKxGxH = q_BxLxNxH.reshape(b, length, k, n // k, h)
-    logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-    logits_BxKxGxLxS = logits_BxKxGxLxS * (h**-0.5)
-    mask_Bx1x1xLxS = attention_mask(segment_ids_BxL)[:, None, None]
-    logits_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
-    out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxSxKxH)
-    out_BxLxNxH = constrain(out_BxLxKxGxH.reshape(b, length, n, h), ("batch", "length", "heads", "head_dim"))
+    out_BxLxNxH = attend(
+      q_BxLxNxH,
+      k_BxSxKxH,
+      v_BxSxKxH,
+      q_segment_ids_BxL=segment_ids_BxL,
+      kv_segment_ids_BxS=segment_ids_BxL,
+      q_positions_BxL=positions_BxL,
+      kv_positions_BxS=positions_BxL,
+      impl=cfg.attention,
+      block=cfg.attention_block,
+    )
+    out_BxLxNxH = constrain(out_BxLxNxH, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo_NxHxD[...].astype(dt))

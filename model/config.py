@@ -29,6 +29,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"  # model/attend.py: auto | xla | chunked | cudnn | splash
+  attention_block: int = 512  # keys per block of the chunked attention
   # Mixture of experts (num_experts == 0: every MLP is dense).
   num_experts: int = 0
   top_k: int = 2

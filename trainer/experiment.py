@@ -13,6 +13,7 @@ from model.config import padded_vocab_size
 from sharding.mesh import MeshError
 from sharding.partition import StateShardings, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
+from trainer.config import check_backend
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
 from trainer.step import BATCH_AXES, make_eval_step, make_train_step
@@ -80,6 +81,7 @@ def _check_batch_divides(cfg, mesh: Mesh, batch_spec: PartitionSpec) -> None:
 
 
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
+  check_backend(cfg, jax.default_backend())
   rules = parse_rules(cfg.mesh.rules)
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   _check_batch_divides(cfg, mesh, batch_spec)
