@@ -1,13 +1,15 @@
 """Self-attention with grouped KV heads (MHA, GQA and MQA): projections and RoPE here, the kernel in `attend`."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from model.attend import attend
 from model.config import ModelConfig
-from model.layers import output_std, param, rope
+from model.layers import output_std, param, project, rope
 from sharding.rules import constrain
+
+_Q_NAMES = ("batch", "length", "heads", "head_dim")
+_KV_NAMES = ("batch", "length", "kv_heads", "head_dim")
 
 
 class Attention(nnx.Module):
@@ -24,12 +26,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = cfg.dtype
-    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.wq_DxNxH[...].astype(dt))
-    k_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, self.wk_DxKxH[...].astype(dt))
-    v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, self.wv_DxKxH[...].astype(dt))
-    q_BxLxNxH = constrain(q_BxLxNxH, ("batch", "length", "heads", "head_dim"))
-    k_BxSxKxH = constrain(k_BxSxKxH, ("batch", "length", "kv_heads", "head_dim"))
-    v_BxSxKxH = constrain(v_BxSxKxH, ("batch", "length", "kv_heads", "head_dim"))
+    q_BxLxNxH = project(x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", dtype=dt)
+    k_BxSxKxH = project(x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", dtype=dt)
+    v_BxSxKxH = project(x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", dtype=dt)
     if cfg.position_type == "rope":
       q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
       k_BxSxKxH = rope(k_BxSxKxH, positions_BxL, cfg.rope_theta)
@@ -45,5 +44,5 @@ class Attention(nnx.Module):
       impl=cfg.attention,
       block=cfg.attention_block,
     )
-    out_BxLxNxH = constrain(out_BxLxNxH, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo_NxHxD[...].astype(dt))
+    out_BxLxNxH = constrain(out_BxLxNxH, _Q_NAMES)
+    return project(out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", ("batch", "length", "embed"), name="attn_o", dtype=dt)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import Norm, dropout, param, sinusoidal
+from model.layers import Norm, dropout, param, project, sinusoidal
 from model.mlp import Mlp
 from model.moe import Moe
 from sharding.rules import constrain
@@ -138,15 +138,9 @@ class Transformer(nnx.Module):
     x_BxLxD, aux_X = _scan(self.blocks, body, x_BxLxD, unit_keys)
 
     x_BxLxD = self.final_norm(x_BxLxD)
-    if cfg.tie_embeddings:
-      logits_BxLxV = jnp.einsum(
-        "BLD,VD->BLV", x_BxLxD, self.embed_VxD[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    else:
-      logits_BxLxV = jnp.einsum(
-        "BLD,DV->BLV", x_BxLxD, self.head_DxV[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
+    head, spec = (self.embed_VxD, "BLD,VD->BLV") if cfg.tie_embeddings else (self.head_DxV, "BLD,DV->BLV")
+    names = ("batch", "length", "vocab")
+    logits_BxLxV = project(x_BxLxD, head, spec, names, name="head", dtype=dt, out_dtype=jnp.float32)
     # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
     aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
     return logits_BxLxV, aux
