@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # float32 | bfloat16
   c.model.remat = "none"  # none | full | dots: what the backward pass recomputes
   c.model.attention = "auto"  # auto | xla | chunked | cudnn (GPU) | splash (TPU): the kernel behind model/attend.py
+  c.model.loss_chunk = 0  # > 0: the loss holds fp32 logits for this many positions at a time; 0: all at once
   c.model.attention_block = 512  # keys per block of the chunked attention (memory O(seq_len x block))
 
   c.moe = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ from flax import nnx
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Norm, dropout, param, project, sinusoidal
+from model.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from model.mlp import Mlp
 from model.moe import Moe
 from sharding.rules import constrain
@@ -118,6 +119,30 @@ class Transformer(nnx.Module):
 
     `dropout_key` None means deterministic (evaluation); a key turns dropout on.
     """
+    x_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+    return self.logits(x_BxLxD), aux
+
+  def loss_sums(
+    self,
+    tokens_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array,
+    targets_BxL: jax.Array,
+    loss_mask_BxL: jax.Array,
+    *,
+    dropout_key: jax.Array | None = None,
+  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """`cross_entropy_sums` of the logits, and the auxiliary outputs; with `loss_chunk` > 0 the logits exist
+    only `loss_chunk` positions at a time (`chunked_cross_entropy_sums`)."""
+    x_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+    if self.cfg.loss_chunk > 0:
+      sums = chunked_cross_entropy_sums(x_BxLxD, self.logits, targets_BxL, loss_mask_BxL, chunk=self.cfg.loss_chunk)
+    else:
+      sums = cross_entropy_sums(self.logits(x_BxLxD), targets_BxL, loss_mask_BxL)
+    return sums, aux
+
+  def hidden(self, tokens_BxL, positions_BxL, segment_ids_BxL, *, dropout_key=None):
+    """The final-normed residual stream [B, L, D] (the LM head's input) and the auxiliary outputs."""
     cfg = self.cfg
     dt = cfg.dtype
     x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
@@ -136,11 +161,12 @@ class Transformer(nnx.Module):
     units = cfg.num_layers // (cfg.moe_every if cfg.num_experts > 0 else 1)
     unit_keys = jax.random.split(layers_key, units) if layers_key is not None else None
     x_BxLxD, aux_X = _scan(self.blocks, body, x_BxLxD, unit_keys)
-
-    x_BxLxD = self.final_norm(x_BxLxD)
-    head, spec = (self.embed_VxD, "BLD,VD->BLV") if cfg.tie_embeddings else (self.head_DxV, "BLD,DV->BLV")
-    names = ("batch", "length", "vocab")
-    logits_BxLxV = project(x_BxLxD, head, spec, names, name="head", dtype=dt, out_dtype=jnp.float32)
     # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
     aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
-    return logits_BxLxV, aux
+    return self.final_norm(x_BxLxD), aux
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """The LM head: fp32 logits [B, L, V] of the final-normed residual stream."""
+    head, spec = (self.embed_VxD, "BLD,VD->BLV") if self.cfg.tie_embeddings else (self.head_DxV, "BLD,DV->BLV")
+    names = ("batch", "length", "vocab")
+    return project(x_BxLxD, head, spec, names, name="head", dtype=self.cfg.dtype, out_dtype=jnp.float32)

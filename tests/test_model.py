@@ -184,3 +184,27 @@ def test_every_projection_goes_through_the_hook():
   without_attention = nnx.merge(nnx.graphdef(model), nnx.State(pure))
   np.testing.assert_allclose(hooked, logits_of(without_attention, tokens), rtol=1e-6)
   assert np.abs(hooked - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_chunked_loss_equals_plain_loss_in_value_and_gradient(tie_embeddings):
+  """loss_chunk=5 over 12 positions (the last chunk padded): the same sums and the same parameter gradients."""
+  rng = np.random.default_rng(7)
+  tokens, targets = jnp.asarray(rng.integers(0, 128, (2, 12))), jnp.asarray(rng.integers(0, 128, (2, 12)))
+  mask = jnp.asarray(rng.random((2, 12)) > 0.25, jnp.float32)
+  positions, segments = jnp.tile(jnp.arange(12), (2, 1)), jnp.ones((2, 12), jnp.int32)
+  graphdef, params = nnx.split(make_model(tie_embeddings=tie_embeddings, num_layers=1))
+  results = []
+  for chunk in (0, 5):
+    chunked_graphdef = nnx.graphdef(make_model(tie_embeddings=tie_embeddings, num_layers=1, loss_chunk=chunk))
+
+    def objective(params, graphdef=chunked_graphdef):
+      sums, _ = nnx.merge(graphdef, params).loss_sums(tokens, positions, segments, targets, mask)
+      return sums[0] + 0.5 * sums[1], sums
+
+    results.append(jax.jit(jax.value_and_grad(objective, has_aux=True))(params))
+  ((_, plain_sums), plain_grads), ((_, chunked_sums), chunked_grads) = results
+  np.testing.assert_allclose(np.array(chunked_sums), np.array(plain_sums), rtol=1e-6)
+  assert float(plain_sums[2]) == float(mask.sum())
+  for got, want in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from model import cross_entropy_sums
 from sharding.rules import constrain
-from trainer.state import TrainState, apply_model
+from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")
 
@@ -46,8 +45,7 @@ def make_train_step(
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def objective(params, micro, key):
-      logits, aux = apply_model(graphdef, params, micro, dropout_key=key if dropout else None)
-      nll_sum, z_sum, _ = cross_entropy_sums(logits, micro["targets"], micro["loss_mask"])
+      (nll_sum, z_sum, _), aux = apply_loss(graphdef, params, micro, dropout_key=key if dropout else None)
       value = (nll_sum + z_loss_weight * z_sum) / total_tokens
       value += sum(w * aux[name] for name, w in aux_loss_weights.items()) / grad_accum
       return value, {"nll_sum": nll_sum, "z_sum": z_sum, **aux}
@@ -87,8 +85,7 @@ def make_eval_step(graphdef):
   """`eval_step(params, batch) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
 
   def eval_step(params, batch):
-    logits, _ = apply_model(graphdef, params, batch)
-    nll_sum, _, tokens = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+    (nll_sum, _, tokens), _ = apply_loss(graphdef, params, batch)
     return nll_sum, tokens
 
   return eval_step
