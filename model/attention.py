@@ -2,6 +2,7 @@
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model.attend import attend
 from model.config import ModelConfig
@@ -30,8 +31,8 @@ class Attention(nnx.Module):
     k_BxSxKxH = project(x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", dtype=dt)
     v_BxSxKxH = project(x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", dtype=dt)
     if cfg.position_type == "rope":
-      q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-      k_BxSxKxH = rope(k_BxSxKxH, positions_BxL, cfg.rope_theta)
+      q_BxLxNxH = checkpoint_name(rope(q_BxLxNxH, positions_BxL, cfg.rope_theta), "attn_q_rope")
+      k_BxSxKxH = checkpoint_name(rope(k_BxSxKxH, positions_BxL, cfg.rope_theta), "attn_k_rope")
 
     out_BxLxNxH = attend(
       q_BxLxNxH,
@@ -44,5 +45,5 @@ class Attention(nnx.Module):
       impl=cfg.attention,
       block=cfg.attention_block,
     )
-    out_BxLxNxH = constrain(out_BxLxNxH, _Q_NAMES)
+    out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES), "attn_context")
     return project(out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", ("batch", "length", "embed"), name="attn_o", dtype=dt)

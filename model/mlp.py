@@ -2,6 +2,7 @@
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
 from model.layers import output_std, param, project
@@ -31,5 +32,5 @@ class Mlp(nnx.Module):
     gate_BxLxF = None
     if self.cfg.mlp_type == "swiglu":
       gate_BxLxF = project(x_BxLxD, self.w_gate_DxF, "BLD,DF->BLF", names, name="mlp_gate", dtype=dt)
-    h_BxLxF = constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names)
+    h_BxLxF = checkpoint_name(constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names), "mlp_hidden")
     return project(h_BxLxF, self.w_down_FxD, "BLF,FD->BLD", ("batch", "length", "embed"), name="mlp_down", dtype=dt)

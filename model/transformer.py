@@ -9,6 +9,7 @@ blocks (`blocks.dense.*`, stacked [X / n, n - 1]) and then one MoE block (`block
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model.attention import Attention
 from model.config import ModelConfig
@@ -18,10 +19,38 @@ from model.mlp import Mlp
 from model.moe import Moe
 from sharding.rules import constrain
 
-_REMAT_POLICIES = {
+# `checkpoint_name`s of the activations the remat policies choose between. Projection outputs (`project`); the
+# score and probability tensors [B, K, G, L, S] of the xla attention; the other named activations of a layer.
+PROJECTION_NAMES = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down")
+ATTENTION_NAMES = ("attention_scores", "attention_probs")
+OTHER_NAMES = ("attn_norm", "attn_q_rope", "attn_k_rope", "attn_context", "mlp_norm", "mlp_hidden")
+# What the backward pass keeps from the forward of each layer; everything else it recomputes. "none": no remat.
+REMAT_POLICIES = {
+  "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_nothing": jax.checkpoint_policies.nothing_saveable,
+  "save_projections": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+  # Every named activation but the attention scores and probabilities. Unnamed values (softmax internals
+  # among them) are recomputed: a policy that saved all but two names would keep the softmax's own copies.
+  "save_all_but_attention": jax.checkpoint_policies.save_any_names_but_these(*ATTENTION_NAMES),
+  "offload_projections": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=(),
+    names_which_can_be_offloaded=PROJECTION_NAMES,
+    offload_src="device",
+    offload_dst="pinned_host",
+  ),
 }
+
+
+def remat_problem(remat: str, backend: str) -> str | None:
+  """Why `remat` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if remat not in REMAT_POLICIES:
+    return f"config.model.remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}"
+  if remat.startswith("offload") and backend == "cpu":
+    return (
+      f"config.model.remat={remat!r} offloads to host memory, which the cpu backend does not have; use save_projections"
+    )
+  return None
 
 
 class Block(nnx.Module):
@@ -37,12 +66,13 @@ class Block(nnx.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key):
     rate = self.cfg.dropout_rate
     attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    h_BxLxD = self.attn(checkpoint_name(self.attn_norm(x_BxLxD), "attn_norm"), positions_BxL, segment_ids_BxL)
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"))
+    normed_BxLxD = checkpoint_name(self.mlp_norm(x_BxLxD), "mlp_norm")
     if isinstance(self.mlp, Moe):
-      h_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD))
+      h_BxLxD, aux = self.mlp(normed_BxLxD)
     else:
-      h_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD)), {}
+      h_BxLxD, aux = self.mlp(normed_BxLxD), {}
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"))
     return x_BxLxD, aux
 
@@ -157,7 +187,7 @@ class Transformer(nnx.Module):
       return unit(x_BxLxD, positions_BxL, segment_ids_BxL, key)
 
     if cfg.remat != "none":
-      body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     units = cfg.num_layers // (cfg.moe_every if cfg.num_experts > 0 else 1)
     unit_keys = jax.random.split(layers_key, units) if layers_key is not None else None
     x_BxLxD, aux_X = _scan(self.blocks, body, x_BxLxD, unit_keys)

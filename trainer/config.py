@@ -13,6 +13,7 @@ import ml_collections
 
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.attend import backend_problem
+from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
 
 
@@ -132,7 +133,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.position_type", ("rope", "learned", "sinusoidal"))
   _one_of(cfg, "model.compute_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
-  _one_of(cfg, "model.remat", ("none", "full", "dots"))
+  _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
   _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
   _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
   _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
@@ -192,5 +193,5 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
   """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
   (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
-  problem = backend_problem(cfg.model.attention, backend)
-  _require(problem is None, f"{problem}")
+  for problem in (backend_problem(cfg.model.attention, backend), remat_problem(cfg.model.remat, backend)):
+    _require(problem is None, f"{problem}")
