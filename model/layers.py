@@ -79,35 +79,43 @@ def project(
 
   Owns the cast before the FSDP gather (`cast_kernel`), the logical axes of the output (`out_names`), its
   `checkpoint_name` (`name`, which remat policies select) and the projection hook. `out_dtype` (e.g. fp32 logits)
-  is the accumulation and output type; its gradient flows back in `dtype`, so the backward pass gathers the
-  weight in `dtype` too.
+  is the accumulation and output type; the input's gradient flows back in `dtype`, so the backward pass gathers
+  the weight in `dtype` too, and the weight's gradient stays in `out_dtype`.
   """
 
   def default(x, kernel_array):
-    w = constrain(kernel_array.astype(dtype), kernel_names(kernel, kernel_array.ndim))
-    if out_dtype is None or jnp.dtype(out_dtype) == jnp.dtype(dtype):
-      return jnp.einsum(spec, x.astype(dtype), w)
-    return _einsum_wide_out(spec, jnp.dtype(out_dtype), x.astype(dtype), w)
+    names = kernel_names(kernel, kernel_array.ndim)
+    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
+      return _einsum_wide_out(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), names, x.astype(dtype), kernel_array)
+    return jnp.einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
 
   hook = _hook.fn
   y = default(x, kernel[...]) if hook is None else hook(name, x, kernel[...], default)
   return checkpoint_name(constrain(y, out_names), name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_wide_out(spec: str, out_dtype, x, w):
-  return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _einsum_wide_out(spec: str, dtype, out_dtype, names, x, kernel):
+  """einsum(x, kernel cast to `dtype`) accumulated and returned in `out_dtype` (fp32 logits from bf16)."""
+  return _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel)[0]
 
 
-def _einsum_wide_out_fwd(spec, out_dtype, x, w):
-  return _einsum_wide_out(spec, out_dtype, x, w), (x, w)
+def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel):
+  w = constrain(kernel.astype(dtype), names)
+  return jnp.einsum(spec, x, w, preferred_element_type=out_dtype), (x, w, kernel)
 
 
-def _einsum_wide_out_bwd(spec, out_dtype, residuals, dy):
-  # Plain autodiff would promote the narrow weight to out_dtype for dy @ w and gather that copy: twice the bytes.
-  x, w = residuals
-  _, vjp = jax.vjp(functools.partial(jnp.einsum, spec), x, w)
-  return vjp(dy.astype(x.dtype))
+def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, residuals, dy):
+  x, w, kernel = residuals
+  # dx needs the gathered weight: dy goes down to `dtype` first, or autodiff would widen the weight and gather
+  # the wide copy (twice the bytes).
+  _, vjp_x = jax.vjp(lambda x: jnp.einsum(spec, x, w), x)
+  (dx,) = vjp_x(dy.astype(dtype))
+  # dkernel needs no weight, only local activations: it stays in `out_dtype`, and so does its reduction over
+  # the batch shards, as plain autodiff of the wide einsum had it.
+  _, vjp_w = jax.vjp(lambda w: jnp.einsum(spec, x.astype(out_dtype), w), w.astype(out_dtype))
+  (dw,) = vjp_w(dy)
+  return dx, constrain(dw.astype(kernel.dtype), names)
 
 
 _einsum_wide_out.defvjp(_einsum_wide_out_fwd, _einsum_wide_out_bwd)

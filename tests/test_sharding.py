@@ -152,8 +152,12 @@ def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
   options = {"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"}
   exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile(compiler_options=options)
   (dump,) = tmp_path.glob("*train_step*after_spmd-partitioning*.txt")
-  gathered = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", dump.read_text())
+  hlo = dump.read_text()
+  gathered = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", hlo)
   float_gathers = [dtype for dtype in gathered if dtype.startswith(("f", "bf"))]
   # q, k, v, o, MLP gate, up, down: forward and again in the backward pass; the tied head's embedding.
   assert len(float_gathers) >= 2 * 7 + 1, gathered
   assert set(float_gathers) == {"bf16"}, gathered
+  # The head's weight gradient is made from activations alone and keeps fp32, its reduction over the batch too.
+  vocab, d_model = exp.model_cfg.vocab_size, exp.model_cfg.d_model
+  assert re.search(rf"= f32\[{vocab},{d_model}\]\S* all-reduce\(", hlo)
