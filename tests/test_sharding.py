@@ -19,6 +19,16 @@ LAYOUTS = {
   "data2_fsdp2_tensor2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
   "data8_zero1": {"mesh.data": 8, "optim.zero_stage": 1},
   "data8_zero2": {"mesh.data": 8, "optim.zero_stage": 2},
+  # The chunked kernels and a named remat policy, against the single-device run's xla attention and plain loss.
+  "data2_fsdp2_tensor2_chunked": {
+    "mesh.data": 2,
+    "mesh.fsdp": 2,
+    "mesh.tensor": 2,
+    "model.attention": "chunked",
+    "model.attention_block": 4,
+    "model.loss_chunk": 4,
+    "model.remat": "save_projections",
+  },
 }
 
 
