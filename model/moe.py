@@ -106,7 +106,7 @@ class Moe(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg
     dt = cfg.dtype
-    # The router runs in fp32 whatever the compute dtype: top-k on bf16 scores ties too often.
+    # The router stays in fp32 whatever the compute dtype: routing and its z-loss are sensitive to rounding.
     names = ("batch", "length", None)
     logits_BxLxE = project(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names, name="router", dtype=jnp.float32)
     experts_BxLxK, gates_BxLxK, probs_BxLxE = _route(logits_BxLxE, cfg.top_k, cfg.router_score, cfg.renormalize_gates)

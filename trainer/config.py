@@ -194,4 +194,4 @@ def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
   """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
   (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
   for problem in (backend_problem(cfg.model.attention, backend), remat_problem(cfg.model.remat, backend)):
-    _require(problem is None, f"{problem}")
+    _require(problem is None, problem or "")
