@@ -31,7 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights; anything else needs allow_low_precision_params
   c.model.allow_low_precision_params = False  # True: you accept bf16 master weights (small updates round away)
   c.model.compute_dtype = "float32"  # float32 | bfloat16
-  c.model.remat = "none"  # none | full | dots: what the backward pass recomputes
+  # What the backward pass keeps rather than recomputes: none (keep all) | full (= save_nothing) |
+  # save_projections | save_all_but_attention | offload_projections (GPU/TPU: to host memory)
+  c.model.remat = "none"
+  c.model.attention = "auto"  # auto | xla | chunked | cudnn (GPU) | splash (TPU): the kernel behind model/attend.py
+  c.model.loss_chunk = 0  # > 0: the loss holds fp32 logits for this many positions at a time; 0: all at once
+  c.model.attention_block = 512  # keys per block of the chunked attention (memory O(seq_len x block))
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 0  # 0: dense model

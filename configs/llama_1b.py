@@ -14,7 +14,7 @@ def get_config():
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = True
   c.model.compute_dtype = "bfloat16"
-  c.model.remat = "dots"
+  c.model.remat = "save_projections"
   c.data.vocab_size = 32_000
   c.data.tokenizer_sample_bytes = 50_000_000
   c.data.seq_len = 2048

@@ -1,20 +1,16 @@
-"""Causal self-attention with grouped KV heads (MHA, GQA and MQA) and packed-document masking."""
+"""Self-attention with grouped KV heads (MHA, GQA and MQA): projections and RoPE here, the kernel in `attend`."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from model.attend import attend
 from model.config import ModelConfig
-from model.layers import output_std, param, rope
+from model.layers import output_std, param, project, rope
 from sharding.rules import constrain
 
-
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-  """[B, L, S] True where query l may attend key s: causal, and only within its own document (segment)."""
-  length = segment_ids_BxL.shape[1]
-  causal_LxS = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-  same_doc_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return causal_LxS[None] & same_doc_BxLxS
+_Q_NAMES = ("batch", "length", "heads", "head_dim")
+_KV_NAMES = ("batch", "length", "kv_heads", "head_dim")
 
 
 class Attention(nnx.Module):
@@ -31,24 +27,23 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = cfg.dtype
-    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.wq_DxNxH[...].astype(dt))
-    k_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, self.wk_DxKxH[...].astype(dt))
-    v_BxSxKxH = jnp.einsum("BSD,DKH->BSKH", x_BxLxD, self.wv_DxKxH[...].astype(dt))
-    q_BxLxNxH = constrain(q_BxLxNxH, ("batch", "length", "heads", "head_dim"))
-    k_BxSxKxH = constrain(k_BxSxKxH, ("batch", "length", "kv_heads", "head_dim"))
-    v_BxSxKxH = constrain(v_BxSxKxH, ("batch", "length", "kv_heads", "head_dim"))
+    q_BxLxNxH = project(x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", dtype=dt)
+    k_BxSxKxH = project(x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", dtype=dt)
+    v_BxSxKxH = project(x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", dtype=dt)
     if cfg.position_type == "rope":
-      q_BxLxNxH = rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-      k_BxSxKxH = rope(k_BxSxKxH, positions_BxL, cfg.rope_theta)
+      q_BxLxNxH = checkpoint_name(rope(q_BxLxNxH, positions_BxL, cfg.rope_theta), "attn_q_rope")
+      k_BxSxKxH = checkpoint_name(rope(k_BxSxKxH, positions_BxL, cfg.rope_theta), "attn_k_rope")
 
-    b, length, n, h = q_BxLxNxH.shape
-    k = cfg.num_kv_heads
-    q_BxLxKxGxH = q_BxLxNxH.reshape(b, length, k, n // k, h)
-    logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-    logits_BxKxGxLxS = logits_BxKxGxLxS * (h**-0.5)
-    mask_Bx1x1xLxS = attention_mask(segment_ids_BxL)[:, None, None]
-    logits_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
-    out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS, v_BxSxKxH)
-    out_BxLxNxH = constrain(out_BxLxKxGxH.reshape(b, length, n, h), ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo_NxHxD[...].astype(dt))
+    out_BxLxNxH = attend(
+      q_BxLxNxH,
+      k_BxSxKxH,
+      v_BxSxKxH,
+      q_segment_ids_BxL=segment_ids_BxL,
+      kv_segment_ids_BxS=segment_ids_BxL,
+      q_positions_BxL=positions_BxL,
+      kv_positions_BxS=positions_BxL,
+      impl=cfg.attention,
+      block=cfg.attention_block,
+    )
+    out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES), "attn_context")
+    return project(out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", ("batch", "length", "embed"), name="attn_o", dtype=dt)

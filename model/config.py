@@ -29,6 +29,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"  # model/attend.py: auto | xla | chunked | cudnn | splash
+  attention_block: int = 512  # keys per block of the chunked attention
+  loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (model/loss.py)
   # Mixture of experts (num_experts == 0: every MLP is dense).
   num_experts: int = 0
   top_k: int = 2

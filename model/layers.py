@@ -1,10 +1,22 @@
-"""Building blocks shared by attention, MLP and the Transformer: parameters, norms, positions, dropout."""
+"""Building blocks shared by attention, MLP and the Transformer: parameters, projections, norms, positions,
+dropout."""
 
+import contextlib
+import functools
 import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from sharding.rules import constrain
+
+# hook(name, x, kernel, default) -> y, where `default(x, kernel)` is the plain projection and `kernel` the stored
+# (master) weight. LoRA adds to default(x, kernel); quantization passes default a (fake-)quantized kernel.
+ProjectionHook = Callable[[str, jax.Array, jax.Array, Callable[[jax.Array, jax.Array], jax.Array]], jax.Array]
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], *, std: float, dtype) -> nnx.Param:
@@ -19,6 +31,94 @@ def ones_param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> 
 
 def zeros_param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, names)(None, shape, dtype))
+
+
+class _Hook(threading.local):
+  fn: ProjectionHook | None = None
+
+
+_hook = _Hook()
+
+
+@contextlib.contextmanager
+def projection_hook(hook: ProjectionHook | None) -> Iterator[None]:
+  """Every `project` traced within this context goes through `hook` (the one place LoRA and quantization wrap)."""
+  previous, _hook.fn = _hook.fn, hook
+  try:
+    yield
+  finally:
+    _hook.fn = previous
+
+
+def kernel_names(kernel: nnx.Param, ndim: int) -> tuple[str | None, ...]:
+  """The logical axis names of a parameter as the model sees it: inside the layer scan the leading stacking
+  axes ("layers") are gone from the value but still in the metadata."""
+  names = tuple(kernel.get_metadata()["out_sharding"])
+  assert set(names[: len(names) - ndim]) <= {"layers"}, names
+  return names[len(names) - ndim :]
+
+
+def cast_kernel(kernel: nnx.Param, dtype) -> jax.Array:
+  """The weight in `dtype`, pinned to its stored sharding: the cast happens on each device's shard, so the
+  all-gather that FSDP needs afterwards moves `dtype` (bf16) bytes, not fp32."""
+  w = kernel[...]
+  return constrain(w.astype(dtype), kernel_names(kernel, w.ndim))
+
+
+def project(
+  x: jax.Array,
+  kernel: nnx.Param,
+  spec: str,
+  out_names: Sequence[str | None],
+  *,
+  name: str,
+  dtype,
+  out_dtype=None,
+) -> jax.Array:
+  """`einsum(spec, x, kernel)` in `dtype`, the one dense projection of the model.
+
+  Owns the cast before the FSDP gather (`cast_kernel`), the logical axes of the output (`out_names`), its
+  `checkpoint_name` (`name`, which remat policies select) and the projection hook. `out_dtype` (e.g. fp32 logits)
+  is the accumulation and output type; the input's gradient flows back in `dtype`, so the backward pass gathers
+  the weight in `dtype` too, and the weight's gradient stays in `out_dtype`.
+  """
+
+  def default(x, kernel_array):
+    names = kernel_names(kernel, kernel_array.ndim)
+    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
+      return _einsum_wide_out(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), names, x.astype(dtype), kernel_array)
+    return jnp.einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
+
+  hook = _hook.fn
+  y = default(x, kernel[...]) if hook is None else hook(name, x, kernel[...], default)
+  return checkpoint_name(constrain(y, out_names), name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _einsum_wide_out(spec: str, dtype, out_dtype, names, x, kernel):
+  """einsum(x, kernel cast to `dtype`) accumulated and returned in `out_dtype` (fp32 logits from bf16)."""
+  return _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel)[0]
+
+
+def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel):
+  w = constrain(kernel.astype(dtype), names)
+  return jnp.einsum(spec, x, w, preferred_element_type=out_dtype), (x, w, kernel)
+
+
+def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, residuals, dy):
+  x, w, kernel = residuals
+  # dx needs the gathered weight: dy goes down to `dtype` first, or autodiff would widen the weight and gather
+  # the wide copy (twice the bytes).
+  _, vjp_x = jax.vjp(lambda x: jnp.einsum(spec, x, w), x)
+  (dx,) = vjp_x(dy.astype(dtype))
+  # dkernel needs no weight, only local activations: it stays in `out_dtype`, and so does its reduction over
+  # the batch shards, as plain autodiff of the wide einsum had it.
+  _, vjp_w = jax.vjp(lambda w: jnp.einsum(spec, x.astype(out_dtype), w), w.astype(out_dtype))
+  (dw,) = vjp_w(dy)
+  return dx, constrain(dw.astype(kernel.dtype), names)
+
+
+_einsum_wide_out.defvjp(_einsum_wide_out_fwd, _einsum_wide_out_bwd)
 
 
 class Norm(nnx.Module):
@@ -75,4 +175,18 @@ def output_std(init_std: float, num_layers: int) -> float:
   return init_std / math.sqrt(2 * num_layers)
 
 
-__all__ = ["Norm", "dropout", "ones_param", "output_std", "param", "rope", "sinusoidal", "zeros_param"]
+__all__ = [
+  "Norm",
+  "ProjectionHook",
+  "cast_kernel",
+  "dropout",
+  "kernel_names",
+  "ones_param",
+  "output_std",
+  "param",
+  "project",
+  "projection_hook",
+  "rope",
+  "sinusoidal",
+  "zeros_param",
+]

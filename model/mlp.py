@@ -1,11 +1,11 @@
 """Position-wise feed-forward block: SwiGLU or GELU."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model.config import ModelConfig
-from model.layers import output_std, param
+from model.layers import output_std, param, project
 from sharding.rules import constrain
 
 
@@ -27,10 +27,10 @@ class Mlp(nnx.Module):
     self.w_down_FxD = param(rngs, (f, d), ("mlp", "embed"), std=output_std(cfg.init_std, cfg.num_layers), dtype=wd)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    dt = self.cfg.dtype
-    up_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.w_up_DxF[...].astype(dt))
+    dt, names = self.cfg.dtype, ("batch", "length", "mlp")
+    up_BxLxF = project(x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", dtype=dt)
     gate_BxLxF = None
     if self.cfg.mlp_type == "swiglu":
-      gate_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.w_gate_DxF[...].astype(dt))
-    h_BxLxF = constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), ("batch", "length", "mlp"))
-    return jnp.einsum("BLF,FD->BLD", h_BxLxF, self.w_down_FxD[...].astype(dt))
+      gate_BxLxF = project(x_BxLxD, self.w_gate_DxF, "BLD,DF->BLF", names, name="mlp_gate", dtype=dt)
+    h_BxLxF = checkpoint_name(constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names), "mlp_hidden")
+    return project(h_BxLxF, self.w_down_FxD, "BLF,FD->BLD", ("batch", "length", "embed"), name="mlp_down", dtype=dt)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import output_std, param
+from model.layers import cast_kernel, output_std, param, project
 from model.mlp import Mlp, activate
 from sharding import rules as sharding_rules
 from sharding.mesh import MeshError
@@ -106,11 +106,12 @@ class Moe(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg
     dt = cfg.dtype
-    logits_BxLxE = jnp.einsum("BLD,DE->BLE", x_BxLxD.astype(jnp.float32), self.router_DxE[...].astype(jnp.float32))
-    logits_BxLxE = constrain(logits_BxLxE, ("batch", "length", None))
+    # The router stays in fp32 whatever the compute dtype: routing and its z-loss are sensitive to rounding.
+    names = ("batch", "length", None)
+    logits_BxLxE = project(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names, name="router", dtype=jnp.float32)
     experts_BxLxK, gates_BxLxK, probs_BxLxE = _route(logits_BxLxE, cfg.top_k, cfg.router_score, cfg.renormalize_gates)
-    gate = self.w_gate_ExDxF[...].astype(dt) if cfg.mlp_type == "swiglu" else None
-    weights = (gate, self.w_up_ExDxF[...].astype(dt), self.w_down_ExFxD[...].astype(dt))
+    gate = cast_kernel(self.w_gate_ExDxF, dt) if cfg.mlp_type == "swiglu" else None
+    weights = (gate, cast_kernel(self.w_up_ExDxF, dt), cast_kernel(self.w_down_ExFxD, dt))
     if cfg.capacity_factor > 0:
       capacity = expert_capacity(cfg.capacity_factor, x_BxLxD.shape[1], cfg.top_k, cfg.num_experts)
       y_BxLxD, kept = _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, capacity)

@@ -9,18 +9,48 @@ blocks (`blocks.dense.*`, stacked [X / n, n - 1]) and then one MoE block (`block
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import Norm, dropout, param, sinusoidal
+from model.layers import Norm, dropout, param, project, sinusoidal
+from model.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from model.mlp import Mlp
 from model.moe import Moe
 from sharding.rules import constrain
 
-_REMAT_POLICIES = {
+# `checkpoint_name`s of the activations the remat policies choose between. Projection outputs (`project`); the
+# score and probability tensors [B, K, G, L, S] of the xla attention; the other named activations of a layer.
+PROJECTION_NAMES = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down")
+ATTENTION_NAMES = ("attention_scores", "attention_probs")
+OTHER_NAMES = ("attn_norm", "attn_q_rope", "attn_k_rope", "attn_context", "mlp_norm", "mlp_hidden")
+# What the backward pass keeps from the forward of each layer; everything else it recomputes. "none": no remat.
+REMAT_POLICIES = {
+  "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_nothing": jax.checkpoint_policies.nothing_saveable,
+  "save_projections": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+  # Every named activation but the attention scores and probabilities. Unnamed values (softmax internals
+  # among them) are recomputed: a policy that saved all but two names would keep the softmax's own copies.
+  "save_all_but_attention": jax.checkpoint_policies.save_any_names_but_these(*ATTENTION_NAMES),
+  "offload_projections": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=(),
+    names_which_can_be_offloaded=PROJECTION_NAMES,
+    offload_src="device",
+    offload_dst="pinned_host",
+  ),
 }
+
+
+def remat_problem(remat: str, backend: str) -> str | None:
+  """Why `remat` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if remat not in REMAT_POLICIES:
+    return f"config.model.remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}"
+  if remat.startswith("offload") and backend == "cpu":
+    return (
+      f"config.model.remat={remat!r} offloads to host memory, which the cpu backend does not have; use save_projections"
+    )
+  return None
 
 
 class Block(nnx.Module):
@@ -36,12 +66,13 @@ class Block(nnx.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key):
     rate = self.cfg.dropout_rate
     attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    h_BxLxD = self.attn(checkpoint_name(self.attn_norm(x_BxLxD), "attn_norm"), positions_BxL, segment_ids_BxL)
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"))
+    normed_BxLxD = checkpoint_name(self.mlp_norm(x_BxLxD), "mlp_norm")
     if isinstance(self.mlp, Moe):
-      h_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD))
+      h_BxLxD, aux = self.mlp(normed_BxLxD)
     else:
-      h_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD)), {}
+      h_BxLxD, aux = self.mlp(normed_BxLxD), {}
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"))
     return x_BxLxD, aux
 
@@ -118,15 +149,38 @@ class Transformer(nnx.Module):
 
     `dropout_key` None means deterministic (evaluation); a key turns dropout on.
     """
+    x_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+    return self.logits(x_BxLxD), aux
+
+  def loss_sums(
+    self,
+    tokens_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array,
+    targets_BxL: jax.Array,
+    loss_mask_BxL: jax.Array,
+    *,
+    dropout_key: jax.Array | None = None,
+  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """`cross_entropy_sums` of the logits, and the auxiliary outputs; with `loss_chunk` > 0 the logits exist
+    only `loss_chunk` positions at a time (`chunked_cross_entropy_sums`)."""
+    x_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+    if self.cfg.loss_chunk > 0:
+      sums = chunked_cross_entropy_sums(x_BxLxD, self.logits, targets_BxL, loss_mask_BxL, chunk=self.cfg.loss_chunk)
+    else:
+      sums = cross_entropy_sums(self.logits(x_BxLxD), targets_BxL, loss_mask_BxL)
+    return sums, aux
+
+  def hidden(self, tokens_BxL, positions_BxL, segment_ids_BxL, *, dropout_key=None):
+    """The final-normed residual stream [B, L, D] (the LM head's input) and the auxiliary outputs."""
     cfg = self.cfg
     embed_key, layers_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     x_BxLxD = self.embed(tokens_BxL, positions_BxL, embed_key)
     unit_keys = jax.random.split(layers_key, num_units(cfg)) if layers_key is not None else None
     x_BxLxD, aux_X = apply_units(cfg, self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, unit_keys)
-    logits_BxLxV = self.logits(self.final_norm(x_BxLxD))
     # One entry per MoE layer: scalars [X] are averaged, per-expert vectors [X, E] kept.
     aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
-    return logits_BxLxV, aux
+    return self.final_norm(x_BxLxD), aux
 
   def embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
     """Token (and learned or sinusoidal position) embeddings, in the compute dtype: the stack's input."""
@@ -141,17 +195,9 @@ class Transformer(nnx.Module):
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
     """The LM head: fp32 logits [B, L, V] of the final-normed residual stream."""
-    cfg = self.cfg
-    dt = cfg.dtype
-    if cfg.tie_embeddings:
-      logits_BxLxV = jnp.einsum(
-        "BLD,VD->BLV", x_BxLxD, self.embed_VxD[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    else:
-      logits_BxLxV = jnp.einsum(
-        "BLD,DV->BLV", x_BxLxD, self.head_DxV[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+    head, spec = (self.embed_VxD, "BLD,VD->BLV") if self.cfg.tie_embeddings else (self.head_DxV, "BLD,DV->BLV")
+    names = ("batch", "length", "vocab")
+    return project(x_BxLxD, head, spec, names, name="head", dtype=self.cfg.dtype, out_dtype=jnp.float32)
 
 
 def num_units(cfg: ModelConfig) -> int:
@@ -167,5 +213,5 @@ def apply_units(cfg: ModelConfig, units, x_BxLxD, positions_BxL, segment_ids_BxL
     return unit(x_BxLxD, positions_BxL, segment_ids_BxL, key)
 
   if cfg.remat != "none":
-    body = nnx.remat(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
   return _scan(units, body, x_BxLxD, unit_keys)

@@ -1,5 +1,7 @@
 """The model's contracts: causality, packed-document isolation, GQA/MHA equivalence, dtypes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +155,114 @@ def test_cross_entropy_matches_formula_with_mask_and_z_loss():
   np.testing.assert_allclose(float(nll), want_nll, rtol=1e-5)
   np.testing.assert_allclose(float(z), (mask * log_z**2).sum(), rtol=1e-5)
   assert float(n) == mask.sum()
+
+
+def test_every_projection_goes_through_the_hook():
+  """The hook sees each projection by name (the one place LoRA or quantization wraps); what it returns is used."""
+  from model.layers import projection_hook
+
+  model = make_model(tie_embeddings=False)
+  tokens = np.random.default_rng(6).integers(0, 128, 12)
+  seen = []
+
+  def record(name, x, kernel, default):
+    seen.append(name)
+    return default(x, kernel)
+
+  with projection_hook(record):
+    plain = logits_of(model, tokens)
+  # The layer scan traces its body once: one call per projection kind.
+  assert sorted(seen) == sorted(["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "head"])
+  np.testing.assert_allclose(plain, logits_of(model, tokens), rtol=1e-6)
+
+  def drop_attention(name, x, kernel, default):
+    return default(x, jnp.zeros_like(kernel) if name == "attn_o" else kernel)
+
+  with projection_hook(drop_attention):
+    hooked = logits_of(model, tokens)
+  _, state = nnx.split(model)
+  pure = state.to_pure_dict()
+  pure["blocks"]["attn"]["wo_NxHxD"] = jnp.zeros_like(pure["blocks"]["attn"]["wo_NxHxD"])
+  without_attention = nnx.merge(nnx.graphdef(model), nnx.State(pure))
+  np.testing.assert_allclose(hooked, logits_of(without_attention, tokens), rtol=1e-6)
+  assert np.abs(hooked - plain).max() > 1e-3
+
+
+def test_chunked_loss_equals_plain_loss_in_value_and_gradient():
+  """loss_chunk=5 over 12 positions (the last chunk padded): the same sums and the same parameter gradients, the
+  tied embedding's included (it gets gradients from both the lookup and the chunked head)."""
+  rng = np.random.default_rng(7)
+  tokens, targets = jnp.asarray(rng.integers(0, 128, (2, 12))), jnp.asarray(rng.integers(0, 128, (2, 12)))
+  mask = jnp.asarray(rng.random((2, 12)) > 0.25, jnp.float32)
+  positions, segments = jnp.tile(jnp.arange(12), (2, 1)), jnp.ones((2, 12), jnp.int32)
+  graphdef, params = nnx.split(make_model(num_layers=1))
+  results = []
+  for chunk in (0, 5):
+    chunked_graphdef = nnx.graphdef(make_model(num_layers=1, loss_chunk=chunk))
+
+    def objective(params, graphdef=chunked_graphdef):
+      sums, _ = nnx.merge(graphdef, params).loss_sums(tokens, positions, segments, targets, mask)
+      return sums[0] + 0.5 * sums[1], sums
+
+    results.append(jax.jit(jax.value_and_grad(objective, has_aux=True))(params))
+  ((_, plain_sums), plain_grads), ((_, chunked_sums), chunked_grads) = results
+  np.testing.assert_allclose(np.array(chunked_sums), np.array(plain_sums), rtol=1e-6)
+  assert float(plain_sums[2]) == float(mask.sum())
+  for got, want in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _saved_residuals(fn, *args) -> list[str]:
+  """The shapes ("f32[2,12,32]") of what the backward pass of `fn` keeps from its forward, parameters excluded."""
+  import contextlib
+  import io
+
+  from jax.ad_checkpoint import print_saved_residuals
+
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    print_saved_residuals(fn, *args)
+  return [line.split(" ")[0] for line in text.getvalue().splitlines() if "from the argument" not in line]
+
+
+def test_remat_policies_give_the_same_loss_and_gradients_as_none():
+  """fp32, tight tolerance; and each policy keeps what it says: nothing of the [L, S] attention scores, and
+  fewer activations the more it recomputes."""
+  rng = np.random.default_rng(8)
+  tokens, targets = jnp.asarray(rng.integers(0, 128, (2, 12))), jnp.asarray(rng.integers(0, 128, (2, 12)))
+  mask = jnp.ones((2, 12))
+  positions, segments = jnp.tile(jnp.arange(12), (2, 1)), jnp.ones((2, 12), jnp.int32)
+  _, params = nnx.split(make_model(num_layers=1))
+  results, kept = {}, {}
+  for remat in ("none", "full", "save_nothing", "save_projections", "save_all_but_attention"):
+    graphdef = nnx.graphdef(make_model(num_layers=1, remat=remat))
+
+    def loss(params, graphdef=graphdef):
+      (nll_sum, z_sum, _), _ = nnx.merge(graphdef, params).loss_sums(tokens, positions, segments, targets, mask)
+      return nll_sum + 0.1 * z_sum
+
+    if remat != "save_nothing":  # the very policy of "full": its residuals below show that
+      results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+    shapes = _saved_residuals(loss, params)
+    sizes = [np.prod([int(n) for n in re.findall(r"\d+", s[s.index("[") :])]) for s in shapes]
+    kept[remat] = int(sum(sizes)), [s for s in shapes if s.endswith("12,12]")]
+  want_loss, want_grads = results.pop("none")
+  for remat, (got_loss, got_grads) in results.items():
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6, err_msg=remat)
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=remat)
+  assert kept["none"][1], "without remat the attention scores [.., L, S] are kept"
+  for remat in results:
+    assert not kept[remat][1], f"{remat} keeps attention scores: {kept[remat][1]}"
+  assert kept["full"][0] == kept["save_nothing"][0]
+  assert kept["full"][0] < kept["save_projections"][0] < kept["save_all_but_attention"][0] < kept["none"][0]
+
+
+def test_host_offload_is_a_config_error_on_cpu():
+  from tests.helpers import VOCAB, mesh_for, small_config
+  from trainer.config import ConfigError
+  from trainer.experiment import build
+
+  cfg = small_config(**{"model.remat": "offload_projections"})
+  with pytest.raises(ConfigError, match=r"^config.model.remat='offload_projections' offloads to host memory[^\n]*$"):
+    build(cfg, VOCAB, mesh_for(cfg))

@@ -1,5 +1,7 @@
 """Every parallel layout computes the same training run; shardings and collectives are what each layout promises."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -17,6 +19,16 @@ LAYOUTS = {
   "data2_fsdp2_tensor2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
   "data8_zero1": {"mesh.data": 8, "optim.zero_stage": 1},
   "data8_zero2": {"mesh.data": 8, "optim.zero_stage": 2},
+  # The chunked kernels and a named remat policy, against the single-device run's xla attention and plain loss.
+  "data2_fsdp2_tensor2_chunked": {
+    "mesh.data": 2,
+    "mesh.fsdp": 2,
+    "mesh.tensor": 2,
+    "model.attention": "chunked",
+    "model.attention_block": 4,
+    "model.loss_chunk": 4,
+    "model.remat": "save_projections",
+  },
 }
 
 
@@ -139,3 +151,23 @@ def test_vocab_is_padded_to_split_over_the_tensor_axis():
   )
   exp = build(cfg, VOCAB, mesh_for(cfg))
   assert exp.model_cfg.vocab_size == 216  # lcm(12, 8) = 24; 200 rounded up
+
+
+def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
+  """bf16 compute under fsdp=8: every weight all-gather moves bf16, forward and backward (the LM head's gradient
+  dy @ W once gathered an fp32 copy). Read right after SPMD partitioning, where GSPMD has placed the collectives:
+  XLA:CPU later widens every bf16 collective to f32 (it has none in bf16), which GPU and TPU do not."""
+  cfg = layout_config("fsdp8", **{"model.compute_dtype": "bfloat16"})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  options = {"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"}
+  exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile(compiler_options=options)
+  (dump,) = tmp_path.glob("*train_step*after_spmd-partitioning*.txt")
+  hlo = dump.read_text()
+  gathered = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", hlo)
+  float_gathers = [dtype for dtype in gathered if dtype.startswith(("f", "bf"))]
+  # q, k, v, o, MLP gate, up, down: forward and again in the backward pass; the tied head's embedding.
+  assert len(float_gathers) >= 2 * 7 + 1, gathered
+  assert set(float_gathers) == {"bf16"}, gathered
+  # The head's weight gradient is made from activations alone and keeps fp32, its reduction over the batch too.
+  vocab, d_model = exp.model_cfg.vocab_size, exp.model_cfg.d_model
+  assert re.search(rf"= f32\[{vocab},{d_model}\]\S* all-reduce\(", hlo)

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from model.attend import backend_problem
+from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
 
 
@@ -130,7 +133,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.position_type", ("rope", "learned", "sinusoidal"))
   _one_of(cfg, "model.compute_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
-  _one_of(cfg, "model.remat", ("none", "full", "dots"))
+  _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
+  _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
+  _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
   _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
   _one_of(cfg, "data.tokenizer_type", ("bpe", "unigram"))
   _one_of(cfg, "data.invalid_utf8", ("replace", "skip"))
@@ -197,3 +202,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
   _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
   _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
+
+
+def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
+  """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
+  (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
+  for problem in (backend_problem(cfg.model.attention, backend), remat_problem(cfg.model.remat, backend)):
+    _require(problem is None, problem or "")

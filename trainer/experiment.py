@@ -16,7 +16,7 @@ from sharding.mesh import MeshError
 from sharding.partition import StateShardings, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
-from trainer.config import ConfigError
+from trainer.config import ConfigError, check_backend
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
 from trainer.step import BATCH_AXES, Pipelined, make_eval_step, make_train_step
@@ -143,6 +143,7 @@ def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelC
 
 
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
+  check_backend(cfg, jax.default_backend())
   _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
   rules = parse_rules(cfg.mesh.rules)
   if mesh.shape["stage"] > 1:

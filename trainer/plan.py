@@ -5,6 +5,7 @@ import re
 
 import jax
 
+from model.attend import resolve
 from sharding.mesh import make_mesh
 from sharding.partition import bytes_per_device
 from storage import as_path
@@ -42,6 +43,8 @@ def plan(cfg, workdir: str | None = None) -> dict:
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
     "collectives": count_collectives(compiled.as_text()),
+    # What `model.attention=auto` stands for on this backend and sequence length.
+    "attention": resolve(cfg.model.attention, jax.default_backend(), cfg.data.seq_len, exp.model_cfg.dtype),
   }
   if exp.pipeline is not None:  # mesh.stage > 1: schedule, stages, microbatches, repeats, bubble, activations
     result["pipeline"] = exp.pipeline

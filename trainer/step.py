@@ -10,10 +10,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model import ModelConfig, cross_entropy_sums
+from model.loss import chunked_cross_entropy_sums
 from model.transformer import apply_units, num_units
 from sharding.rules import constrain
 from trainer import pipeline
-from trainer.state import TrainState, apply_model
+from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")
 
@@ -65,8 +66,7 @@ def make_train_step(
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def objective(params, micro, key):
-      logits, aux = apply_model(graphdef, params, micro, dropout_key=key if dropout else None)
-      nll_sum, z_sum, _ = cross_entropy_sums(logits, micro["targets"], micro["loss_mask"])
+      (nll_sum, z_sum, _), aux = apply_loss(graphdef, params, micro, dropout_key=key if dropout else None)
       value = (nll_sum + z_loss_weight * z_sum) / total_tokens
       value += sum(w * aux[name] for name, w in aux_loss_weights.items()) / grad_accum
       return value, {"nll_sum": nll_sum, "z_sum": z_sum, **aux}
@@ -163,8 +163,11 @@ def _pipeline_grads(
 
   def head_fn(blocks, rest, y_BxLxD, side):
     model = assemble(rest, blocks)
-    logits = model.logits(model.final_norm(y_BxLxD))
-    nll_sum, z_sum, _ = cross_entropy_sums(logits, side["targets"], side["loss_mask"])
+    x_BxLxD, targets, mask = model.final_norm(y_BxLxD), side["targets"], side["loss_mask"]
+    if cfg.loss_chunk > 0:  # as Transformer.loss_sums: logits only loss_chunk positions at a time
+      nll_sum, z_sum, _ = chunked_cross_entropy_sums(x_BxLxD, model.logits, targets, mask, chunk=cfg.loss_chunk)
+    else:
+      nll_sum, z_sum, _ = cross_entropy_sums(model.logits(x_BxLxD), targets, mask)
     return (nll_sum + z_loss_weight * z_sum) / total_tokens, {"nll_sum": nll_sum, "z_sum": z_sum}
 
   chunks = pipeline.to_stage_major(params["blocks"], stages, repeats)
@@ -184,8 +187,7 @@ def make_eval_step(graphdef):
   """`eval_step(params, batch) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
 
   def eval_step(params, batch):
-    logits, _ = apply_model(graphdef, params, batch)
-    nll_sum, _, tokens = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+    (nll_sum, _, tokens), _ = apply_loss(graphdef, params, batch)
     return nll_sum, tokens
 
   return eval_step

@@ -1,0 +1,258 @@
+"""The attention seam: every attention kernel behind one function, `attend`.
+
+The caller owns the projections and RoPE; `attend` sees queries, keys and values with the segment ids and
+positions of both. Query l may attend key s when they share a segment, that segment is not 0 (0 is padding,
+never attended), and kv_positions[s] <= q_positions[l]. Causality comes from positions rather than indices,
+so the same function serves training on packed rows (L == S), queries at the end of a KV cache (L < S) and
+pipeline stages. A query that may attend no key (a padding row) gives zeros, in values and gradients.
+
+Implementations (`impl`, config `model.attention`):
+- `xla`: one [B, K, G, L, S] fp32 score tensor; the [B, L, S] mask is built once per call from the ids.
+- `chunked`: online softmax over blocks of `block` keys with its own backward (`jax.custom_vjp`) that
+  recomputes each block's scores: memory O(L x block), never a dense [L, S] mask; runs on any backend.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as its `mask`; GPU only.
+- `splash`: the Pallas TPU splash kernel with segment ids; TPU only. It takes causality from indices
+  (query l sits at key index S - L + l), which equals the position rule for packed rows and for a cache.
+- `auto`: splash on TPU; on GPU cudnn for 16-bit inputs (cuDNN's flash kernel has no fp32), else as on CPU;
+  on CPU xla up to `AUTO_CHUNKED_ABOVE` keys and chunked beyond.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from sharding import rules as sharding_rules
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+AUTO_CHUNKED_ABOVE = 1024
+_BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
+# A finite "minus infinity" for masked scores: exp of it is 0, and it minus itself is 0 (no NaN on empty rows).
+_MASKED = -1e30
+
+
+def backend_problem(impl: str, backend: str) -> str | None:
+  """Why `impl` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if impl not in IMPLEMENTATIONS:
+    return f"config.model.attention={impl!r} is not one of {', '.join(IMPLEMENTATIONS)}"
+  needed = _BACKENDS.get(impl)
+  if needed is not None and backend != needed:
+    return (
+      f"config.model.attention={impl!r} runs on {needed.upper()} only, this backend is {backend}; "
+      "use auto, xla or chunked"
+    )
+  return None
+
+
+def resolve(impl: str, backend: str, kv_length: int, dtype) -> str:
+  """The implementation `impl` stands for on `backend` (only `auto` depends on the backend and shapes)."""
+  if impl != "auto":
+    return impl
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    return "cudnn"
+  return "chunked" if kv_length > AUTO_CHUNKED_ABOVE else "xla"
+
+
+def attend(
+  q_BxLxNxH: jax.Array,
+  k_BxSxKxH: jax.Array,
+  v_BxSxKxH: jax.Array,
+  *,
+  q_segment_ids_BxL: jax.Array,
+  kv_segment_ids_BxS: jax.Array,
+  q_positions_BxL: jax.Array,
+  kv_positions_BxS: jax.Array,
+  impl: str = "auto",
+  block: int = 512,
+) -> jax.Array:
+  """Softmax(q k^T / sqrt(H)) v over the keys each query may see (module docstring); GQA when K < N."""
+  n, k = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
+  assert n % k == 0, f"{n} query heads do not group over {k} kv heads"
+  impl = resolve(impl, jax.default_backend(), k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
+  problem = backend_problem(impl, jax.default_backend())
+  if problem is not None:
+    raise ValueError(problem)
+  scale = q_BxLxNxH.shape[-1] ** -0.5
+  ids = (q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS)
+  if impl == "chunked":
+    return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, min(block, k_BxSxKxH.shape[1]), scale)
+  if impl == "splash":
+    return _splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, scale)
+  allowed_BxLxS = _allowed(*ids)
+  if impl == "cudnn":
+    out_BxLxNxH = jax.nn.dot_product_attention(
+      q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=allowed_BxLxS[:, None], scale=scale, implementation="cudnn"
+    )
+  else:
+    out_BxLxNxH = _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale)
+  # Padding rows: the softmax of an all-masked row is uniform, not zero.
+  return jnp.where(jnp.any(allowed_BxLxS, axis=-1)[:, :, None, None], out_BxLxNxH, 0).astype(q_BxLxNxH.dtype)
+
+
+def _allowed(q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS) -> jax.Array:
+  """[B, L, S] True where query l may attend key s."""
+  same_BxLxS = q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :]
+  causal_BxLxS = kv_positions_BxS[:, None, :] <= q_positions_BxL[:, :, None]
+  return same_BxLxS & causal_BxLxS & (kv_segment_ids_BxS != 0)[:, None, :]
+
+
+def _group(q_BxLxNxH: jax.Array, kv_heads: int) -> jax.Array:
+  b, length, n, h = q_BxLxNxH.shape
+  return q_BxLxNxH.reshape(b, length, kv_heads, n // kv_heads, h)
+
+
+def _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale: float) -> jax.Array:
+  q_BxLxKxGxH = _group(q_BxLxNxH, k_BxSxKxH.shape[2])
+  logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+  logits_BxKxGxLxS = checkpoint_name(logits_BxKxGxLxS * scale, "attention_scores")
+  # `where`, not an added bias: XLA fuses it into the softmax, so no second score-sized tensor is kept.
+  logits_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], logits_BxKxGxLxS, _MASKED)
+  probs_BxKxGxLxS = checkpoint_name(jax.nn.softmax(logits_BxKxGxLxS, axis=-1), "attention_probs")
+  out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS.astype(v_BxSxKxH.dtype), v_BxSxKxH)
+  return out_BxLxKxGxH.reshape(q_BxLxNxH.shape)
+
+
+def _key_blocks(x_BxSx___, block: int, fill) -> jax.Array:
+  """[B, S, ...] -> [S / block, B, block, ...], the key axis padded with `fill` to a multiple of `block`."""
+  b, s = x_BxSx___.shape[:2]
+  pad = -s % block
+  x = jnp.pad(x_BxSx___, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxSx___.ndim - 2), constant_values=fill)
+  return jnp.moveaxis(x.reshape(b, (s + pad) // block, block, *x.shape[2:]), 1, 0)
+
+
+def _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, block: int):
+  q_seg_BxL, kv_seg_BxS, q_pos_BxL, kv_pos_BxS = ids
+  # Padded keys get segment 0, which no query attends.
+  blocks = (
+    _key_blocks(k_BxSxKxH, block, 0),
+    _key_blocks(v_BxSxKxH, block, 0),
+    _key_blocks(kv_seg_BxS, block, 0),
+    _key_blocks(kv_pos_BxS, block, 0),
+  )
+  return blocks, q_seg_BxL, q_pos_BxL
+
+
+def _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale):
+  """Scores of one key block (C keys), fp32, and where they are allowed."""
+  s_BxKxGxLxC = jnp.einsum("BLKGH,BCKH->BKGLC", q_BxLxKxGxH, k_BxCxKxH, preferred_element_type=jnp.float32)
+  allowed_Bx1x1xLxC = _allowed(q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC)[:, None, None]
+  return s_BxKxGxLxC * scale, allowed_Bx1x1xLxC
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float) -> jax.Array:
+  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale)[0]
+
+
+def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale):
+  b, length, n, h = q_BxLxNxH.shape
+  kv_heads = k_BxSxKxH.shape[2]
+  q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
+  blocks, q_seg_BxL, q_pos_BxL = _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, block)
+
+  def step(carry, xs):
+    max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH = carry
+    k_BxCxKxH, v_BxCxKxH, kv_seg_BxC, kv_pos_BxC = xs
+    s_BxKxGxLxC, allowed = _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale)
+    new_max_BxKxGxL = jnp.maximum(max_BxKxGxL, jnp.max(jnp.where(allowed, s_BxKxGxLxC, _MASKED), axis=-1))
+    p_BxKxGxLxC = jnp.where(allowed, jnp.exp(s_BxKxGxLxC - new_max_BxKxGxL[..., None]), 0.0)
+    rescale_BxKxGxL = jnp.exp(max_BxKxGxL - new_max_BxKxGxL)
+    sum_BxKxGxL = sum_BxKxGxL * rescale_BxKxGxL + jnp.sum(p_BxKxGxLxC, axis=-1)
+    pv_BxKxGxLxH = jnp.einsum(
+      "BKGLC,BCKH->BKGLH", p_BxKxGxLxC.astype(v_BxCxKxH.dtype), v_BxCxKxH, preferred_element_type=jnp.float32
+    )
+    acc_BxKxGxLxH = acc_BxKxGxLxH * rescale_BxKxGxL[..., None] + pv_BxKxGxLxH
+    return (new_max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH), None
+
+  g = n // kv_heads
+  init = (
+    jnp.full((b, kv_heads, g, length), _MASKED, jnp.float32),
+    jnp.zeros((b, kv_heads, g, length), jnp.float32),
+    jnp.zeros((b, kv_heads, g, length, h), jnp.float32),
+  )
+  (max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH), _ = jax.lax.scan(step, init, blocks)
+  seen_BxKxGxL = sum_BxKxGxL > 0  # False on padding rows: no key was allowed
+  safe_sum_BxKxGxL = jnp.where(seen_BxKxGxL, sum_BxKxGxL, 1.0)
+  out_BxKxGxLxH = jnp.where(seen_BxKxGxL[..., None], acc_BxKxGxLxH / safe_sum_BxKxGxL[..., None], 0.0)
+  lse_BxKxGxL = jnp.where(seen_BxKxGxL, max_BxKxGxL + jnp.log(safe_sum_BxKxGxL), 0.0)
+  out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, n, h).astype(q_BxLxNxH.dtype)
+  return out_BxLxNxH, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, out_BxLxNxH, lse_BxKxGxL)
+
+
+def _chunked_bwd(block, scale, residuals, dout_BxLxNxH):
+  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, out_BxLxNxH, lse_BxKxGxL = residuals
+  b, s, kv_heads, h = k_BxSxKxH.shape
+  q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
+  dout_BxLxKxGxH = _group(dout_BxLxNxH, kv_heads)
+  blocks, q_seg_BxL, q_pos_BxL = _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, block)
+  # D = rowsum(dout * out): the softmax backward's correction term, one number per query and head.
+  d_BxKxGxL = jnp.einsum(
+    "BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), _group(out_BxLxNxH, kv_heads).astype(jnp.float32)
+  )
+  dt = q_BxLxNxH.dtype
+
+  def step(dq_BxLxKxGxH, xs):
+    k_BxCxKxH, v_BxCxKxH, kv_seg_BxC, kv_pos_BxC = xs
+    s_BxKxGxLxC, allowed = _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale)
+    p_BxKxGxLxC = jnp.where(allowed, jnp.exp(s_BxKxGxLxC - lse_BxKxGxL[..., None]), 0.0)
+    dv_BxCxKxH = jnp.einsum(
+      "BKGLC,BLKGH->BCKH", p_BxKxGxLxC.astype(dt), dout_BxLxKxGxH, preferred_element_type=jnp.float32
+    )
+    dp_BxKxGxLxC = jnp.einsum("BLKGH,BCKH->BKGLC", dout_BxLxKxGxH, v_BxCxKxH, preferred_element_type=jnp.float32)
+    ds_BxKxGxLxC = (p_BxKxGxLxC * (dp_BxKxGxLxC - d_BxKxGxL[..., None]) * scale).astype(dt)
+    dq_BxLxKxGxH += jnp.einsum("BKGLC,BCKH->BLKGH", ds_BxKxGxLxC, k_BxCxKxH, preferred_element_type=jnp.float32)
+    dk_BxCxKxH = jnp.einsum("BKGLC,BLKGH->BCKH", ds_BxKxGxLxC, q_BxLxKxGxH, preferred_element_type=jnp.float32)
+    return dq_BxLxKxGxH, (dk_BxCxKxH, dv_BxCxKxH)
+
+  dq_BxLxKxGxH, (dk_XxBxCxKxH, dv_XxBxCxKxH) = jax.lax.scan(step, jnp.zeros(q_BxLxKxGxH.shape, jnp.float32), blocks)
+
+  def unblock(x_XxBxCxKxH):
+    return jnp.moveaxis(x_XxBxCxKxH, 0, 1).reshape(b, -1, kv_heads, h)[:, :s].astype(k_BxSxKxH.dtype)
+
+  dq_BxLxNxH = dq_BxLxKxGxH.reshape(q_BxLxNxH.shape).astype(dt)
+  return dq_BxLxNxH, unblock(dk_XxBxCxKxH), unblock(dv_XxBxCxKxH), (None,) * len(ids)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _splash(
+  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, scale: float, *, interpret: bool = False
+) -> jax.Array:
+  """Pallas splash attention (TPU): one kernel per batch row, under `shard_map` when a mesh is active.
+
+  `interpret` runs the kernel in the Pallas interpreter, on any backend: how the tests check it on CPU."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+  q_BxNxLxH = jnp.transpose(q_BxLxNxH * jnp.asarray(scale, q_BxLxNxH.dtype), (0, 2, 1, 3))
+  k_BxKxSxH, v_BxKxSxH = jnp.transpose(k_BxSxKxH, (0, 2, 1, 3)), jnp.transpose(v_BxSxKxH, (0, 2, 1, 3))
+
+  def per_device(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, q_seg_BxL, kv_seg_BxS):
+    (length, s), heads = (q_BxNxLxH.shape[2], k_BxKxSxH.shape[2]), q_BxNxLxH.shape[1]
+    causal = splash_mask.CausalMask((length, s), offset=s - length)
+    mask = splash_mask.MultiHeadMask([causal] * heads)
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    segment_ids = splash.SegmentIds(q=q_seg_BxL, kv=kv_seg_BxS)
+    out_BxNxLxH = jax.vmap(kernel)(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, segment_ids=segment_ids)
+    # The kernel lets segment 0 see segment 0; padding rows must give zeros.
+    return jnp.where((q_seg_BxL != 0)[:, None, :, None], out_BxNxLxH, 0).astype(q_BxNxLxH.dtype)
+
+  mesh, rules = sharding_rules.active_mesh(), sharding_rules.active_rules()
+  if mesh is not None:
+    q_spec = sharding_rules.logical_to_spec(("batch", "heads", None, None), rules, mesh)
+    kv_spec = sharding_rules.logical_to_spec(("batch", "kv_heads", None, None), rules, mesh)
+    ids_spec = sharding_rules.logical_to_spec(("batch", None), rules, mesh)
+    # check_vma=False: the Pallas call inside does not declare how its outputs vary over the mesh axes.
+    per_device = jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
+      out_specs=q_spec,
+      check_vma=False,
+    )
+  out_BxNxLxH = per_device(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, q_segment_ids_BxL, kv_segment_ids_BxS)
+  return jnp.transpose(out_BxNxLxH, (0, 2, 1, 3))
