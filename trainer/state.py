@@ -30,12 +30,6 @@ def init_params(model_cfg: ModelConfig, seed: int) -> dict:
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def apply_model(graphdef, params: dict, batch: dict, dropout_key=None):
-  """Runs the model on a batch dict (inputs, positions, segment_ids); returns (logits, aux)."""
-  model = nnx.merge(graphdef, nnx.State(params))
-  return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
-
-
 def apply_loss(graphdef, params: dict, batch: dict, dropout_key=None):
   """The model's loss sums on a batch dict (`Transformer.loss_sums`): ((nll_sum, z_sum, tokens), aux)."""
   model = nnx.merge(graphdef, nnx.State(params))
