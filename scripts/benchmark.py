@@ -1,4 +1,4 @@
-"""Throughput of the train step: `python scripts/benchmark.py --config configs/tiny.py [--config.k=v ...]`.
+"""Throughput of the train step: `python scripts/benchmark.py --config configs/tiny.py [--layers 4,32] [--config.k=v]`.
 
 Runs warm-up steps, then timed steps on synthetic packed batches (no tokenizer, no data loading: this measures
 the model and the step), and prints step time, tokens/s, tokens/s per device, MFU, compile time and peak memory
@@ -29,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure, one after the other.")
+_LAYERS = flags.DEFINE_list(
+  "layers", [], "Layer counts (e.g. 4,32): also measure compile time against depth, in the first dtype."
+)
 
 
 def _peak_memory_bytes() -> tuple[int, str]:
@@ -97,7 +100,27 @@ def main(argv):
     )
   for r in results:
     print(f"MFU peak for {r['compute_dtype']}: {r['peak_flops_per_device']:.3g} FLOP/s per device ({r['peak_source']})")
-  print(json.dumps({"device": device, "results": results}))
+  summary = {"device": device, "results": results}
+  if _LAYERS.value:
+    summary["depth"] = _compile_against_depth(cfg, [int(n) for n in _LAYERS.value], _DTYPES.value[0])
+  print(json.dumps(summary))
+
+
+def _compile_against_depth(cfg, layer_counts: list[int], dtype: str) -> list[dict]:
+  """Compile and step time at each depth: the stacked layers run under one scan, so compile time should
+  barely grow with depth."""
+  cfg.model.compute_dtype = dtype
+  rows = []
+  for layers in layer_counts:
+    cfg.model.num_layers = layers
+    validate(cfg)
+    r = measure(cfg, steps=2, warmup=1)
+    rows.append({"layers": layers, "compile_s": r["compile_s"], "step_s": r["step_s"]})
+  print(f"\ncompile time against depth ({dtype}):\n{'layers':>6} {'compile s':>9} {'step s':>8} {'compile x':>9}")
+  for row in rows:
+    ratio = row["compile_s"] / rows[0]["compile_s"]
+    print(f"{row['layers']:>6} {row['compile_s']:9.2f} {row['step_s']:8.3f} {ratio:9.2f}")
+  return rows
 
 
 if __name__ == "__main__":
