@@ -84,6 +84,8 @@ def _use_compilation_cache(data_cfg, enabled: bool) -> None:
     from jax.experimental.compilation_cache import compilation_cache
 
     compilation_cache.set_cache_dir(path)
+    # Every step the run compiles, not only those over JAX's default 1 s: a restart should compile nothing.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()  # JAX decides once per process whether to cache: in a notebook it already has
 
 
@@ -107,14 +109,15 @@ def train(cfg, workdir: str) -> dict:
   # The data position is a global row cursor: the same for any number of processes, and it carries over a
   # change of batch size. Checkpoints without one were written at a constant batch size.
   start_row = next_row if next_row is not None else start_step * batch_rows
+  token_cache = data.load_token_cache(cfg.data, tokenizer)  # once, for the train and the eval batches
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
-    start_row=start_row,
+    start_row=start_row, token_cache=token_cache,
   )  # fmt: skip
   # [] when nothing is held out (data.eval_fraction=0, or a one-document corpus): the run has no evaluation.
   eval_batches = data.make_eval_batches(
     cfg.data, tokenizer, global_batch_size=batch_rows, num_batches=cfg.train.eval_batches,
-    sharding=exp.batch_sharding,
+    sharding=exp.batch_sharding, token_cache=token_cache,
   )  # fmt: skip
 
   writer = MetricWriter(workdir, enabled=is_writer)
