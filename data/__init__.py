@@ -7,11 +7,13 @@ cut, token_cache.py for how processes share tokenization, tokenizer.py for the i
 
 from data.errors import DataError
 from data.pipeline import make_eval_batches, make_train_iterator
+from data.token_cache import load_token_cache
 from data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
   "DataError",
   "Tokenizer",
+  "load_token_cache",
   "load_tokenizer",
   "make_eval_batches",
   "make_train_iterator",

@@ -44,6 +44,7 @@ def make_train_iterator(
   seed: int,
   sharding: jax.sharding.NamedSharding,
   start_row: int = 0,
+  token_cache: TokenCache | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
   """Endless training batches; item i holds global rows [start_row + i * B, start_row + (i + 1) * B).
 
@@ -53,7 +54,8 @@ def make_train_iterator(
   _check_sizes(data_cfg.seq_len, global_batch_size)
   if start_row < 0:
     raise ValueError(f"start_row={start_row} must be at least 0")
-  token_cache = load_token_cache(data_cfg, tokenizer)
+  if token_cache is None:  # a caller that builds both train and eval batches loads it once
+    token_cache = load_token_cache(data_cfg, tokenizer)
   documents = np.flatnonzero(~token_cache.held_out(data_cfg.eval_fraction))
   if len(documents) == 0:
     raise DataError(
@@ -72,6 +74,7 @@ def make_eval_batches(
   global_batch_size: int,
   num_batches: int,
   sharding: jax.sharding.NamedSharding,
+  token_cache: TokenCache | None = None,
 ) -> list[dict[str, jax.Array]]:
   """Up to `num_batches` fixed batches of the held-out documents in corpus order; [] means no evaluation.
 
@@ -82,7 +85,8 @@ def make_eval_batches(
   _check_sizes(data_cfg.seq_len, global_batch_size)
   if data_cfg.eval_fraction <= 0:
     return []
-  token_cache = load_token_cache(data_cfg, tokenizer)
+  if token_cache is None:  # a caller that builds both train and eval batches loads it once
+    token_cache = load_token_cache(data_cfg, tokenizer)
   documents = np.flatnonzero(token_cache.held_out(data_cfg.eval_fraction))
   if len(documents) == 0:
     _log.warning(
