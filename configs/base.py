@@ -102,6 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.microbatches = 4  # per grad_accum microbatch; at least mesh.stage
   c.pipeline.repeats = 1  # circular only (> 1): layer chunks per stage
 
+  # LoRA fine-tuning (rank 0: off, full fine-tuning): only the adapters train, the base (checkpoint.init_from,
+  # else the seed's random init) stays frozen and out of the optimizer and the checkpoints.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
+  c.lora.dropout = 0.0  # on the adapter's input, training only
+  c.lora.targets = "q,v"  # comma-separated among q, k, v, o, gate, up, down (MoE models: attention only)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 3

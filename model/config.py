@@ -5,6 +5,8 @@ import math
 
 import jax.numpy as jnp
 
+from model.lora import parse_targets
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -41,6 +43,11 @@ class ModelConfig:
   expert_mlp_dim: int = 0
   router_score: str = "softmax"
   renormalize_gates: bool = True
+  # LoRA (lora_rank == 0: off): adapters on the projections named in lora_targets ("attn_q", "mlp_up", ...).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
   @property
   def dtype(self):
@@ -51,14 +58,22 @@ class ModelConfig:
     return _DTYPES[self.param_dtype]
 
   @classmethod
-  def from_config(cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int) -> "ModelConfig":
-    """Builds from `config.model` and `config.moe`; `vocab_size` must already be padded."""
+  def from_config(cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int, lora_cfg=None) -> "ModelConfig":
+    """Builds from `config.model` and `config.moe` (and `config.lora`, when given: a model with adapters);
+    `vocab_size` must already be padded."""
     head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in model_cfg.items() if k in fields}
     moe_names = {"every": "moe_every"}
     kwargs.update({moe_names.get(k, k): v for k, v in moe_cfg.items() if moe_names.get(k, k) in fields})
     kwargs.update(vocab_size=vocab_size, max_len=max_len, head_dim=head_dim)
+    if lora_cfg is not None and lora_cfg.rank > 0:
+      kwargs.update(
+        lora_rank=lora_cfg.rank,
+        lora_alpha=float(lora_cfg.alpha),
+        lora_dropout=float(lora_cfg.dropout),
+        lora_targets=parse_targets(lora_cfg.targets),
+      )
     return cls(**kwargs)
 
 

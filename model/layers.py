@@ -74,6 +74,8 @@ def project(
   name: str,
   dtype,
   out_dtype=None,
+  adapter: Callable[[jax.Array, str, object, jax.Array | None], jax.Array] | None = None,
+  adapter_key: jax.Array | None = None,
 ) -> jax.Array:
   """`einsum(spec, x, kernel)` in `dtype`, the one dense projection of the model.
 
@@ -81,6 +83,9 @@ def project(
   `checkpoint_name` (`name`, which remat policies select) and the projection hook. `out_dtype` (e.g. fp32 logits)
   is the accumulation and output type; the input's gradient flows back in `dtype`, so the backward pass gathers
   the weight in `dtype` too, and the weight's gradient stays in `out_dtype`.
+
+  `adapter` (a LoRA `model.lora.Adapter`, or None) adds its low-rank term `adapter(x, spec, dtype, key)` to the
+  projection; `adapter_key` is its dropout key (None: no dropout).
   """
 
   def default(x, kernel_array):
@@ -91,6 +96,8 @@ def project(
 
   hook = _hook.fn
   y = default(x, kernel[...]) if hook is None else hook(name, x, kernel[...], default)
+  if adapter is not None:
+    y = y + adapter(x, spec, dtype, adapter_key).astype(y.dtype)
   return checkpoint_name(constrain(y, out_names), name)
 
 

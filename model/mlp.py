@@ -4,6 +4,7 @@ import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from model import lora
 from model.config import ModelConfig
 from model.layers import output_std, param, project
 from sharding.rules import constrain
@@ -25,12 +26,38 @@ class Mlp(nnx.Module):
       self.w_gate_DxF = param(rngs, (d, f), ("embed", "mlp"), std=cfg.init_std, dtype=wd)
     self.w_up_DxF = param(rngs, (d, f), ("embed", "mlp"), std=cfg.init_std, dtype=wd)
     self.w_down_FxD = param(rngs, (f, d), ("mlp", "embed"), std=output_std(cfg.init_std, cfg.num_layers), dtype=wd)
+    # LoRA adapters (None where config.lora does not target the projection).
+    self.lora_gate = lora.make(cfg, rngs, "mlp_gate", self.w_gate_DxF, n_in=1) if cfg.mlp_type == "swiglu" else None
+    self.lora_up = lora.make(cfg, rngs, "mlp_up", self.w_up_DxF, n_in=1)
+    self.lora_down = lora.make(cfg, rngs, "mlp_down", self.w_down_FxD, n_in=1)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    dt, names = self.cfg.dtype, ("batch", "length", "mlp")
-    up_BxLxF = project(x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", dtype=dt)
+  def __call__(self, x_BxLxD: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """`dropout_key` (training only) drives the LoRA adapters' dropout."""
+    dt, names, key = self.cfg.dtype, ("batch", "length", "mlp"), dropout_key
+    up_BxLxF = project(
+      x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", dtype=dt, adapter=self.lora_up, adapter_key=key
+    )
     gate_BxLxF = None
     if self.cfg.mlp_type == "swiglu":
-      gate_BxLxF = project(x_BxLxD, self.w_gate_DxF, "BLD,DF->BLF", names, name="mlp_gate", dtype=dt)
+      gate_BxLxF = project(
+        x_BxLxD,
+        self.w_gate_DxF,
+        "BLD,DF->BLF",
+        names,
+        name="mlp_gate",
+        dtype=dt,
+        adapter=self.lora_gate,
+        adapter_key=key,
+      )
     h_BxLxF = checkpoint_name(constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names), "mlp_hidden")
-    return project(h_BxLxF, self.w_down_FxD, "BLF,FD->BLD", ("batch", "length", "embed"), name="mlp_down", dtype=dt)
+    out_names = ("batch", "length", "embed")
+    return project(
+      h_BxLxF,
+      self.w_down_FxD,
+      "BLF,FD->BLD",
+      out_names,
+      name="mlp_down",
+      dtype=dt,
+      adapter=self.lora_down,
+      adapter_key=key,
+    )

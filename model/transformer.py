@@ -66,13 +66,15 @@ class Block(nnx.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key):
     rate = self.cfg.dropout_rate
     attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    h_BxLxD = self.attn(checkpoint_name(self.attn_norm(x_BxLxD), "attn_norm"), positions_BxL, segment_ids_BxL)
+    normed_BxLxD = checkpoint_name(self.attn_norm(x_BxLxD), "attn_norm")
+    # The residual dropout's keys also drive the LoRA adapters' dropout (each adapter folds in its own index).
+    h_BxLxD = self.attn(normed_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=attn_key)
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"))
     normed_BxLxD = checkpoint_name(self.mlp_norm(x_BxLxD), "mlp_norm")
     if isinstance(self.mlp, Moe):
       h_BxLxD, aux = self.mlp(normed_BxLxD)
     else:
-      h_BxLxD, aux = self.mlp(normed_BxLxD), {}
+      h_BxLxD, aux = self.mlp(normed_BxLxD, dropout_key=mlp_key), {}
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"))
     return x_BxLxD, aux
 
