@@ -4,8 +4,14 @@
 
 Writes `<out>/params` (an orbax checkpoint of {"params": ...}), and copies the run's `config.json` and
 `tokenizer.model` beside it. A new run starts from it with `--config.checkpoint.init_from=<out>`.
+
+A LoRA run (config.lora.rank > 0) checkpoints only its adapters. `--merge` (the default) writes the plain
+parameters of base + adapters, every adapted kernel W replaced by W + alpha / rank * A B: a model without
+adapters, loadable like any export. The base is the run's `checkpoint.init_from`, or the seed's random init
+when it had none. `--adapters_only` writes the adapters alone, with `<out>/lora.json` naming the base.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -21,6 +27,8 @@ _RUN = flags.DEFINE_string("run", None, "Run directory (holds checkpoints/).", r
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of the exported parameters.")
+_MERGE = flags.DEFINE_bool("merge", True, "LoRA runs: merge the adapters into the base (the default).")
+_ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "LoRA runs: write the adapters alone, not merged.")
 
 
 def _checkpoint_dir(run: str, step: int | None) -> str:
@@ -35,9 +43,48 @@ def _checkpoint_dir(run: str, step: int | None) -> str:
   return os.path.join(root, str(step), "state")
 
 
-def export(run: str, out: str, step: int | None = None, dtype: str = "float32") -> str:
+def _run_config(run: str):
+  """The run's resolved config (config.json) as a ConfigDict; None when the run directory has none."""
+  import ml_collections
+
+  path = os.path.join(run, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _lora_on(run_cfg) -> bool:
+  return run_cfg is not None and "lora" in run_cfg and run_cfg.lora.rank > 0
+
+
+def _merge_lora(run: str, run_cfg, adapters: dict) -> dict:
+  """Base (init_from or the seed's init) + adapters -> plain parameters with W + alpha / rank * A B."""
+  import data
+  from model import ModelConfig, lora
+  from model.config import padded_vocab_size
+  from trainer.experiment import lora_base
+  from trainer.state import abstract_model
+
+  m = run_cfg.model
+  # The embedding's rows as the run padded them; mesh.tensor=-1 (all remaining devices) counts as 1 here.
+  vocab = padded_vocab_size(data.load_tokenizer(run_cfg.data, run).vocab_size, m.vocab_multiple,
+                            max(run_cfg.mesh.tensor, 1))  # fmt: skip
+  model_cfg = ModelConfig.from_config(m, run_cfg.moe, vocab_size=vocab, max_len=run_cfg.data.seq_len,
+                                      lora_cfg=run_cfg.lora)  # fmt: skip
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  _, abstract_base = lora.split(abstract_model(model_cfg)[1])
+  abstract_base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_base)
+  base = lora_base(run_cfg.checkpoint.init_from, model_cfg, run_cfg.train.seed, abstract_base)
+  return lora.merge(lora.combine(adapters, base), model_cfg.lora_alpha / model_cfg.lora_rank)
+
+
+def export(run: str, out: str, step: int | None = None, dtype: str = "float32", adapters_only: bool = False) -> str:
   if os.path.exists(out):
     sys.exit(f"error: {out} exists; pass an --out that does not, so nothing is overwritten")
+  run_cfg = _run_config(run)
+  if adapters_only and not _lora_on(run_cfg):
+    sys.exit(f"error: {run} is not a LoRA run (its config.lora.rank is 0 or absent); export it without --adapters_only")
   state_dir = _checkpoint_dir(run, step)
   metadata = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree["params"]
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -50,21 +97,40 @@ def export(run: str, out: str, step: int | None = None, dtype: str = "float32") 
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
       ),
     )
-  params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored["params"])
+  params = restored["params"]
+  if _lora_on(run_cfg) and not adapters_only:
+    params = _merge_lora(run, run_cfg, params)
+  params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
   os.makedirs(out)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(out, "params")), {"params": params})
+  if adapters_only:
+    lora_cfg, init_from = run_cfg.lora, run_cfg.checkpoint.init_from
+    base = init_from or f"random init of train.seed={run_cfg.train.seed} (the run had no checkpoint.init_from)"
+    description = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": lora_cfg.targets, "base": base}
+    with open(os.path.join(out, "lora.json"), "w") as f:
+      json.dump(description, f, indent=2)
   for name in ("config.json", "tokenizer.model"):
     if os.path.exists(os.path.join(run, name)):
       shutil.copy(os.path.join(run, name), os.path.join(out, name))
   count = sum(x.size for x in jax.tree.leaves(params))
-  print(f"exported {count / 1e6:.1f}M parameters ({dtype}) from {os.path.dirname(state_dir)} to {out}")
+  what = "LoRA adapter" if adapters_only else ("merged (base + LoRA)" if _lora_on(run_cfg) else "")
+  print(f"exported {count / 1e6:.1f}M {what + ' ' if what else ''}parameters ({dtype}) from "
+        f"{os.path.dirname(state_dir)} to {out}")  # fmt: skip
   return out
 
 
 def main(argv):
   del argv
-  export(_RUN.value, _OUT.value, _STEP.value, _DTYPE.value)
+  if _ADAPTERS_ONLY.value and flags.FLAGS["merge"].present and _MERGE.value:
+    sys.exit("error: --merge and --adapters_only exclude each other; pass one of them")
+  from data.errors import DataError
+  from trainer.checkpoint import CheckpointError
+
+  try:
+    export(_RUN.value, _OUT.value, _STEP.value, _DTYPE.value, adapters_only=_ADAPTERS_ONLY.value or not _MERGE.value)
+  except (CheckpointError, DataError) as e:  # a LoRA run's base that cannot be loaded
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model import ModelConfig
+from model import ModelConfig, lora
 from model.config import padded_vocab_size
 from model.transformer import num_units
 from sharding.mesh import MeshError
 from sharding.partition import StateShardings, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
+from trainer.checkpoint import load_params
 from trainer.config import ConfigError, check_backend
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
@@ -214,3 +215,46 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     init_state=init_state,
     pipeline=pipeline_plan,
   )
+
+
+# LoRA (config.lora.rank > 0): the adapters are the train state's parameters, the rest of the model is the frozen
+# base, an input of every step that is neither trained nor checkpointed.
+
+
+def lora_split(cfg, model_cfg: ModelConfig, abstract_params: dict, logical_names: dict, stages: int):
+  """((trainable params, their logical names), (frozen base, its logical names) or None), as abstract trees.
+
+  Without LoRA everything is trainable and there is no base. With it the trainable part is the adapters.
+  """
+  lc = cfg.lora
+  problem = lora.config_problem(lc.rank, lc.alpha, lc.dropout, lc.targets, cfg.moe.num_experts)
+  if problem is not None:
+    raise ConfigError(problem)
+  if lc.rank == 0:
+    return (abstract_params, logical_names), None
+  if stages > 1:
+    raise ConfigError(
+      f"config.lora.rank={lc.rank} with mesh.stage={stages}: LoRA does not run under the pipeline; set "
+      "mesh.stage=1 (the base can be sharded with mesh.fsdp and mesh.tensor)"
+    )
+  adapters, base = lora.split(abstract_params)
+  adapter_names, base_names = lora.split(logical_names)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  _log.info(
+    "LoRA rank %d (alpha %g) on %s: %d trainable adapter parameters, %d frozen in the base",
+    lc.rank, lc.alpha, ",".join(model_cfg.lora_targets), count(adapters), count(base),
+  )  # fmt: skip
+  return (adapters, adapter_names), (base, base_names)
+
+
+def lora_base(init_from: str, model_cfg: ModelConfig, seed: int, abstract_base: dict) -> dict:
+  """The frozen base of a LoRA run in the shardings of `abstract_base` (ShapeDtypeStructs with shardings): the
+  parameters of `init_from` (config.checkpoint.init_from), else the random init of `seed`, exactly the one a
+  model without adapters gets, so a resumed or exported run rebuilds the same base."""
+  if init_from:
+    base, _ = load_params(init_from, abstract_base)
+    _log.info("LoRA: the frozen base is %s", init_from)
+    return base
+  _log.warning("LoRA without config.checkpoint.init_from: the frozen base is the random init of train.seed=%d", seed)
+  shardings = jax.tree.map(lambda s: s.sharding, abstract_base)
+  return jax.jit(lambda: lora.split(init_params(model_cfg, seed))[1], out_shardings=shardings)()

@@ -1,0 +1,148 @@
+"""LoRA: adapters start as a no-op, add x A B * alpha / rank, train alone, merge into the base, resume, shard."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import ModelConfig, lora
+from trainer.state import abstract_model, init_params
+
+ALL_TARGETS = tuple(name for name, _, _ in lora.TARGETS.values())
+# Each adapter's merged kernel, W + scale * A B, written out per kernel layout with the stacked layer axis X.
+_MERGE_SPECS = {
+  "lora_q": ("wq_DxNxH", "XDR,XRNH->XDNH"),
+  "lora_k": ("wk_DxKxH", "XDR,XRKH->XDKH"),
+  "lora_v": ("wv_DxKxH", "XDR,XRKH->XDKH"),
+  "lora_o": ("wo_NxHxD", "XNHR,XRD->XNHD"),
+  "lora_gate": ("w_gate_DxF", "XDR,XRF->XDF"),
+  "lora_up": ("w_up_DxF", "XDR,XRF->XDF"),
+  "lora_down": ("w_down_FxD", "XFR,XRD->XFD"),
+}
+
+
+def _model_cfg(**lora_fields) -> ModelConfig:
+  cfg = ModelConfig(
+    vocab_size=128, max_len=16, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+  )
+  return dataclasses.replace(cfg, **lora_fields)
+
+
+_LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_TARGETS}
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  rng = np.random.default_rng(0)
+  tokens_BxL = rng.integers(0, 128, (2, 16))
+  positions_BxL = np.tile(np.arange(16), (2, 1))
+  return tokens_BxL, positions_BxL, np.ones((2, 16), np.int32)
+
+
+@functools.cache
+def _init(model_cfg: ModelConfig, seed: int) -> dict:
+  return jax.device_get(jax.jit(lambda: init_params(model_cfg, seed))())
+
+
+@functools.cache
+def _forward(model_cfg: ModelConfig):
+  graphdef = abstract_model(model_cfg)[0]
+  return jax.jit(lambda params, batch, key: nnx.merge(graphdef, nnx.State(params))(*batch, dropout_key=key)[0])
+
+
+def _logits(model_cfg: ModelConfig, params: dict, batch, dropout_key=None) -> np.ndarray:
+  return np.asarray(_forward(model_cfg)(params, batch, dropout_key))
+
+
+def _with_random_b(params: dict, seed: int) -> dict:
+  """Non-zero B everywhere (a trained adapter), so the adapters change the output."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, x):
+    return rng.normal(0, 0.5, x.shape).astype(x.dtype) if lora.is_adapter(path) and path[-1].key == "b" else x
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _naive_merge(params: dict, scale: float) -> dict:
+  """W + scale * A B for every adapted kernel with an explicit einsum per layout; adapters dropped."""
+  adapters, base = lora.split(jax.device_get(params))
+  merged = jax.tree.map(np.array, base)
+  for group in ("attn", "mlp"):
+    for name, pair in adapters["blocks"][group].items():
+      kernel, spec = _MERGE_SPECS[name]
+      w = merged["blocks"][group][kernel]
+      merged["blocks"][group][kernel] = w + scale * np.einsum(spec, pair["a"], pair["b"])
+  return merged
+
+
+def test_a_new_adapter_leaves_the_base_model_unchanged(tokens):
+  plain_cfg, lora_cfg = _model_cfg(), _model_cfg(**_LORA)
+  plain, with_lora = _init(plain_cfg, 0), _init(lora_cfg, 0)
+  adapters, base = lora.split(with_lora)
+  # The adapters draw from a stream of their own: the base is the plain model's init, leaf for leaf.
+  assert jax.tree.structure(base) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+  assert set(adapters["blocks"]["attn"]) == {"lora_q", "lora_k", "lora_v", "lora_o"}
+  assert set(adapters["blocks"]["mlp"]) == {"lora_gate", "lora_up", "lora_down"}
+  a_q = np.asarray(adapters["blocks"]["attn"]["lora_q"]["a"])
+  assert a_q.shape == (2, 32, 4) and not np.allclose(a_q[0], a_q[1])  # each layer draws its own A
+  np.testing.assert_allclose(a_q.std(), 1 / np.sqrt(32), rtol=0.2)  # Kaiming: std 1/sqrt(fan_in)
+  assert not np.any(np.asarray(adapters["blocks"]["attn"]["lora_o"]["b"]))  # B = 0
+  np.testing.assert_array_equal(_logits(lora_cfg, with_lora, tokens), _logits(plain_cfg, plain, tokens))
+
+
+def test_adapters_add_scaled_low_rank_terms_and_merge_into_the_kernels(tokens):
+  lora_cfg = _model_cfg(**_LORA)
+  params = _with_random_b(_init(lora_cfg, 0), seed=1)
+  want = _naive_merge(params, scale=8.0 / 4)
+  merged = lora.merge(params, 8.0 / 4)
+  assert jax.tree.structure(merged) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  got = _logits(lora_cfg, params, tokens)
+  reference = _logits(_model_cfg(), want, tokens)
+  assert np.abs(got - _logits(lora_cfg, _init(lora_cfg, 0), tokens)).max() > 0.1  # the adapters matter
+  np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_dropout_applies_in_training_only(tokens):
+  lora_cfg = _model_cfg(**_LORA, lora_dropout=0.5)
+  params = _with_random_b(_init(lora_cfg, 0), seed=2)
+  evaluation = _logits(lora_cfg, params, tokens)
+  np.testing.assert_allclose(evaluation, _logits(_model_cfg(), lora.merge(params, 2.0), tokens), rtol=1e-4, atol=1e-4)
+  training = _logits(lora_cfg, params, tokens, dropout_key=jax.random.key(0))
+  assert np.abs(training - evaluation).max() > 1e-2
+
+
+def test_only_targeted_projections_get_adapters():
+  _, abstract, names = abstract_model(_model_cfg(lora_rank=2, lora_targets=("attn_q", "attn_v")))
+  adapters, _ = lora.split(abstract)
+  assert jax.tree.map(lambda x: x.shape, adapters) == {
+    "blocks": {"attn": {"lora_q": {"a": (2, 32, 2), "b": (2, 2, 4, 8)}, "lora_v": {"a": (2, 32, 2), "b": (2, 2, 2, 8)}}}
+  }
+  # The adapters carry the logical names of the kernel they adapt, the rank axis unsharded.
+  q_names = names["blocks"]["attn"]["lora_q"]
+  assert tuple(q_names["a"]) == ("layers", "embed", None)
+  assert tuple(q_names["b"]) == ("layers", None, "heads", "head_dim")
+  assert lora.parse_targets("q, v") == ("attn_q", "attn_v")
+
+
+@pytest.mark.parametrize(
+  "rank, targets, experts, fragment",
+  [
+    (4, "q,x", 0, "config.lora.targets='q,x'"),
+    (4, "", 0, "config.lora.targets=''"),
+    (4, "q,up", 4, "MoE experts take no adapters"),
+    (-1, "q", 0, "config.lora.rank=-1"),
+  ],
+)
+def test_config_problems_name_the_key(rank, targets, experts, fragment):
+  problem = lora.config_problem(rank, 16.0, 0.0, targets, experts)
+  assert problem is not None and fragment in problem
+  assert lora.config_problem(0, 16.0, 0.0, "nonsense", 4) is None  # off: nothing to check
+  assert lora.config_problem(4, 16.0, 0.0, "q,k,v,o", 4) is None
