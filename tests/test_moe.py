@@ -186,7 +186,7 @@ def test_moe_every_2_layers_tree_and_per_layer_metrics_through_grad_accum():
   assert tuple(exp.logical_names["blocks"]["moe"]["mlp"]["w_down_ExFxD"]) == ("layers", "experts", "mlp", "embed")
   state = exp.init_state()
   batch = packed_batch(np.random.default_rng(0), 8, 16)
-  _, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+  _, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding), {})
   assert metrics["moe_expert_load"].shape == (2, 4)  # [MoE layers, experts], kept through the microbatch sum
   np.testing.assert_allclose(np.asarray(metrics["moe_expert_load"]).sum(-1), 1.0, rtol=1e-5)
   for name in ("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction"):
@@ -256,7 +256,7 @@ def test_expert_parallel_layout_reproduces_single_device_training(path, layout, 
 
 def test_dropless_expert_parallel_step_exchanges_tokens_with_all_to_all(runs):
   _, _, exp = runs("dropless", "expert4_data2")
-  hlo = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile().as_text()
+  hlo = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile().as_text()
   # Tokens out and results back, forward and backward.
   assert count_collectives(hlo)["all-to-all"] >= 2
 
