@@ -13,6 +13,7 @@ import ml_collections
 
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.attend import backend_problem
+from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
 
@@ -207,5 +208,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
   """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
   (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
-  for problem in (backend_problem(cfg.model.attention, backend), remat_problem(cfg.model.remat, backend)):
+  for problem in (
+    backend_problem(cfg.model.attention, backend),
+    remat_problem(cfg.model.remat, backend),
+    dropless_problem(cfg.moe.dropless_impl, backend),
+  ):
     _require(problem is None, problem or "")
