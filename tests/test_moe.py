@@ -191,6 +191,13 @@ def test_capacity_drops_per_group_as_the_formula_says(group_size, length):
   assert {4: 0.4, 3: 0.3, 512: 0.5}[group_size] == pytest.approx(dropped_per_row / (2 * length))
 
 
+def test_group_size_must_be_positive():
+  cfg = _ep_config("capacity")
+  cfg.moe.group_size = 0
+  with pytest.raises(ConfigError, match=r"^config.moe.group_size=0 must be positive[^\n]*$"):
+    validate(cfg)
+
+
 def _moe_flops(cfg: ModelConfig, length: int) -> float:
   moe, _ = _moe_and_params(cfg)
   x = jax.ShapeDtypeStruct((2, length, cfg.d_model), jnp.float32)

@@ -200,6 +200,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       moe.every > 0 and m.num_layers % moe.every == 0,
       f"config.model.num_layers={m.num_layers} is not divisible by config.moe.every={moe.every}",
     )
+    _require(moe.group_size > 0, f"config.moe.group_size={moe.group_size} must be positive (tokens per routing group)")
   unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
   _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
   _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
