@@ -1,6 +1,7 @@
 """Mixture of experts: both dispatch paths against a naive per-token loop, the capacity rule, the auxiliary
 losses, expert-parallel layouts against one device, and the active-parameter count behind MFU."""
 
+import functools
 import math
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from model import ModelConfig
 from model.moe import (
   Moe,
+  _capacity_moe,
   _dropless_moe,
   dropless_problem,
   exchange_plan,
@@ -457,10 +459,19 @@ def _dropless_inputs(seed: int = 0):
 
 
 def _dropless_value_and_grads(impl: str, layout: dict | None, collective=_emulated_ragged_all_to_all):
+  moe = functools.partial(_dropless_moe, mlp_type="swiglu", impl=impl, collective=collective)
+  return _layer_value_and_grads(moe, layout)
+
+
+def _layer_value_and_grads(moe, layout: dict | None):
+  """(loss, output), grads of (x, gates, weights) of `moe(x, experts, gates, weights)` on `_dropless_inputs`,
+  under the mesh of `layout` (None: no mesh, one device)."""
   x, experts, gates, weights, cotangent = _dropless_inputs()
 
   def loss(x, gates, weights):
-    y = _dropless_moe(x, experts, gates, weights, "swiglu", impl, collective=collective)
+    y = moe(x, experts, gates, weights)
+    if isinstance(y, tuple):
+      y = y[0]
     return jnp.sum(y * cotangent), y
 
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -481,6 +492,19 @@ def dropless_reference():
 def test_dropless_exchange_values_and_gradients_equal_one_device(impl, layout, dropless_reference):
   (_, want_y), want_grads = dropless_reference
   (_, y), grads = jax.device_get(_dropless_value_and_grads(impl, LAYOUTS[layout]))
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["expert4_data2", "expert2_data2_tensor2"])
+def test_grouped_capacity_path_under_expert_parallelism_equals_one_device(layout):
+  # Groups of 2 in sequences of 4, one slot per expert and group: tokens are dropped, so placement matters.
+  moe = functools.partial(_capacity_moe, mlp_type="swiglu", group=2, capacity=1)
+  x, experts, gates, weights, _ = _dropless_inputs()
+  assert 0 < int(moe(x, experts, gates, weights)[1]) < experts.size
+  (_, want_y), want_grads = jax.device_get(_layer_value_and_grads(moe, None))
+  (_, y), grads = jax.device_get(_layer_value_and_grads(moe, LAYOUTS[layout]))
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
