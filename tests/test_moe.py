@@ -1,5 +1,6 @@
-"""Mixture of experts: both dispatch paths against a naive per-token loop, the capacity rule, the auxiliary
-losses, expert-parallel layouts against one device, and the active-parameter count behind MFU."""
+"""Mixture of experts: both dispatch paths against a naive per-token loop, the capacity rule per routing group,
+the auxiliary losses, expert-parallel layouts against one device, the ragged and buffer dropless exchanges
+against each other, and the active-parameter count behind MFU."""
 
 import functools
 import math
