@@ -9,6 +9,10 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig, lora
+from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
+from trainer.config import ConfigError
+from trainer.experiment import build
+from trainer.plan import plan
 from trainer.state import abstract_model, init_params
 
 ALL_TARGETS = tuple(name for name, _, _ in lora.TARGETS.values())
@@ -146,3 +150,94 @@ def test_config_problems_name_the_key(rank, targets, experts, fragment):
   assert problem is not None and fragment in problem
   assert lora.config_problem(0, 16.0, 0.0, "nonsense", 4) is None  # off: nothing to check
   assert lora.config_problem(4, 16.0, 0.0, "q,k,v,o", 4) is None
+
+
+# The trainer: adapters are the state, the base a frozen input.
+
+_RANK = 4
+_LORA_RUN = {"lora.rank": _RANK, "lora.alpha": 8.0, "lora.targets": "q,k,v,o,gate,up,down", "lora.dropout": 0.1}
+
+
+def _run(cfg, batches: list[dict]):
+  """LoRA steps from cfg.train.seed: (losses, state, frozen, experiment); the state's first params kept too."""
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  state, frozen = exp.init_state(), exp.load_frozen()
+  first = jax.device_get(state.params)
+  losses = []
+  for batch in batches:
+    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding), frozen)
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), first, state, frozen, exp
+
+
+@pytest.fixture(scope="module")
+def batches():
+  rng = np.random.default_rng(3)
+  return [packed_batch(rng, 8, 16) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def single_device(batches):
+  return _run(small_config(**_LORA_RUN), batches)
+
+
+def test_only_the_adapters_train_and_only_they_have_optimizer_state(single_device, batches):
+  losses, first, state, frozen, _ = single_device
+  params = jax.device_get(state.params)
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert paths and all(lora.is_adapter(path) for path in paths)
+  for before, after in zip(jax.tree.leaves(first), jax.tree.leaves(params)):
+    assert np.abs(after - before).max() > 0  # every A and B moved (B from zero)
+  # B starts at zero, so the first loss is the base model's; the base is the plain model's init of the same seed,
+  # untouched by training.
+  plain_losses, _, plain_exp = run_steps(small_config(), batches[:1])
+  np.testing.assert_allclose(losses[0], plain_losses[0], rtol=1e-6)
+  plain_init = jax.device_get(plain_exp.init_state().params)
+  assert jax.tree.structure(plain_init) == jax.tree.structure(frozen["base"])
+  for a, b in zip(jax.tree.leaves(jax.device_get(frozen["base"])), jax.tree.leaves(plain_init)):
+    np.testing.assert_array_equal(a, b)
+  # Adam's moments exist for the adapters only: every array leaf of the optimizer state is adapter-shaped.
+  shapes = sorted(x.shape for x in jax.tree.leaves(params))
+  moments = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert moments == sorted(shapes * 2)  # mu and nu
+
+
+def test_lora_on_a_mesh_with_fsdp_and_tensor_gives_the_losses_of_one_device(single_device, batches):
+  want_losses, _, want_state, _, _ = single_device
+  cfg = small_config(**_LORA_RUN, **{"mesh.fsdp": 2, "mesh.tensor": 2})
+  losses, _, state, frozen, exp = _run(cfg, batches)
+  assert exp.mesh.shape["fsdp"] == 2 and exp.mesh.shape["tensor"] == 2
+  # The base is sharded like a full model's parameters: wq [layers, D, N, H] over fsdp (D) and tensor (N).
+  wq = frozen["base"]["blocks"]["attn"]["wq_DxNxH"]
+  assert wq.sharding.spec[1:3] == ("fsdp", "tensor")
+  np.testing.assert_allclose(losses, want_losses, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(want_state.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_reports_trainable_parameters_and_their_optimizer_state():
+  d, q, kv, f = 32, 4 * 8, 2 * 8, 64  # small_config: d_model, query and kv widths, mlp width
+  per_layer = _RANK * ((d + q) + 2 * (d + kv) + (q + d) + 3 * (d + f))  # A [in, R] + B [R, out] per target
+  plain = small_config(**{"mesh.data": -1})
+  exp = build(plain, plain.data.vocab_size, mesh_for(plain))  # the plan sizes the embedding by data.vocab_size
+  plain_params = sum(x.size for x in jax.tree.leaves(exp.abstract_params))
+  result = plan(small_config(**_LORA_RUN, **{"mesh.data": -1}))
+  assert result["trainable_params"] == 2 * per_layer
+  assert result["params"] == plain_params + 2 * per_layer
+  # Adam keeps two fp32 moments per trained parameter (plus scalar step counts), replicated over `data`.
+  assert 0 <= result["opt_state_bytes_per_device"] - 8 * 2 * per_layer <= 64
+  assert result["params_bytes_per_device"] == 4 * (plain_params + 2 * per_layer)
+
+
+@pytest.mark.parametrize(
+  "change, fragment",
+  [
+    ({"moe.num_experts": 4, "lora.targets": "q,up"}, "MoE experts take no adapters"),
+    ({"checkpoint.init_optimizer_state": True}, "init_optimizer_state=True with LoRA"),
+    ({"mesh.stage": 2, "mesh.data": 1}, "LoRA does not run under the pipeline"),
+  ],
+)
+def test_lora_config_errors_at_build(change, fragment):
+  cfg = small_config(**{**_LORA_RUN, **change})
+  with pytest.raises(ConfigError, match=fragment):
+    build(cfg, VOCAB, mesh_for(cfg))

@@ -14,13 +14,13 @@ from model import ModelConfig, lora
 from model.config import padded_vocab_size
 from model.transformer import num_units
 from sharding.mesh import MeshError
-from sharding.partition import StateShardings, state_shardings
+from sharding.partition import StateShardings, param_specs, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
 from trainer.checkpoint import load_params
 from trainer.config import ConfigError, check_backend
 from trainer.optim import make_optimizer
-from trainer.state import TrainState, abstract_model, init_params, new_state
+from trainer.state import TrainState, abstract_model, init_params, init_trainable, new_state
 from trainer.step import BATCH_AXES, LossFn, Pipelined, default_loss_fn, make_eval_step, make_train_step
 
 _log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   _check_batch_divides(cfg, mesh, batch_spec)
   vocab = padded_vocab_size(tokenizer_vocab_size, cfg.model.vocab_multiple, mesh.shape["tensor"])
-  model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab, max_len=cfg.data.seq_len)
+  model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab, max_len=cfg.data.seq_len, lora_cfg=cfg.lora)
   stage_schedule, pipeline_plan = _pipeline_plan(cfg, mesh, batch_spec, model_cfg)
   if pipeline_plan is not None:
     _log.info(
@@ -184,6 +184,10 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
       pipeline_plan["activation_bytes_per_device"] / 2**20,
     )
   graphdef, abstract_params, logical_names = abstract_model(model_cfg)
+  # LoRA: the state (and so the optimizer and the checkpoints) holds the adapters only; the base is frozen.
+  (abstract_params, logical_names), lora_frozen_base = lora_split(
+    cfg, model_cfg, abstract_params, logical_names, mesh.shape["stage"]
+  )
   optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps, logical_names)
   shardings = state_shardings(abstract_params, logical_names, optimizer, rules, mesh, cfg.optim.zero_stage)
   replicated = shardings.replicated
@@ -195,6 +199,10 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   frozen_shapes: dict = {}
   frozen_sharding: dict = {}
   frozen_loaders: dict[str, Callable[[], dict]] = {}
+  if lora_frozen_base is not None:
+    loss_fn, frozen_shapes["base"], frozen_sharding["base"], frozen_loaders["base"] = lora_frozen(
+      cfg, model_cfg, graphdef, lora_frozen_base, rules, mesh
+    )
   if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
     raise ConfigError("pipeline parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1")
   loss_fn = loss_fn or default_loss_fn(graphdef)
@@ -208,7 +216,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     schedule,
     grad_accum=cfg.train.grad_accum,
     z_loss_weight=cfg.train.z_loss_weight,
-    dropout=cfg.model.dropout_rate > 0,
+    dropout=cfg.model.dropout_rate > 0 or model_cfg.lora_dropout > 0,
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
     pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
@@ -226,7 +234,9 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     out_shardings=replicated,
   )
   seed = cfg.train.seed
-  init_state = jax.jit(lambda: new_state(init_params(model_cfg, seed), optimizer, seed), out_shardings=state_sharding)
+  init_state = jax.jit(
+    lambda: new_state(init_trainable(model_cfg, seed), optimizer, seed), out_shardings=state_sharding
+  )
   return Experiment(
     cfg=cfg,
     mesh=mesh,
@@ -262,6 +272,11 @@ def lora_split(cfg, model_cfg: ModelConfig, abstract_params: dict, logical_names
     raise ConfigError(problem)
   if lc.rank == 0:
     return (abstract_params, logical_names), None
+  if cfg.checkpoint.init_optimizer_state:
+    raise ConfigError(
+      "config.checkpoint.init_optimizer_state=True with LoRA: the base run's optimizer state is the full model's, "
+      "not the adapters'; set it False (checkpoint.init_from still names the base)"
+    )
   if stages > 1:
     raise ConfigError(
       f"config.lora.rank={lc.rank} with mesh.stage={stages}: LoRA does not run under the pipeline; set "
@@ -288,3 +303,19 @@ def lora_base(init_from: str, model_cfg: ModelConfig, seed: int, abstract_base: 
   _log.warning("LoRA without config.checkpoint.init_from: the frozen base is the random init of train.seed=%d", seed)
   shardings = jax.tree.map(lambda s: s.sharding, abstract_base)
   return jax.jit(lambda: lora.split(init_params(model_cfg, seed))[1], out_shardings=shardings)()
+
+
+def lora_frozen(cfg, model_cfg: ModelConfig, graphdef, frozen_base: tuple[dict, dict], rules, mesh: Mesh):
+  """(loss_fn, base shapes, base shardings, base loader) of a LoRA run: the loss of the model made of the
+  trained adapters and the frozen base, which is sharded by the same rules as a full model's parameters (fsdp,
+  tensor) and loaded once per run (`lora_base`)."""
+  base_shapes, base_names = frozen_base
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(base_shapes, base_names, rules, mesh))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings)
+  next_token = default_loss_fn(graphdef)
+
+  def loss_fn(params, frozen, batch, dropout_key):
+    return next_token(lora.combine(params, frozen["base"]), frozen, batch, dropout_key)
+
+  load = lambda: lora_base(cfg.checkpoint.init_from, model_cfg, cfg.train.seed, abstract)  # noqa: E731
+  return loss_fn, base_shapes, shardings, load

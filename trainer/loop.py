@@ -64,7 +64,8 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config
   if restored is not None:
     return restored.state, (restored.data or {}).get("next_row")
   state = exp.init_state()
-  if ckpt_cfg.init_from:
+  # LoRA: init_from names the frozen base (exp.load_frozen), not where the trained adapters start.
+  if ckpt_cfg.init_from and exp.model_cfg.lora_rank == 0:
     abstract = exp.abstract_state()
     opt_state = abstract.opt_state if ckpt_cfg.init_optimizer_state else None
     params, opt_state = load_params(ckpt_cfg.init_from, abstract.params, opt_state)

@@ -32,11 +32,17 @@ def plan(cfg, workdir: str | None = None) -> dict:
   compiled = exp.train_step.lower(abstract_state, exp.abstract_batch(), exp.abstract_frozen()).compile()
   memory = compiled.memory_analysis()
   tokens = cfg.train.global_batch_size * cfg.data.seq_len
+  trainable = int(sum(x.size for x in jax.tree.leaves(exp.abstract_params)))
+  lora_base = int(sum(x.size for x in jax.tree.leaves(exp.frozen_shapes.get("base", {}))))
   result = {
     "devices": jax.device_count(),
     "mesh": dict(mesh.shape),
-    "params": int(sum(x.size for x in jax.tree.leaves(exp.abstract_params))),
-    "params_bytes_per_device": bytes_per_device(exp.abstract_params, exp.shardings.params),
+    # The model's parameters: those the run trains (and the optimizer state holds), plus a LoRA run's frozen base.
+    "params": trainable + lora_base,
+    "trainable_params": trainable,
+    # Every weight a device holds: the trained ones and every frozen tree the steps read (a LoRA base, ...).
+    "params_bytes_per_device": bytes_per_device(exp.abstract_params, exp.shardings.params)
+    + bytes_per_device(exp.frozen_shapes, exp.frozen_sharding),
     "opt_state_bytes_per_device": bytes_per_device(abstract_state.opt_state, exp.shardings.opt_state),
     "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", 0)),
     # The model's FLOPs (README formula), all devices together. XLA's cost analysis is no substitute: it counts

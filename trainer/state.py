@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, lora
 
 
 @struct.dataclass
@@ -34,6 +34,12 @@ def init_params(model_cfg: ModelConfig, seed: int) -> dict:
   with nnx.use_eager_sharding(False):
     model = Transformer(model_cfg, model_rngs(seed))
   return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def init_trainable(model_cfg: ModelConfig, seed: int) -> dict:
+  """The parameters a run trains, created as `init_params` does: all of them, or with LoRA the adapters only."""
+  params = init_params(model_cfg, seed)
+  return lora.split(params)[0] if model_cfg.lora_rank > 0 else params
 
 
 def apply_loss(graphdef, params: dict, batch: dict, dropout_key=None):
