@@ -2,6 +2,11 @@
 
 import dataclasses
 import functools
+import json
+import re
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,7 +14,9 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig, lora
-from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
+from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, run_steps, small_config
+from tests.test_checkpoint import ENV, RUN_STEPS, _losses, _start, _wait_for_step
+from trainer.checkpoint import load_params
 from trainer.config import ConfigError
 from trainer.experiment import build
 from trainer.plan import plan
@@ -241,3 +248,80 @@ def test_lora_config_errors_at_build(change, fragment):
   cfg = small_config(**{**_LORA_RUN, **change})
   with pytest.raises(ConfigError, match=fragment):
     build(cfg, VOCAB, mesh_for(cfg))
+
+
+# A LoRA run of train.py: exact resume after SIGKILL, and its exports.
+
+_LORA_ARGS = ["--config.lora.rank=4", "--config.lora.targets=q,v,o,up,down", "--config.lora.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  """A base run (3 steps of the mini model), then an uninterrupted LoRA run on it: (losses, LoRA run, base)."""
+  root, cache = tmp_path_factory.mktemp("lora_run"), tmp_path_factory.mktemp("cache")
+  base = root / "base"
+  proc = subprocess.run([sys.executable, *mini_run_args(base, cache, steps=3, every=3)], env=ENV, capture_output=True,
+                        text=True)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = root / "run"
+  args = mini_run_args(run, cache, steps=RUN_STEPS) + [*_LORA_ARGS, f"--config.checkpoint.init_from={base}"]
+  proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"LoRA: the frozen base is {base}" in proc.stderr
+  return _losses(run), run, base, cache
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_exactly_after_sigkill(lora_run, tmp_path):
+  want, _, base, cache = lora_run
+  workdir = tmp_path / "run"
+  args = mini_run_args(workdir, cache, steps=RUN_STEPS) + [*_LORA_ARGS, f"--config.checkpoint.init_from={base}"]
+  proc = _start(args)
+  _wait_for_step(workdir, 10, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(workdir))
+  assert killed_at < RUN_STEPS, "the run ended before the kill: make it longer"
+  resumed = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  restored_step = int(re.search(r"resuming at step (\d+)", resumed.stderr).group(1))
+  assert 4 <= restored_step <= killed_at
+  got = _losses(workdir)
+  assert sorted(got) == sorted(want)
+  for step in range(restored_step + 1, max(want) + 1):
+    assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
+
+
+@pytest.mark.slow
+def test_export_merges_the_adapters_or_writes_them_alone(lora_run, tmp_path):
+  _, run, base, _ = lora_run
+  cfg = json.loads((run / "config.json").read_text())
+  assert cfg["checkpoint"]["init_from"] == str(base)  # the checkpoint's reference to its base
+  for flag in ("--merge", "--adapters_only"):
+    proc = subprocess.run(
+      [sys.executable, "scripts/export_params.py", f"--run={run}", f"--out={tmp_path / flag[2:]}", flag],
+      env=ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  import ml_collections
+
+  run_cfg = ml_collections.ConfigDict(cfg)
+  vocab = 512  # the mini run's tokenizer
+  make = lambda lora_cfg: ModelConfig.from_config(  # noqa: E731
+    run_cfg.model, run_cfg.moe, vocab_size=vocab, max_len=run_cfg.data.seq_len, lora_cfg=lora_cfg
+  )
+  lora_cfg, plain_cfg = make(run_cfg.lora), make(None)
+  adapters_shape, base_shape = lora.split(abstract_model(lora_cfg)[1])
+  adapters, _ = load_params(str(run), adapters_shape)
+  base_params, _ = load_params(str(base), base_shape)
+  merged, _ = load_params(str(tmp_path / "merge"), abstract_model(plain_cfg)[1])  # a plain model's export
+  alone, _ = load_params(str(tmp_path / "adapters_only"), adapters_shape)
+  for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(adapters)):
+    np.testing.assert_array_equal(a, b)
+  described = json.loads((tmp_path / "adapters_only" / "lora.json").read_text())
+  assert described == {"rank": 4, "alpha": 16.0, "targets": "q,v,o,up,down", "base": str(base)}
+  rng = np.random.default_rng(4)
+  batch = (rng.integers(0, vocab, (2, 32)), np.tile(np.arange(32), (2, 1)), np.ones((2, 32), np.int32))
+  want = _logits(lora_cfg, lora.combine(adapters, base_params), batch)
+  np.testing.assert_allclose(_logits(plain_cfg, merged, batch), want, rtol=1e-4, atol=1e-4)
+  assert np.abs(want - _logits(plain_cfg, base_params, batch)).max() > 1e-3  # the adapters were trained
