@@ -16,9 +16,10 @@ from flax import nnx
 from model import ModelConfig, lora
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, run_steps, small_config
 from tests.test_checkpoint import ENV, RUN_STEPS, _losses, _start, _wait_for_step
-from trainer.checkpoint import load_params
+from trainer.checkpoint import CheckpointError, load_params
 from trainer.config import ConfigError
 from trainer.experiment import build
+from trainer.loop import check_lora_base
 from trainer.plan import plan
 from trainer.state import abstract_model, init_params
 
@@ -325,3 +326,14 @@ def test_export_merges_the_adapters_or_writes_them_alone(lora_run, tmp_path):
   want = _logits(lora_cfg, lora.combine(adapters, base_params), batch)
   np.testing.assert_allclose(_logits(plain_cfg, merged, batch), want, rtol=1e-4, atol=1e-4)
   assert np.abs(want - _logits(plain_cfg, base_params, batch)).max() > 1e-3  # the adapters were trained
+
+
+def test_resuming_lora_adapters_on_another_base_is_an_error():
+  saved = {"lora": {"rank": 4}, "checkpoint": {"init_from": "runs/base"}, "train": {"seed": 0}}
+  check_lora_base(saved, saved, "ckpt/8")  # the same base: fine
+  check_lora_base({**saved, "lora": {"rank": 0}}, {**saved, "checkpoint": {"init_from": ""}}, "ckpt/8")  # no LoRA
+  with pytest.raises(CheckpointError, match=r"trained on runs/base, but this run's base is runs/other"):
+    check_lora_base(saved, {**saved, "checkpoint": {"init_from": "runs/other"}}, "ckpt/8")
+  random_base = {**saved, "checkpoint": {"init_from": ""}}
+  with pytest.raises(CheckpointError, match=r"random init of train.seed=0, but this run's base is the random init of"):
+    check_lora_base(random_base, {**random_base, "train": {"seed": 1}}, "ckpt/8")

@@ -134,6 +134,10 @@ class Checkpointer:
           _log.warning("checkpoint %s cannot be read (%s)", self.directory / str(step), reason)
     return None
 
+  def saved_config(self, step: int) -> dict | None:
+    """The resolved config checkpoint `step` was saved with (None for checkpoints written without one)."""
+    return self._read_json(step, "config")
+
   def _read_json(self, step: int, item: str) -> dict | None:
     """A small JSON item of a checkpoint, or None where the checkpoint has none (or an older format)."""
     try:
