@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig, lora
-from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, run_steps, small_config
+from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
 from tests.test_checkpoint import ENV, RUN_STEPS, _losses, _start, _wait_for_step
 from trainer.checkpoint import CheckpointError, load_params
 from trainer.config import ConfigError
@@ -43,7 +43,9 @@ def _model_cfg(**lora_fields) -> ModelConfig:
   return dataclasses.replace(cfg, **lora_fields)
 
 
-_LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_TARGETS}
+# One adapter config for the model-level tests (one compilation each of init and forward); its dropout acts
+# only when the forward is given a key.
+_LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ALL_TARGETS, "lora_dropout": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +125,9 @@ def test_adapters_add_scaled_low_rank_terms_and_merge_into_the_kernels(tokens):
 
 
 def test_adapter_dropout_applies_in_training_only(tokens):
-  lora_cfg = _model_cfg(**_LORA, lora_dropout=0.5)
+  lora_cfg = _model_cfg(**_LORA)
   params = _with_random_b(_init(lora_cfg, 0), seed=2)
-  evaluation = _logits(lora_cfg, params, tokens)
+  evaluation = _logits(lora_cfg, params, tokens)  # no key: no dropout, the merged model's logits
   np.testing.assert_allclose(evaluation, _logits(_model_cfg(), lora.merge(params, 2.0), tokens), rtol=1e-4, atol=1e-4)
   training = _logits(lora_cfg, params, tokens, dropout_key=jax.random.key(0))
   assert np.abs(training - evaluation).max() > 1e-2
@@ -198,9 +200,10 @@ def test_only_the_adapters_train_and_only_they_have_optimizer_state(single_devic
     assert np.abs(after - before).max() > 0  # every A and B moved (B from zero)
   # B starts at zero, so the first loss is the base model's; the base is the plain model's init of the same seed,
   # untouched by training.
-  plain_losses, _, plain_exp = run_steps(small_config(), batches[:1])
-  np.testing.assert_allclose(losses[0], plain_losses[0], rtol=1e-6)
-  plain_init = jax.device_get(plain_exp.init_state().params)
+  plain = build(small_config(), VOCAB, mesh_for(small_config()))
+  plain_init = jax.device_get(plain.init_state().params)
+  nll, tokens = plain.eval_step(plain_init, jax.device_put(batches[0], plain.batch_sharding), {})
+  np.testing.assert_allclose(losses[0], float(nll) / float(tokens), rtol=1e-6)
   assert jax.tree.structure(plain_init) == jax.tree.structure(frozen["base"])
   for a, b in zip(jax.tree.leaves(jax.device_get(frozen["base"])), jax.tree.leaves(plain_init)):
     np.testing.assert_array_equal(a, b)
