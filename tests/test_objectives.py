@@ -1,0 +1,224 @@
+"""Fine-tuning objectives (sft, dpo, distill): their data, their losses against formulas, their training runs."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import chat
+from data.packing import to_model_inputs
+from data.preference import load_preferences
+from data.sft import load_conversations
+from trainer import objectives
+
+
+class ByteTokenizer:
+  """One id per UTF-8 byte (4 + byte) and the specials of a kiln tokenizer: the reference encoding is obvious."""
+
+  bos_id, eos_id, pad_id, vocab_size = 2, 3, 0, 260
+
+  def encode(self, text: str) -> list[int]:
+    return [4 + b for b in text.encode()]
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) - 4 for i in ids if i >= 4).decode()
+
+
+TOKENIZER = ByteTokenizer()
+
+SFT_LINES = [
+  {"prompt": "2+2?", "response": "4"},
+  {"system": "Be terse.", "prompt": "Capital of Peru?", "response": "Lima."},
+  {
+    "messages": [
+      {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello!"},
+      {"role": "user", "content": "Bye"},
+      {"role": "assistant", "content": "Goodbye."},
+    ]
+  },
+  {"prompt": "Name a colour.", "response": "Red"},
+  {"prompt": "Count to three.", "response": "One, two, three."},
+]
+
+
+def _write_jsonl(path, lines) -> str:
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  return str(path)
+
+
+def _data_cfg(files: str, seq_len: int = 64, template: str = "chatml"):
+  from configs.base import base_config
+
+  cfg = base_config().data
+  cfg.files, cfg.seq_len, cfg.chat_template = files, seq_len, template
+  return cfg
+
+
+def _expected_weights(text_pieces: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
+  """Reference: bytes of each (text, who) piece; weight 1 on the assistant's content and its end marker."""
+  tokens, weights = [], []
+  for text, who in text_pieces:
+    ids = TOKENIZER.encode(text)
+    tokens += ids
+    weights += [1.0 if who == "assistant" else 0.0] * len(ids)
+  return tokens, weights
+
+
+def test_chatml_trains_only_on_assistant_turns(tmp_path):
+  files = _write_jsonl(tmp_path / "sft.jsonl", SFT_LINES[1:3])
+  conversations = load_conversations(_data_cfg(files), TOKENIZER)
+  want_1 = _expected_weights(
+    [
+      ("<|im_start|>system\n", "markup"),
+      ("Be terse.<|im_end|>\n", "system"),
+      ("<|im_start|>user\n", "markup"),
+      ("Capital of Peru?<|im_end|>\n", "user"),
+      ("<|im_start|>assistant\n", "markup"),
+      ("Lima.<|im_end|>\n", "assistant"),
+    ]
+  )
+  want_2 = _expected_weights(
+    [
+      ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "markup"),
+      ("Hello!<|im_end|>\n", "assistant"),
+      ("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", "markup"),
+      ("Goodbye.<|im_end|>\n", "assistant"),
+    ]
+  )
+  for doc, (tokens, weights) in enumerate([want_1, want_2]):
+    n = int(conversations.doc_length[doc])
+    np.testing.assert_array_equal(conversations.tokens(doc, 0, n), tokens)
+    np.testing.assert_array_equal(conversations.weights(doc, 0, n), weights)
+
+
+def test_llama3_and_custom_templates_render_turns():
+  messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+  llama3 = chat.render(messages, chat.turn_format("llama3"))
+  assert "".join(t for t, _ in llama3) == (
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nYo<|eot_id|>"
+  )
+  assert [t for t, trained in llama3 if trained] == ["Yo<|eot_id|>"]
+  custom = chat.render(messages, chat.turn_format("[{role}] {content}</s>"))
+  assert [t for t, trained in custom if trained] == ["Yo</s>"]
+  assert chat.template_problem("no placeholder") is not None
+  assert chat.template_problem("{role}: {content} {oops}") is not None
+
+
+def test_packed_conversations_stay_apart_with_the_right_mask(tmp_path):
+  more = [{"prompt": f"Repeat {i} times.", "response": "ok " * i} for i in range(1, 11)]
+  files = _write_jsonl(tmp_path / "sft.jsonl", SFT_LINES + more)
+  conversations = load_conversations(_data_cfg(files, seq_len=127), TOKENIZER)
+  documents = np.arange(len(conversations))
+  rows = conversations.packed_rows(documents, 128, TOKENIZER, seed=3, shuffle=True)
+  seen = []
+  for r in range(rows.rows_per_epoch):
+    row = rows[r]
+    for segment in range(1, int(row["segment_ids"].max()) + 1):
+      where = np.flatnonzero(row["segment_ids"] == segment)
+      assert np.all(np.diff(where) == 1), "a conversation is contiguous in its row"
+      np.testing.assert_array_equal(row["positions"][where], np.arange(len(where)))  # positions restart
+      tokens = row["tokens"][where]
+      assert tokens[0] == TOKENIZER.bos_id and tokens[-1] == TOKENIZER.eos_id
+      doc = next(d for d in documents if np.array_equal(conversations.tokens(d, 0, len(tokens) - 2), tokens[1:-1]))
+      seen.append(doc)
+      body_weights = conversations.weights(doc, 0, len(tokens) - 2)
+      np.testing.assert_array_equal(row["loss_weights"][where], [0.0, *body_weights, body_weights[-1]])
+  assert sorted(seen) == documents.tolist(), "every conversation once per epoch, some cut to fit the row"
+  assert rows.truncated == 1
+  # The batch: a target weighs its own weight only inside its conversation, nothing across a boundary.
+  stacked = {k: np.stack([rows[r][k] for r in range(rows.rows_per_epoch)]) for k in rows[0]}
+  batch = to_model_inputs(stacked)
+  for b in range(rows.rows_per_epoch):
+    for i in range(127):
+      same = stacked["segment_ids"][b, i] == stacked["segment_ids"][b, i + 1] != 0
+      want = stacked["loss_weights"][b, i + 1] if same else 0.0
+      assert batch["loss_mask"][b, i] == want
+
+
+def test_preference_rows_hold_chosen_then_rejected(tmp_path):
+  lines = [
+    {"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."},
+    {"messages": [{"role": "user", "content": "1+1"}], "chosen": "2", "rejected": "3"},
+  ]
+  pairs = load_preferences(_data_cfg(_write_jsonl(tmp_path / "dpo.jsonl", lines)), TOKENIZER)
+  rows = pairs.packed_rows(np.arange(2), 256, TOKENIZER, seed=0, shuffle=False)
+  assert rows.truncated == 0
+  row = rows[0]
+  fmt = chat.turn_format("chatml")
+  for segment, reply in [(1, "Blue."), (2, "Green.")]:
+    where = row["segment_ids"] == segment
+    text = TOKENIZER.decode(row["tokens"][where])
+    assert text == "".join(t for t, _ in chat.render([{"role": "user", "content": "Sky?"}], fmt)) + "".join(
+      t for t, _ in chat.render([{"role": "assistant", "content": reply}], fmt)
+    )
+    trained = TOKENIZER.decode(row["tokens"][where & (row["loss_weights"] > 0)])
+    assert trained == reply + "<|im_end|>\n"  # the EOS (weighted, decoded to nothing) closes the reply
+
+
+def test_dpo_loss_is_its_formula_on_hand_made_logprobs():
+  rng = np.random.default_rng(0)
+  pc, pr, rc, rr = (rng.normal(-20, 5, size=6) for _ in range(4))
+  beta = 0.3
+  terms = objectives.dpo_terms(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta)
+  for i in range(6):
+    z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))
+    assert float(terms["loss"][i]) == pytest.approx(-math.log(1 / (1 + math.exp(-z))), rel=1e-5)
+    assert float(terms["margin"][i]) == pytest.approx(z, rel=1e-5)
+    assert float(terms["chosen_reward"][i]) == pytest.approx(beta * (pc[i] - rc[i]), rel=1e-5)
+  # Summing a row's log-probabilities per side: segment 1 chosen, 2 rejected, weighted by the mask.
+  logp = jnp.asarray([[-1.0, -2.0, -3.0, -4.0, -5.0, 0.0]])
+  mask = jnp.asarray([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0]])
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 0]])
+  chosen, rejected = objectives.pair_logprobs(logp, mask, segments)
+  assert float(chosen[0]) == -5.0 and float(rejected[0]) == -5.0
+
+
+def test_distill_kl_is_the_kl_divergence():
+  rng = np.random.default_rng(1)
+  student, teacher = rng.normal(size=(2, 3, 7)), rng.normal(size=(2, 3, 7))
+  mask = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+  t = 2.0
+  want = 0.0
+  for b in range(2):
+    for i in range(3):
+      p = np.exp(teacher[b, i] / t) / np.exp(teacher[b, i] / t).sum()
+      q = np.exp(student[b, i] / t) / np.exp(student[b, i] / t).sum()
+      want += mask[b, i] * float(np.sum(p * np.log(p / q)))
+  got = objectives.distill_kl_sums(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask), t)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  assert float(objectives.distill_kl_sums(jnp.asarray(student), jnp.asarray(student), jnp.asarray(mask), t)) == (
+    pytest.approx(0.0, abs=1e-6)
+  )
+
+
+def test_packed_row_logits_equal_each_conversation_alone(tmp_path):
+  """Packing is invisible to the model: no conversation attends to another in its row."""
+  from model import ModelConfig
+  from tests.helpers import small_config
+  from trainer.state import abstract_model, init_params
+
+  files = _write_jsonl(tmp_path / "sft.jsonl", [SFT_LINES[0], SFT_LINES[3], SFT_LINES[4]])
+  conversations = load_conversations(_data_cfg(files, seq_len=95, template="plain"), TOKENIZER)
+  rows = conversations.packed_rows(np.arange(len(conversations)), 96, TOKENIZER, seed=0, shuffle=False)
+  row = rows[0]
+  assert row["segment_ids"].max() >= 2, "the test needs a row with several conversations"
+  cfg = small_config()
+  model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=384, max_len=95)
+  graphdef, _, _ = abstract_model(model_cfg)
+  params = jax.jit(lambda: init_params(model_cfg, 0))()
+  logits_of = jax.jit(lambda params, batch: objectives._logits(graphdef, params, batch)[0])
+  packed = to_model_inputs({k: v[None] for k, v in row.items()})
+  logits = logits_of(params, packed)
+  for segment in range(1, int(row["segment_ids"].max()) + 1):
+    where = np.flatnonzero(packed["segment_ids"][0] == segment)
+    # The conversation alone at the start of an otherwise empty row (segment 0: padding).
+    alone = {k: np.zeros_like(v) for k, v in packed.items()}
+    for k in ("inputs", "positions"):
+      alone[k][0, : len(where)] = packed[k][0, where]
+    alone["segment_ids"][0, : len(where)] = 1
+    alone_logits = logits_of(params, alone)
+    np.testing.assert_allclose(logits[0, where], alone_logits[0, : len(where)], rtol=1e-5, atol=1e-5)
