@@ -13,13 +13,14 @@ from model import ModelConfig
 from model.config import padded_vocab_size
 from model.transformer import num_units
 from sharding.mesh import MeshError
-from sharding.partition import StateShardings, state_shardings
+from sharding.partition import StateShardings, param_specs, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
 from trainer.config import ConfigError, check_backend
+from trainer.finetune import ObjectiveSetup, load_frozen, objective_setup
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
-from trainer.step import BATCH_AXES, Pipelined, make_eval_step, make_train_step
+from trainer.step import BATCH_AXES, Pipelined, default_loss_fn, make_eval_step, make_train_step
 
 _log = logging.getLogger(__name__)
 
@@ -54,10 +55,26 @@ class Experiment:
   shardings: StateShardings
   state_sharding: TrainState  # TrainState of shardings
   batch_sharding: NamedSharding
-  train_step: object  # jitted (state, batch) -> (state, metrics); donates state
-  eval_step: object  # jitted (params, batch) -> (nll_sum, tokens)
+  train_step: object  # jitted (state, batch, frozen) -> (state, metrics); donates state
+  eval_step: object  # jitted (params, batch, frozen) -> (loss sum, count)
   init_state: object  # jitted () -> TrainState, created in its shardings
   pipeline: dict | None = None  # with mesh.stage > 1: the plan's `pipeline` entry (schedule, S, M, R, ...)
+  objective: ObjectiveSetup | None = None  # train.objective's loss, count and frozen models
+  frozen_sharding: dict = dataclasses.field(default_factory=dict)  # name -> tree of NamedShardings
+  init_params: object = None  # jitted () -> this run's initial parameters, in their shardings
+
+  def abstract_frozen(self) -> dict:
+    """ShapeDtypeStructs with shardings of the frozen trees (the DPO reference, a distillation teacher)."""
+    return {
+      name: jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.abstract_params, self.frozen_sharding[name]
+      )
+      for name, model in self.objective.frozen.items()
+    }
+
+  def load_frozen(self) -> dict:
+    """The frozen trees, loaded once at start and passed to every step; {} for lm and sft."""
+    return load_frozen(self.objective.frozen, self.abstract_frozen(), self.init_params)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: for ahead-of-time compilation and for restoring checkpoints."""
@@ -142,6 +159,24 @@ def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelC
   return schedule, plan
 
 
+def _objective(cfg, model_cfg, graphdef, abstract_params, logical_names, vocab: int, mesh: Mesh, rules):
+  """train.objective's setup, and the shardings of its frozen models (laid out by the same rules)."""
+  if cfg.train.objective in ("dpo", "distill") and mesh.shape["stage"] > 1:
+    raise ConfigError(
+      f"config.train.objective={cfg.train.objective} does not run with a pipeline yet (mesh.stage="
+      f"{mesh.shape['stage']}); use mesh.stage=1 (fsdp or tensor parallelism fit the frozen model too)"
+    )
+  setup = objective_setup(cfg, model_cfg, abstract_params, logical_names, graphdef, vocab, mesh.shape["tensor"])
+  frozen_sharding = {
+    name: jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec),
+      param_specs(model.abstract_params, model.logical_names, rules, mesh, where=f"{name} parameter"),
+    )
+    for name, model in setup.frozen.items()
+  }
+  return setup, frozen_sharding
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   check_backend(cfg, jax.default_backend())
   _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
@@ -171,6 +206,9 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   replicated = shardings.replicated
   state_sharding = TrainState(step=replicated, params=shardings.params, opt_state=shardings.opt_state, rng=replicated)
   batch_sharding = NamedSharding(mesh, batch_spec)
+  objective, frozen_sharding = _objective(
+    cfg, model_cfg, graphdef, abstract_params, logical_names, tokenizer_vocab_size, mesh, rules
+  )
 
   aux_weights = {}
   if cfg.moe.num_experts > 0:
@@ -185,20 +223,23 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
     pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
+    loss_fn=objective.loss_fn,
+    count_fn=objective.count_fn,
   )
   train_step = jax.jit(
     _with_rules(step_fn, mesh, rules),
-    in_shardings=(state_sharding, batch_sharding),
+    in_shardings=(state_sharding, batch_sharding, frozen_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    _with_rules(make_eval_step(graphdef), mesh, rules),
-    in_shardings=(shardings.params, batch_sharding),
+    _with_rules(make_eval_step(objective.loss_fn or default_loss_fn(graphdef), objective.count_fn), mesh, rules),
+    in_shardings=(shardings.params, batch_sharding, frozen_sharding),
     out_shardings=replicated,
   )
   seed = cfg.train.seed
   init_state = jax.jit(lambda: new_state(init_params(model_cfg, seed), optimizer, seed), out_shardings=state_sharding)
+  initial_params = jax.jit(lambda: init_params(model_cfg, seed), out_shardings=shardings.params)
   return Experiment(
     cfg=cfg,
     mesh=mesh,
@@ -213,4 +254,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     eval_step=eval_step,
     init_state=init_state,
     pipeline=pipeline_plan,
+    objective=objective,
+    frozen_sharding=frozen_sharding,
+    init_params=initial_params,
   )

@@ -10,11 +10,13 @@ from tqdm import tqdm
 
 import data
 from data.cache import cache_root
+from data.pipeline import load_source
 from model.config import ModelConfig
 from sharding.mesh import make_mesh
 from storage import as_path
 from trainer.checkpoint import Checkpointer, load_params
 from trainer.experiment import Experiment, build
+from trainer.finetune import tokenizer_data_cfg
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
 from trainer.optim import restart_schedule
 from trainer.preemption import PreemptionGuard
@@ -22,10 +24,11 @@ from trainer.preemption import PreemptionGuard
 _log = logging.getLogger(__name__)
 
 
-def evaluate(exp: Experiment, params, eval_batches: list[dict]) -> dict:
-  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens."""
+def evaluate(exp: Experiment, params, eval_batches: list[dict], frozen: dict) -> dict:
+  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens
+  (pairs for dpo)."""
   # Every batch is dispatched before any result is read: one wait for the whole evaluation, not one per batch.
-  sums = jax.device_get([exp.eval_step(params, batch) for batch in eval_batches])
+  sums = jax.device_get([exp.eval_step(params, batch, frozen) for batch in eval_batches])
   nll, tokens = sum(float(n) for n, _ in sums), sum(float(t) for _, t in sums)
   loss = nll / max(tokens, 1.0)
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
@@ -95,7 +98,8 @@ def train(cfg, workdir: str) -> dict:
   is_writer = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, cfg.checkpoint)  # fails now, not at the first save, if unwritable
   mesh = make_mesh(cfg.mesh)
-  tokenizer = data.load_tokenizer(cfg.data, workdir)  # every process: the run's copy pins the tokenizer
+  # Every process: the run's copy pins the tokenizer. Fine-tuning may take it from the run it builds on.
+  tokenizer = data.load_tokenizer(tokenizer_data_cfg(cfg), workdir)
   exp = build(cfg, tokenizer.vocab_size, mesh)
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   # Restored before config.json is rewritten: a checkpoint that does not fit must leave the run as it was.
@@ -109,7 +113,8 @@ def train(cfg, workdir: str) -> dict:
   # The data position is a global row cursor: the same for any number of processes, and it carries over a
   # change of batch size. Checkpoints without one were written at a constant batch size.
   start_row = next_row if next_row is not None else start_step * batch_rows
-  token_cache = data.load_token_cache(cfg.data, tokenizer)  # once, for the train and the eval batches
+  # Once, for the train and the eval batches: the corpus's token cache, or sft / dpo examples.
+  token_cache = load_source(cfg.data, tokenizer, cfg.train.objective)
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
     start_row=start_row, token_cache=token_cache,
@@ -120,6 +125,7 @@ def train(cfg, workdir: str) -> dict:
     sharding=exp.batch_sharding, token_cache=token_cache,
   )  # fmt: skip
 
+  frozen = exp.load_frozen()  # a DPO reference, a distillation teacher: read by every step, never trained
   writer = MetricWriter(workdir, enabled=is_writer)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   throughput = _Throughput(exp.model_cfg, tokens_per_step, cfg.data.seq_len, exp.model_cfg.dtype)
@@ -154,7 +160,7 @@ def train(cfg, workdir: str) -> dict:
   def run_eval(step: int) -> dict:
     if not eval_batches:
       return {}
-    record = {"step": step, **evaluate(exp, state.params, eval_batches)}
+    record = {"step": step, **evaluate(exp, state.params, eval_batches, frozen)}
     writer.write(record)
     progress.write(f"step {step}: eval_loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})")
     return record
@@ -168,7 +174,7 @@ def train(cfg, workdir: str) -> dict:
     for step in range(start_step, steps):
       if step == profile_start:
         jax.profiler.start_trace(writer.tensorboard_dir)
-      state, metrics = exp.train_step(state, next(train_iter))
+      state, metrics = exp.train_step(state, next(train_iter), frozen)
       done = step + 1
       if profile_start is not None and done == min(profile_start + cfg.train.profile_steps, steps):
         jax.block_until_ready(state)

@@ -1,4 +1,11 @@
-"""The pure train and eval steps: (state, batch) -> (state, metrics), jitted once by the loop."""
+"""The pure train and eval steps: (state, batch, frozen) -> (state, metrics), jitted once by the loop.
+
+The objective is a loss function (trainer/objectives.py): (params, frozen, batch, dropout_key) ->
+((loss_sum, z_sum, count), aux), `frozen` the parameter trees the step reads but never trains (a DPO reference,
+a distillation teacher). The step divides the sums by `count_fn(batch)` over the whole batch (target tokens,
+or pairs for DPO), so microbatches and shards combine exactly; aux entries named "sum:<metric>" are sums
+reported as <metric> divided by the same count, the others are averaged over microbatches.
+"""
 
 import dataclasses
 import functools
@@ -14,6 +21,7 @@ from model.loss import chunked_cross_entropy_sums
 from model.transformer import apply_units, num_units
 from sharding.rules import constrain
 from trainer import pipeline
+from trainer.objectives import SUM_PREFIX, token_count
 from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")
@@ -29,6 +37,16 @@ def _microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
     return constrain(x, (None, *BATCH_AXES, *extra))
 
   return jax.tree.map(split, batch)
+
+
+def default_loss_fn(graphdef):
+  """Next-token cross-entropy over the loss mask (objectives lm and sft); `frozen` is unused."""
+
+  def loss_fn(params, frozen, batch, dropout_key):
+    del frozen
+    return apply_loss(graphdef, params, batch, dropout_key=dropout_key)
+
+  return loss_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +69,10 @@ def make_train_step(
   aux_loss_weights: dict[str, float] | None = None,
   grad_shardings=None,
   pipelined: Pipelined | None = None,
+  loss_fn=None,
+  count_fn=token_count,
 ):
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)`; `loss_fn` None: `default_loss_fn`.
 
   The objective of a batch is (sum of token losses + z_loss_weight * sum log(Z)^2) / target tokens, plus the
   weighted auxiliary losses (MoE) averaged over microbatches; microbatches add gradients of their share, so
@@ -60,13 +80,15 @@ def make_train_step(
   microbatches is split again into the schedule's M microbatches, which the pipeline runs (`_pipeline_grads`).
   """
   aux_loss_weights = aux_loss_weights or {}
+  assert pipelined is None or loss_fn is None, "the pipeline runs the next-token loss only"
+  loss_fn = loss_fn or default_loss_fn(graphdef)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+  def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
+    total_tokens = jnp.maximum(count_fn(batch), 1.0)
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def objective(params, micro, key):
-      (nll_sum, z_sum, _), aux = apply_loss(graphdef, params, micro, dropout_key=key if dropout else None)
+      (nll_sum, z_sum, _), aux = loss_fn(params, frozen, micro, key if dropout else None)
       value = (nll_sum + z_loss_weight * z_sum) / total_tokens
       value += sum(w * aux[name] for name, w in aux_loss_weights.items()) / grad_accum
       return value, {"nll_sum": nll_sum, "z_sum": z_sum, **aux}
@@ -100,6 +122,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     # Sum over microbatches only: per-layer stats such as the MoE expert load [layers, experts] keep their shape.
     stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+    sums = {name[len(SUM_PREFIX) :]: stats.pop(name) / total_tokens for name in list(stats) if name.startswith(SUM_PREFIX)}
     metrics = {
       "loss": stats.pop("nll_sum") / total_tokens,
       "z_loss": stats.pop("z_sum") / total_tokens,
@@ -107,6 +130,7 @@ def make_train_step(
       "lr": schedule(state.step),
       "tokens": total_tokens,
       **{name: value / grad_accum for name, value in stats.items()},
+      **sums,
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -183,11 +207,11 @@ def _pipeline_grads(
   return grads, {**head_stats, **stats}
 
 
-def make_eval_step(graphdef):
-  """`eval_step(params, batch) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
+def make_eval_step(loss_fn, count_fn=token_count):
+  """`eval_step(params, batch, frozen) -> (loss sum, count)` (tokens, or pairs); the loop sums over batches."""
 
-  def eval_step(params, batch):
-    (nll_sum, _, tokens), _ = apply_loss(graphdef, params, batch)
-    return nll_sum, tokens
+  def eval_step(params, batch, frozen):
+    (loss_sum, _, _), _ = loss_fn(params, frozen, batch, None)
+    return loss_sum, count_fn(batch)
 
   return eval_step
