@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.num_experts = 0  # 0: dense model
   c.moe.top_k = 2
   c.moe.capacity_factor = 1.25  # <= 0: dropless
+  c.moe.group_size = 512  # capacity path: tokens per routing group (each group of a sequence has its own capacity)
+  # Dropless token exchange between expert-parallel devices: auto (ragged on GPU/TPU, buffer on CPU) |
+  # ragged (jax.lax.ragged_all_to_all, GPU/TPU only) | buffer (fixed worst-case buffers, any backend)
+  c.moe.dropless_impl = "auto"
   c.moe.every = 1  # an MoE MLP every N layers, dense MLPs between
   c.moe.num_shared_experts = 0
   c.moe.expert_mlp_dim = 0  # 0: model.mlp_dim

@@ -36,6 +36,8 @@ class ModelConfig:
   num_experts: int = 0
   top_k: int = 2
   capacity_factor: float = 1.25
+  group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
+  dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
   moe_every: int = 1
   num_shared_experts: int = 0
   expert_mlp_dim: int = 0

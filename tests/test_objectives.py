@@ -195,35 +195,6 @@ def test_distill_kl_is_the_kl_divergence():
   )
 
 
-def test_packed_row_logits_equal_each_conversation_alone(tmp_path):
-  """Packing is invisible to the model: no conversation attends to another in its row."""
-  from model import ModelConfig
-  from tests.helpers import small_config
-  from trainer.state import abstract_model, init_params
-
-  files = _write_jsonl(tmp_path / "sft.jsonl", [SFT_LINES[0], SFT_LINES[3], SFT_LINES[4]])
-  conversations = load_conversations(_data_cfg(files, seq_len=95, template="plain"), TOKENIZER)
-  rows = conversations.packed_rows(np.arange(len(conversations)), 96, TOKENIZER, seed=0, shuffle=False)
-  row = rows[0]
-  assert row["segment_ids"].max() >= 2, "the test needs a row with several conversations"
-  cfg = small_config()
-  model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=384, max_len=95)
-  graphdef, _, _ = abstract_model(model_cfg)
-  params = jax.jit(lambda: init_params(model_cfg, 0))()
-  logits_of = jax.jit(lambda params, batch: objectives._logits(graphdef, params, batch)[0])
-  packed = to_model_inputs({k: v[None] for k, v in row.items()})
-  logits = logits_of(params, packed)
-  for segment in range(1, int(row["segment_ids"].max()) + 1):
-    where = np.flatnonzero(packed["segment_ids"][0] == segment)
-    # The conversation alone at the start of an otherwise empty row (segment 0: padding).
-    alone = {k: np.zeros_like(v) for k, v in packed.items()}
-    for k in ("inputs", "positions"):
-      alone[k][0, : len(where)] = packed[k][0, where]
-    alone["segment_ids"][0, : len(where)] = 1
-    alone_logits = logits_of(params, alone)
-    np.testing.assert_allclose(logits[0, where], alone_logits[0, : len(where)], rtol=1e-5, atol=1e-5)
-
-
 # Training with each objective: tiny models, batches built by the data code above.
 
 PREFERENCES = [{"prompt": f"Q{i}", "chosen": f"y{i}", "rejected": f"n{i} n{i}"} for i in range(8)]
@@ -251,26 +222,24 @@ def _dpo_batches(tmp_path, count: int = 2) -> list[dict]:
 
 
 def _teacher_run(tmp_path) -> str:
-  """A run directory holding a teacher's config.json (4 layers, wider MLP than the student), no checkpoint."""
-  # Wider initial weights than the student's: a peaked distribution, far from the student's near-uniform one.
-  teacher = _objective_config("lm", **{"model.num_layers": 3, "model.mlp_dim": 128, "model.init_std": 0.5})
-  run = tmp_path / "teacher"
-  run.mkdir(exist_ok=True)
-  (run / "config.json").write_text(teacher.to_json())
-  return str(run)
+  """A teacher as scripts/export_params.py writes one (params/ and config.json): 3 layers, a wider MLP and larger
+  initial weights than the student (a peaked distribution, far from the student's near-uniform one)."""
+  import orbax.checkpoint as ocp
 
-
-def _frozen(exp) -> dict:
-  """The run's frozen trees: exp.load_frozen() (for dpo: the run's initial parameters, as with no init_from); a
-  test teacher has no checkpoint, so it is a freshly initialised model of its own shape (still a distribution to
-  match, and not the student's)."""
+  from model import ModelConfig
+  from model.config import padded_vocab_size
   from trainer.state import init_params
 
-  if "teacher" not in exp.objective.frozen:
-    return exp.load_frozen()
-  teacher = exp.objective.frozen["teacher"]
-  init = jax.jit(lambda: init_params(teacher.model_cfg, 7), out_shardings=exp.frozen_sharding["teacher"])
-  return {"teacher": init()}
+  run = tmp_path / "teacher"
+  if not run.exists():
+    teacher = _objective_config("lm", **{"model.num_layers": 3, "model.mlp_dim": 128, "model.init_std": 0.5})
+    vocab = padded_vocab_size(TOKENIZER.vocab_size, teacher.model.vocab_multiple)
+    model_cfg = ModelConfig.from_config(teacher.model, teacher.moe, vocab_size=vocab, max_len=teacher.data.seq_len)
+    run.mkdir()
+    (run / "config.json").write_text(teacher.to_json())
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(run / "params", {"params": init_params(model_cfg, 7)})
+  return str(run)
 
 
 def _train(cfg, batches: list[dict], steps_per_batch: int = 1, devices=None):
@@ -279,7 +248,7 @@ def _train(cfg, batches: list[dict], steps_per_batch: int = 1, devices=None):
   from trainer.experiment import build
 
   exp = build(cfg, TOKENIZER.vocab_size, mesh_for(cfg, devices))
-  state, frozen = exp.init_state(), _frozen(exp)
+  state, frozen = exp.init_state(), exp.load_frozen()  # dpo: the initial parameters; distill: the teacher
   history = []
   for batch in batches:
     for _ in range(steps_per_batch):
@@ -342,3 +311,24 @@ def test_objective_on_a_mesh_gives_the_single_device_losses(objective, single_de
   # Five steps at lr 1e-2 on one batch amplify float reassociation (Adam divides by tiny moments): 5e-4.
   for name in want[0]:
     np.testing.assert_allclose([h[name] for h in got], [h[name] for h in want], rtol=5e-4, atol=1e-6, err_msg=name)
+
+
+def test_packed_row_logits_equal_each_conversation_alone(single_device_runs, tmp_path):
+  """Packing is invisible to the model: no conversation attends to another in its row."""
+  _, exp, state, _, _ = single_device_runs["sft"]
+  files = _write_jsonl(tmp_path / "sft.jsonl", [SFT_LINES[0], {"prompt": "Hi", "response": "Yo"}])
+  conversations = load_conversations(_data_cfg(files, seq_len=63, template="plain"), TOKENIZER)
+  row = conversations.packed_rows(np.arange(2), 64, TOKENIZER, seed=0, shuffle=False)[0]
+  assert row["segment_ids"].max() == 2, "the test needs a row with both conversations"
+  params = jax.device_get(state.params)
+  logits_of = jax.jit(lambda params, batch: objectives._logits(exp.graphdef, params, batch)[0])
+  packed = to_model_inputs({k: v[None] for k, v in row.items()})
+  logits = logits_of(params, packed)
+  for segment in (1, 2):
+    where = np.flatnonzero(packed["segment_ids"][0] == segment)
+    # The conversation alone at the start of an otherwise empty row (segment 0: padding).
+    alone = {k: np.zeros_like(v) for k, v in packed.items()}
+    for k in ("inputs", "positions"):
+      alone[k][0, : len(where)] = packed[k][0, where]
+    alone["segment_ids"][0, : len(where)] = 1
+    np.testing.assert_allclose(logits[0, where], logits_of(params, alone)[0, : len(where)], rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import ml_collections
 from data.chat import template_problem
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.attend import backend_problem
+from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
 from trainer.objectives import OBJECTIVES
@@ -201,6 +202,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       moe.every > 0 and m.num_layers % moe.every == 0,
       f"config.model.num_layers={m.num_layers} is not divisible by config.moe.every={moe.every}",
     )
+    _require(moe.group_size > 0, f"config.moe.group_size={moe.group_size} must be positive (tokens per routing group)")
   unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
   _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
   _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
@@ -235,5 +237,9 @@ def _validate_objective(cfg: ml_collections.ConfigDict) -> None:
 def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
   """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
   (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
-  for problem in (backend_problem(cfg.model.attention, backend), remat_problem(cfg.model.remat, backend)):
+  for problem in (
+    backend_problem(cfg.model.attention, backend),
+    remat_problem(cfg.model.remat, backend),
+    dropless_problem(cfg.moe.dropless_impl, backend),
+  ):
     _require(problem is None, problem or "")

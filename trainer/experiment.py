@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from sharding.partition import StateShardings, param_specs, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
 from trainer.config import ConfigError, check_backend
-from trainer.finetune import ObjectiveSetup, load_frozen, objective_setup
+from trainer.finetune import frozen_loader, objective_setup
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
 from trainer.step import BATCH_AXES, Pipelined, default_loss_fn, make_eval_step, make_train_step
@@ -56,30 +57,28 @@ class Experiment:
   state_sharding: TrainState  # TrainState of shardings
   batch_sharding: NamedSharding
   train_step: object  # jitted (state, batch, frozen) -> (state, metrics); donates state
-  eval_step: object  # jitted (params, batch, frozen) -> (loss sum, count)
+  eval_step: object  # jitted (params, batch, frozen) -> (nll_sum, tokens)
   init_state: object  # jitted () -> TrainState, created in its shardings
   pipeline: dict | None = None  # with mesh.stage > 1: the plan's `pipeline` entry (schedule, S, M, R, ...)
-  objective: ObjectiveSetup | None = None  # train.objective's loss, count and frozen models
-  frozen_sharding: dict = dataclasses.field(default_factory=dict)  # name -> tree of NamedShardings
-  init_params: object = None  # jitted () -> this run's initial parameters, in their shardings
-
-  def abstract_frozen(self) -> dict:
-    """ShapeDtypeStructs with shardings of the frozen trees (the DPO reference, a distillation teacher)."""
-    return {
-      name: jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.abstract_params, self.frozen_sharding[name]
-      )
-      for name, model in self.objective.frozen.items()
-    }
-
-  def load_frozen(self) -> dict:
-    """The frozen trees, loaded once at start and passed to every step; {} for lm and sft."""
-    return load_frozen(self.objective.frozen, self.abstract_frozen(), self.init_params)
+  # The steps' `frozen` input (step.LossFn), by name: trees of ShapeDtypeStructs, of shardings, and a loader
+  # () -> the tree of arrays in those shardings (a checkpoint read, or an init), called once per run.
+  frozen_shapes: dict = dataclasses.field(default_factory=dict)
+  frozen_sharding: dict = dataclasses.field(default_factory=dict)
+  frozen_loaders: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: for ahead-of-time compilation and for restoring checkpoints."""
     shapes = jax.eval_shape(self.init_state)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+
+  def abstract_frozen(self) -> dict:
+    """The `frozen` input as ShapeDtypeStructs with shardings, for ahead-of-time compilation."""
+    to_struct = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+    return jax.tree.map(to_struct, self.frozen_shapes, self.frozen_sharding)
+
+  def load_frozen(self) -> dict:
+    """The `frozen` input of every step, loaded once at start ({} when the objective reads no frozen model)."""
+    return {name: load() for name, load in self.frozen_loaders.items()}
 
   def abstract_batch(self) -> dict:
     shape = (self.cfg.train.global_batch_size, self.cfg.data.seq_len)
@@ -159,25 +158,24 @@ def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelC
   return schedule, plan
 
 
-def _objective(cfg, model_cfg, graphdef, abstract_params, logical_names, vocab: int, mesh: Mesh, rules):
-  """train.objective's setup, and the shardings of its frozen models (laid out by the same rules)."""
-  if cfg.train.objective in ("dpo", "distill") and mesh.shape["stage"] > 1:
-    raise ConfigError(
-      f"config.train.objective={cfg.train.objective} does not run with a pipeline yet (mesh.stage="
-      f"{mesh.shape['stage']}); use mesh.stage=1 (fsdp or tensor parallelism fit the frozen model too)"
-    )
+def _objective(cfg, model_cfg, graphdef, abstract_params, logical_names, params_sharding, vocab: int, mesh, rules):
+  """train.objective's loss_fn and count_fn, and its frozen models' shapes, shardings (by the same rules as the
+  trained model) and loaders (trainer/finetune.py)."""
+  seed = cfg.train.seed
+  initial_params = jax.jit(lambda: init_params(model_cfg, seed), out_shardings=params_sharding)
   setup = objective_setup(cfg, model_cfg, abstract_params, logical_names, graphdef, vocab, mesh.shape["tensor"])
-  frozen_sharding = {
-    name: jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec),
-      param_specs(model.abstract_params, model.logical_names, rules, mesh, where=f"{name} parameter"),
-    )
-    for name, model in setup.frozen.items()
-  }
-  return setup, frozen_sharding
+  shapes, shardings, loaders = {}, {}, {}
+  for name, model in setup.frozen.items():
+    specs = param_specs(model.abstract_params, model.logical_names, rules, mesh, where=f"{name} parameter")
+    shapes[name] = model.abstract_params
+    shardings[name] = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    loaders[name] = frozen_loader(name, model, shapes[name], shardings[name], initial_params)
+  return setup.loss_fn, setup.count_fn, shapes, shardings, loaders
 
 
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
+  """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
+  distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
   check_backend(cfg, jax.default_backend())
   _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
   rules = parse_rules(cfg.mesh.rules)
@@ -206,9 +204,15 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   replicated = shardings.replicated
   state_sharding = TrainState(step=replicated, params=shardings.params, opt_state=shardings.opt_state, rng=replicated)
   batch_sharding = NamedSharding(mesh, batch_spec)
-  objective, frozen_sharding = _objective(
-    cfg, model_cfg, graphdef, abstract_params, logical_names, tokenizer_vocab_size, mesh, rules
+
+  # What the steps compute and which frozen trees they read: fine-tuning objectives set these here.
+  # loss_fn None: default_loss_fn, the next-token loss (the only one a pipeline runs).
+  loss_fn, count_fn, frozen_shapes, frozen_sharding, frozen_loaders = _objective(
+    cfg, model_cfg, graphdef, abstract_params, logical_names, shardings.params, tokenizer_vocab_size, mesh, rules
   )
+  if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
+    raise ConfigError("pipeline parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1")
+  loss_fn = loss_fn or default_loss_fn(graphdef)
 
   aux_weights = {}
   if cfg.moe.num_experts > 0:
@@ -223,8 +227,8 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
     pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
-    loss_fn=objective.loss_fn,
-    count_fn=objective.count_fn,
+    loss_fn=loss_fn,
+    count_fn=count_fn,
   )
   train_step = jax.jit(
     _with_rules(step_fn, mesh, rules),
@@ -233,13 +237,12 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    _with_rules(make_eval_step(objective.loss_fn or default_loss_fn(graphdef), objective.count_fn), mesh, rules),
+    _with_rules(make_eval_step(loss_fn), mesh, rules),
     in_shardings=(shardings.params, batch_sharding, frozen_sharding),
     out_shardings=replicated,
   )
   seed = cfg.train.seed
   init_state = jax.jit(lambda: new_state(init_params(model_cfg, seed), optimizer, seed), out_shardings=state_sharding)
-  initial_params = jax.jit(lambda: init_params(model_cfg, seed), out_shardings=shardings.params)
   return Experiment(
     cfg=cfg,
     mesh=mesh,
@@ -254,7 +257,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     eval_step=eval_step,
     init_state=init_state,
     pipeline=pipeline_plan,
-    objective=objective,
+    frozen_shapes=frozen_shapes,
     frozen_sharding=frozen_sharding,
-    init_params=initial_params,
+    frozen_loaders=frozen_loaders,
   )

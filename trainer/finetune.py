@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 
+import jax
 import ml_collections
 from etils import epath
 
@@ -70,8 +71,7 @@ def _teacher_model_config(teacher: str, tokenizer_vocab: int, tensor: int, seq_l
   max_len = int(saved.get("data", {}).get("seq_len", seq_len))
   if cfg.model.position_type == "learned" and seq_len > max_len:
     raise ConfigError(
-      f"config.data.seq_len={seq_len} is longer than the teacher's learned positions ({max_len}); "
-      f"use at most {max_len}"
+      f"config.data.seq_len={seq_len} is longer than the teacher's learned positions ({max_len}); use at most {max_len}"
     )
   vocab = padded_vocab_size(tokenizer_vocab, cfg.model.vocab_multiple, tensor)
   return ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab, max_len=max(max_len, seq_len))
@@ -102,17 +102,18 @@ def objective_setup(
   return ObjectiveSetup(None, objectives.token_count, {})
 
 
-def load_frozen(frozen: dict, abstract_with_shardings: dict, initial_params) -> dict:
-  """The frozen parameter trees, each in its shardings; `initial_params()` gives this run's initial ones."""
-  trees = {}
-  for name, model in frozen.items():
-    if model.source:
-      trees[name], _ = load_params(model.source, abstract_with_shardings[name])
-      _log.info("frozen %s: parameters of %s", name, model.source)
-    else:
-      trees[name] = initial_params()
+def frozen_loader(name: str, model: FrozenModel, shapes: dict, shardings: dict, initial_params):
+  """() -> the frozen tree in its shardings, read once per run: from `model.source`, or `initial_params()`."""
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+  def load() -> dict:
+    if not model.source:
       _log.info("frozen %s: this run's initial parameters", name)
-  return trees
+      return initial_params()
+    _log.info("frozen %s: the parameters of %s", name, model.source)
+    return load_params(model.source, abstract)[0]
+
+  return load
 
 
 def tokenizer_data_cfg(cfg) -> ml_collections.ConfigDict:

@@ -25,8 +25,8 @@ _log = logging.getLogger(__name__)
 
 
 def evaluate(exp: Experiment, params, eval_batches: list[dict], frozen: dict) -> dict:
-  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens
-  (pairs for dpo)."""
+  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens (over
+  their pairs for dpo)."""
   # Every batch is dispatched before any result is read: one wait for the whole evaluation, not one per batch.
   sums = jax.device_get([exp.eval_step(params, batch, frozen) for batch in eval_batches])
   nll, tokens = sum(float(n) for n, _ in sums), sum(float(t) for _, t in sums)
@@ -104,6 +104,7 @@ def train(cfg, workdir: str) -> dict:
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   # Restored before config.json is rewritten: a checkpoint that does not fit must leave the run as it was.
   state, next_row = _initial_state(exp, checkpointer, cfg.checkpoint, json.loads(config_json))
+  frozen = exp.load_frozen()  # models the objective reads but never trains; {} for pre-training
   if is_writer:
     (as_path(workdir) / "config.json").write_text(config_json)
   start_step, steps, batch_rows = int(state.step), cfg.train.steps, cfg.train.global_batch_size
@@ -113,7 +114,7 @@ def train(cfg, workdir: str) -> dict:
   # The data position is a global row cursor: the same for any number of processes, and it carries over a
   # change of batch size. Checkpoints without one were written at a constant batch size.
   start_row = next_row if next_row is not None else start_step * batch_rows
-  # Once, for the train and the eval batches: the corpus's token cache, or sft / dpo examples.
+  # Once, for the train and the eval batches: the corpus's token cache, or the sft / dpo examples.
   token_cache = load_source(cfg.data, tokenizer, cfg.train.objective)
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
@@ -125,7 +126,6 @@ def train(cfg, workdir: str) -> dict:
     sharding=exp.batch_sharding, token_cache=token_cache,
   )  # fmt: skip
 
-  frozen = exp.load_frozen()  # a DPO reference, a distillation teacher: read by every step, never trained
   writer = MetricWriter(workdir, enabled=is_writer)
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   throughput = _Throughput(exp.model_cfg, tokens_per_step, cfg.data.seq_len, exp.model_cfg.dtype)

@@ -1,14 +1,8 @@
-"""The pure train and eval steps: (state, batch, frozen) -> (state, metrics), jitted once by the loop.
-
-The objective is a loss function (trainer/objectives.py): (params, frozen, batch, dropout_key) ->
-((loss_sum, z_sum, count), aux), `frozen` the parameter trees the step reads but never trains (a DPO reference,
-a distillation teacher). The step divides the sums by `count_fn(batch)` over the whole batch (target tokens,
-or pairs for DPO), so microbatches and shards combine exactly; aux entries named "sum:<metric>" are sums
-reported as <metric> divided by the same count, the others are averaged over microbatches.
-"""
+"""The pure train and eval steps: (state, batch) -> (state, metrics), jitted once by the loop."""
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +20,22 @@ from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")
 
+# loss_fn(params, frozen, batch, dropout_key) -> ((nll_sum, z_sum, target tokens), aux): what the train and eval
+# steps differentiate and report. `params` are the trained parameters (TrainState.params); `frozen` is a dict of
+# parameter trees the step reads but never trains (a LoRA base, a DPO reference, a distillation teacher): they
+# are inputs of every step, not in the optimizer and not checkpointed. Empty for plain pre-training.
+LossFn = Callable[[dict, dict, dict, jax.Array | None], tuple[tuple[jax.Array, jax.Array, jax.Array], dict]]
+
+
+def default_loss_fn(graphdef) -> LossFn:
+  """Next-token cross-entropy of the model `graphdef` with parameters `params`; `frozen` is unused."""
+
+  def loss_fn(params, frozen, batch, dropout_key):
+    del frozen
+    return apply_loss(graphdef, params, batch, dropout_key=dropout_key)
+
+  return loss_fn
+
 
 def _microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
   """[B, L, ...] -> [n, B/n, L, ...], microbatch m = rows m, m+n, ...: every data shard holds part of every
@@ -37,16 +47,6 @@ def _microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
     return constrain(x, (None, *BATCH_AXES, *extra))
 
   return jax.tree.map(split, batch)
-
-
-def default_loss_fn(graphdef):
-  """Next-token cross-entropy over the loss mask (objectives lm and sft); `frozen` is unused."""
-
-  def loss_fn(params, frozen, batch, dropout_key):
-    del frozen
-    return apply_loss(graphdef, params, batch, dropout_key=dropout_key)
-
-  return loss_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +69,14 @@ def make_train_step(
   aux_loss_weights: dict[str, float] | None = None,
   grad_shardings=None,
   pipelined: Pipelined | None = None,
-  loss_fn=None,
-  count_fn=token_count,
+  loss_fn: LossFn | None = None,
+  count_fn: Callable[[dict], jax.Array] = token_count,
 ):
-  """Builds `train_step(state, batch, frozen) -> (state, metrics)`; `loss_fn` None: `default_loss_fn`.
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)`; `loss_fn` defaults to `default_loss_fn`.
+
+  `count_fn(batch)` is what the loss sums of the whole batch are divided by: its target tokens, or its pairs for
+  DPO (trainer/objectives.py). Aux entries named "sum:<metric>" are sums reported as <metric> over the same
+  count; the other aux entries are averaged over microbatches.
 
   The objective of a batch is (sum of token losses + z_loss_weight * sum log(Z)^2) / target tokens, plus the
   weighted auxiliary losses (MoE) averaged over microbatches; microbatches add gradients of their share, so
@@ -80,7 +84,6 @@ def make_train_step(
   microbatches is split again into the schedule's M microbatches, which the pipeline runs (`_pipeline_grads`).
   """
   aux_loss_weights = aux_loss_weights or {}
-  assert pipelined is None or loss_fn is None, "the pipeline runs the next-token loss only"
   loss_fn = loss_fn or default_loss_fn(graphdef)
 
   def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
@@ -94,7 +97,7 @@ def make_train_step(
       return value, {"nll_sum": nll_sum, "z_sum": z_sum, **aux}
 
     grad_fn = jax.grad(objective, has_aux=True)
-    if pipelined is not None:
+    if pipelined is not None:  # the next-token loss of the stack split over stages; experiment.build checks
       grad_fn = functools.partial(
         _pipeline_grads,
         graphdef,
@@ -122,7 +125,9 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     # Sum over microbatches only: per-layer stats such as the MoE expert load [layers, experts] keep their shape.
     stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
-    sums = {name[len(SUM_PREFIX) :]: stats.pop(name) / total_tokens for name in list(stats) if name.startswith(SUM_PREFIX)}
+    sums = {
+      name[len(SUM_PREFIX) :]: stats.pop(name) / total_tokens for name in list(stats) if name.startswith(SUM_PREFIX)
+    }
     metrics = {
       "loss": stats.pop("nll_sum") / total_tokens,
       "z_loss": stats.pop("z_sum") / total_tokens,
@@ -207,11 +212,11 @@ def _pipeline_grads(
   return grads, {**head_stats, **stats}
 
 
-def make_eval_step(loss_fn, count_fn=token_count):
-  """`eval_step(params, batch, frozen) -> (loss sum, count)` (tokens, or pairs); the loop sums over batches."""
+def make_eval_step(loss_fn: LossFn):
+  """`eval_step(params, batch, frozen) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
 
   def eval_step(params, batch, frozen):
-    (loss_sum, _, _), _ = loss_fn(params, frozen, batch, None)
-    return loss_sum, count_fn(batch)
+    (nll_sum, _, tokens), _ = loss_fn(params, frozen, batch, None)
+    return nll_sum, tokens
 
   return eval_step
