@@ -332,3 +332,50 @@ def test_packed_row_logits_equal_each_conversation_alone(single_device_runs, tmp
       alone[k][0, : len(where)] = packed[k][0, where]
     alone["segment_ids"][0, : len(where)] = 1
     np.testing.assert_allclose(logits[0, where], logits_of(params, alone)[0, : len(where)], rtol=1e-5, atol=1e-5)
+
+
+def test_sft_run_resumes_exactly(tmp_path):
+  """train() on examples/sft.jsonl: checkpoints at steps 2 and 4; with the last one gone, the run resumes at 2
+  and logs the same losses for steps 3 and 4 (the row cursor and the packing are pure functions of the row)."""
+  import shutil
+
+  from configs.base import base_config
+  from data.tokenizer import load_tokenizer
+  from tests.helpers import small_config
+  from trainer.loop import train
+
+  # A small sentencepiece tokenizer trained on the examples' own text.
+  corpus = tmp_path / "text.txt"
+  corpus.write_text(open("examples/sft.jsonl").read() + open("examples/dpo.jsonl").read())
+  tokenizer_cfg = base_config().data
+  tokenizer_cfg.files, tokenizer_cfg.vocab_size, tokenizer_cfg.cache_dir = str(corpus), 400, str(tmp_path / "cache")
+  tokenizer_cfg.eval_fraction = 0.0
+  tokenizer = load_tokenizer(tokenizer_cfg, None)
+  cfg = small_config(
+    **{
+      "train.objective": "sft",
+      "data.files": "examples/sft.jsonl",
+      "data.tokenizer": tokenizer.model_path,
+      "data.cache_dir": str(tmp_path / "cache"),
+      "data.seq_len": 63,
+      "data.eval_fraction": 0.2,
+      "train.steps": 4,
+      "train.log_every": 1,
+      "train.eval_every": 2,
+      "train.eval_batches": 1,
+      "checkpoint.every_steps": 2,
+      "checkpoint.async_save": False,
+      "mesh.data": -1,  # the 8 emulated devices
+    }
+  )
+  workdir = tmp_path / "run"
+  train(cfg, str(workdir))
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  train(cfg, str(workdir))
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  assert [step for step, _ in losses] == [1, 2, 3, 4, 3, 4]
+  np.testing.assert_allclose([loss for _, loss in losses[4:]], [loss for _, loss in losses[2:4]], rtol=1e-6)
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  assert [step for step, _ in evals] == [0, 2, 4, 4]
+  assert evals[-1][1] == pytest.approx(evals[-2][1], rel=1e-6)
