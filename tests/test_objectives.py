@@ -379,3 +379,25 @@ def test_sft_run_resumes_exactly(tmp_path):
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
   assert [step for step, _ in evals] == [0, 2, 4, 4]
   assert evals[-1][1] == pytest.approx(evals[-2][1], rel=1e-6)
+
+
+def test_fine_tuning_takes_the_tokenizer_of_the_run_it_builds_on(tmp_path):
+  from tests.helpers import small_config
+  from trainer.config import ConfigError
+  from trainer.finetune import tokenizer_data_cfg
+
+  teacher = tmp_path / "teacher"
+  (teacher / "checkpoints" / "8").mkdir(parents=True)
+  (teacher / "tokenizer.model").write_bytes(b"teacher's")
+  distill = small_config(**{"train.objective": "distill", "distill.teacher": str(teacher / "checkpoints" / "8")})
+  assert tokenizer_data_cfg(distill).tokenizer == str(teacher / "checkpoints" / "8" / "../.." / "tokenizer.model")
+  other = tmp_path / "other.model"
+  other.write_bytes(b"another")
+  distill.data.tokenizer = str(other)
+  with pytest.raises(ConfigError, match="not the teacher's tokenizer"):
+    tokenizer_data_cfg(distill)
+  # sft from scratch: the chat JSONL has no text to train a tokenizer on, so the default corpus does.
+  sft = small_config(**{"train.objective": "sft", "data.files": "examples/sft.jsonl"})
+  assert tokenizer_data_cfg(sft).files == "" and sft.data.files == "examples/sft.jsonl"
+  sft.checkpoint.init_from = str(teacher)
+  assert tokenizer_data_cfg(sft).tokenizer == str(teacher / "tokenizer.model")

@@ -12,6 +12,7 @@ import ml_collections
 from etils import epath
 
 from configs.base import base_config
+from data.cache import file_sha256
 from model import ModelConfig
 from model.config import padded_vocab_size
 from storage import as_path
@@ -122,6 +123,8 @@ def tokenizer_data_cfg(cfg) -> ml_collections.ConfigDict:
   default corpus, since their chat JSONL has no text field to train on."""
   data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
   objective = cfg.train.objective
+  if objective == "distill" and data_cfg.tokenizer:
+    _check_same_tokenizer(data_cfg.tokenizer, cfg.distill.teacher)
   if data_cfg.tokenizer or objective == "lm":
     return data_cfg
   sources = {
@@ -137,3 +140,13 @@ def tokenizer_data_cfg(cfg) -> ml_collections.ConfigDict:
   if objective in ("sft", "dpo"):
     data_cfg.files, data_cfg.hf_dataset = "", ""
   return data_cfg
+
+
+def _check_same_tokenizer(tokenizer: str, teacher: str) -> None:
+  """The student's logits are compared with the teacher's id by id: both must use one tokenizer."""
+  theirs = _run_file(teacher, "tokenizer.model") if as_path(teacher).exists() else None
+  if theirs is not None and file_sha256(tokenizer) != file_sha256(str(theirs)):
+    raise ConfigError(
+      f"config.data.tokenizer={tokenizer} is not the teacher's tokenizer ({theirs}); distillation compares "
+      "the two models token by token: leave data.tokenizer empty to use the teacher's"
+    )
