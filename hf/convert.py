@@ -31,6 +31,10 @@ TOKENIZER_FILES = (
   "special_tokens_map.json",
   "generation_config.json",
 )
+# The imported checkpoint's own config.json, kept in the run: export takes from it what the weights do not
+# determine (context length, special token ids, init range).
+HF_CONFIG_COPY = "hf_config.json"
+_KEPT_HF_FIELDS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
 # Buffers some checkpoints carry that kiln computes instead.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -97,6 +101,7 @@ def import_hf(hf_dir: str, out: str, dtype: str = "float32") -> dict[str, Any]:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(partial, "params")), {"params": params})
   copied = _copy_tokenizer_files(hf_dir, partial)
+  shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(partial, HF_CONFIG_COPY))
   for name in ("tokenizer.json", "tokenizer.model"):
     if name in copied:
       cfg.data.tokenizer = os.path.abspath(os.path.join(out, name))
@@ -151,10 +156,10 @@ def export_hf(run: str, out: str, dtype: str | None = None, max_shard_bytes: int
   params = jax.tree.map(np.asarray, params)
   out_dtype = np.dtype(jax.numpy.dtype(dtype)) if dtype else np.dtype(model_cfg.weight_dtype)
   extra = {}
-  generation_path = os.path.join(run, "generation_config.json")
-  if os.path.isfile(generation_path):
-    generation = _read_json(generation_path, "")
-    extra = {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in generation}
+  for name in ("generation_config.json", HF_CONFIG_COPY):  # the second wins
+    path = os.path.join(run, name)
+    if os.path.isfile(path):
+      extra.update({k: v for k, v in _read_json(path, "").items() if k in _KEPT_HF_FIELDS})
   hf = hf_config(model_cfg, dtype=str(out_dtype), extra=extra)
   entries = [
     (name, lambda make=make: make().astype(out_dtype), shape, out_dtype)

@@ -98,13 +98,12 @@ def _kiln_logits(model_cfg: ModelConfig, params: dict, tokens: np.ndarray) -> np
   return np.asarray(forward(params, jnp.asarray(tokens)))
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def imported(request, tmp_path_factory):
-  """(family, HF directory, HF model, kiln run directory) for a small random model of each family."""
-  family = request.param
+def _save_hf_model(family: str, hf_dir: str):
+  """A small random `family` model saved to `hf_dir` (float32); returns the model."""
   torch.manual_seed(0)
-  hf_cfg = FAMILIES[family]()
-  model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_config(
+    FAMILIES[family](), attn_implementation="eager", dtype=torch.float32
+  )
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:
@@ -112,11 +111,26 @@ def imported(request, tmp_path_factory):
       elif "bias" in name:
         p.normal_(0.0, 0.1)
   model.eval()
+  model.save_pretrained(hf_dir)
+  return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def imported(request, tmp_path_factory):
+  """(family, HF directory, HF model, kiln run directory) for a small random model of each family."""
+  family = request.param
   root = tmp_path_factory.mktemp(family)
   hf_dir, run = str(root / "hf"), str(root / "run")
-  model.save_pretrained(hf_dir)
+  model = _save_hf_model(family, hf_dir)
   import_hf(hf_dir, run)
   return family, hf_dir, model, run
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+  hf_dir = str(tmp_path_factory.mktemp("llama_only") / "hf")
+  _save_hf_model("llama", hf_dir)
+  return hf_dir
 
 
 def test_imported_model_gives_transformers_logits(imported):
@@ -156,6 +170,9 @@ def test_export_of_an_import_gives_back_every_tensor_exactly(imported, tmp_path)
   exported = json.load(open(os.path.join(out, "config.json")))
   assert exported["architectures"] == json.load(open(os.path.join(hf_dir, "config.json")))["architectures"]
   assert os.path.isfile(os.path.join(out, "generation_config.json"))  # tokenizer-side files travel along
+  original = json.load(open(os.path.join(hf_dir, "config.json")))
+  for key in ("max_position_embeddings", "bos_token_id", "eos_token_id", "vocab_size", "num_key_value_heads"):
+    assert exported[key] == original[key], (family, key)
 
 
 def _kiln_run(tmp_path, **overrides) -> str:
@@ -298,3 +315,38 @@ def test_script_prints_one_error_line_and_exits_1(tmp_path):
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("error: Hugging Face config hidden_act='relu'"), result.stderr
+
+
+def test_bfloat16_import_and_export_round_to_nearest_even(llama_dir, tmp_path):
+  run, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  import_hf(llama_dir, run, dtype="bfloat16")
+  saved = json.load(open(os.path.join(run, "config.json")))
+  assert saved["model"]["param_dtype"] == "bfloat16" and saved["model"]["allow_low_precision_params"]
+  export_hf(run, out)  # keeps the stored dtype
+  assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+  with safe_open(os.path.join(llama_dir, "model.safetensors"), "pt") as want:
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as got:
+      for name in want.keys():
+        # torch's own float32 -> bfloat16 conversion is the reference rounding.
+        assert torch.equal(got.get_tensor(name), want.get_tensor(name).to(torch.bfloat16)), name
+
+
+def test_weights_that_do_not_match_the_config_are_one_line_errors(llama_dir, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  tensors = load_file(os.path.join(llama_dir, "model.safetensors"))
+  config = open(os.path.join(llama_dir, "config.json")).read()
+  cases = {
+    "extra": ({**tensors, "model.layers.0.mlp.up_proj.bias": np.zeros(128, np.float32)}, "does not use"),
+    "missing": ({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, "has no tensor"),
+    "shape": ({**tensors, "model.norm.weight": np.ones(32, np.float32)}, "has shape [32], the config implies [64]"),
+  }
+  for case, (weights, words) in cases.items():
+    hf_dir = tmp_path / case
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(config)
+    save_file(weights, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"^[^\n]*$") as error:
+      import_hf(str(hf_dir), str(tmp_path / f"run_{case}"))
+    assert words in str(error.value), case
+    assert not os.path.exists(tmp_path / f"run_{case}"), case
