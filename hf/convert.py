@@ -108,9 +108,28 @@ def import_hf(hf_dir: str, out: str, dtype: str = "float32") -> dict[str, Any]:
       break
   with open(os.path.join(partial, "config.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(partial, "config.py"), "w") as f:
+    f.write(_CONFIG_PY)
   os.rename(partial, out)
   count = sum(x.size for x in jax.tree.leaves(params))
   return {"family": family, "params": count, "tokenizer_files": copied, "out": out}
+
+
+# A config file for train.py: this run's config.json, starting from its parameters.
+_CONFIG_PY = '''"""Fine-tune the imported model: python train.py --config <this file> [--config.<group>.<key>=...]"""
+
+import json
+import os
+
+import ml_collections
+
+
+def get_config():
+  here = os.path.dirname(os.path.abspath(__file__))
+  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(here, "config.json"))))
+  cfg.checkpoint.init_from = here
+  return cfg
+'''
 
 
 def _copy_tokenizer_files(source: str, dest: str) -> list[str]:

@@ -148,6 +148,13 @@ def test_imported_config_is_a_full_kiln_config(imported):
   saved = json.load(open(os.path.join(run, "config.json")))
   assert set(saved) >= set(base_config()), "config.json lacks config groups"
   assert saved["model"]["vocab_multiple"] == VOCAB  # no padded rows
+  # RUN/config.py is that config for train.py, starting from the imported parameters.
+  from trainer.config import load_config_file, validate
+
+  cfg = load_config_file(os.path.join(run, "config.py"))
+  validate(cfg)
+  assert cfg.checkpoint.init_from == os.path.abspath(run)
+  assert cfg.model.to_dict() == saved["model"] and cfg.moe.to_dict() == saved["moe"]
   assert saved["model"]["qk_norm"] == family.startswith("qwen3")
   assert saved["model"]["sliding_window"] == (5 if family == "mistral" else 0)
   assert saved["model"]["tie_embeddings"] == (family == "llama")
