@@ -54,8 +54,9 @@ class ModelConfig:
   renormalize_gates: bool = True
 
   def __post_init__(self):
-    for problem in field_problems(self):
-      raise ValueError(problem)
+    problems = field_problems(self)
+    if problems:
+      raise ValueError(problems[0])
 
   @property
   def rope_scaling(self) -> RopeScaling | None:

@@ -165,7 +165,7 @@ def test_imported_config_is_a_full_kiln_config(imported):
 
 
 def test_export_of_an_import_gives_back_every_tensor_exactly(imported, tmp_path):
-  family, hf_dir, _, run = imported
+  family, hf_dir, model, run = imported
   out = str(tmp_path / "export")
   export_hf(run, out)
   with safe_open(os.path.join(hf_dir, "model.safetensors"), "numpy") as want:
@@ -180,6 +180,11 @@ def test_export_of_an_import_gives_back_every_tensor_exactly(imported, tmp_path)
   original = json.load(open(os.path.join(hf_dir, "config.json")))
   for key in ("max_position_embeddings", "bos_token_id", "eos_token_id", "vocab_size", "num_key_value_heads"):
     assert exported[key] == original[key], (family, key)
+  # The exported config.json means the same model to transformers.
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+  assert type(reloaded) is type(model)
+  tokens = _tokens()
+  np.testing.assert_array_equal(_hf_logits(reloaded.eval(), tokens), _hf_logits(model, tokens), err_msg=family)
 
 
 def _kiln_run(tmp_path, **overrides) -> str:
