@@ -14,6 +14,7 @@ import ml_collections
 from data.chat import template_problem
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.attend import backend_problem
+from model.config import field_problems
 from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
@@ -139,6 +140,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
   _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
   _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
+  for problem in field_problems(m):  # RoPE scaling and sliding window
+    _require(False, problem)
   _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
   _one_of(cfg, "data.tokenizer_type", ("bpe", "unigram"))
   _one_of(cfg, "data.invalid_utf8", ("replace", "skip"))
