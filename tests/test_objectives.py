@@ -286,9 +286,27 @@ def test_dpo_steps_raise_the_chosen_over_rejected_margin(single_device_runs):
   assert history[-1]["dpo_chosen_reward"] > history[-1]["dpo_rejected_reward"]
   assert history[-1]["dpo_accuracy"] > 0.5
   assert history[-1]["loss"] < history[0]["loss"]
-  # Evaluation: the same loss, summed over the batch's pairs (8 rows, 8 pairs).
-  loss_sum, pairs = exp.eval_step(state.params, jax.device_put(batches[0], exp.batch_sharding), frozen)
-  assert float(pairs) == 8.0 and float(loss_sum) / 8 < history[0]["loss"]
+  # Evaluation against a naive reference: per row, log-softmax of each model's logits summed over the weighted
+  # targets of segment 1 (chosen) and 2 (rejected), then the DPO formula, summed over the 8 pairs.
+  batch = batches[0]
+  loss_sum, pairs = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding), frozen)
+  logits_of = jax.jit(lambda params: objectives._logits(exp.graphdef, params, batch)[0])
+  policy, reference = np.asarray(logits_of(state.params), np.float64), np.asarray(logits_of(frozen["reference"]))
+  want = 0.0
+  for b in range(8):
+    sums = {}
+    for name, logits in (("p", policy), ("r", reference.astype(np.float64))):
+      for segment in (1, 2):
+        total = 0.0
+        for i in np.flatnonzero((batch["segment_ids"][b] == segment) & (batch["loss_mask"][b] > 0)):
+          row = logits[b, i] - logits[b, i].max()
+          total += batch["loss_mask"][b, i] * (row[batch["targets"][b, i]] - np.log(np.exp(row).sum()))
+        sums[name, segment] = total
+    z = 0.5 * ((sums["p", 1] - sums["r", 1]) - (sums["p", 2] - sums["r", 2]))
+    want += np.log1p(np.exp(-z))
+  assert float(pairs) == 8.0
+  assert float(loss_sum) == pytest.approx(want, rel=1e-4)
+  assert float(loss_sum) / 8 < history[0]["loss"]
 
 
 def test_distill_loss_is_zero_against_itself_and_falls(single_device_runs):
