@@ -32,6 +32,8 @@ import numpy as np
 
 from data.errors import DataError
 from data.packing import PackedRows, empty_row, to_model_inputs
+from data.preference import load_preferences
+from data.sft import load_conversations
 from data.token_cache import TokenCache, load_token_cache
 from data.tokenizer import Tokenizer
 
@@ -44,12 +46,8 @@ _PREFETCH_DEPTH = 1
 def load_source(data_cfg, tokenizer: Tokenizer, objective: str = "lm"):
   """The documents `objective` trains on: the token cache, Conversations (sft) or PreferencePairs (dpo)."""
   if objective == "sft":
-    from data.sft import load_conversations
-
     return load_conversations(data_cfg, tokenizer)
   if objective == "dpo":
-    from data.preference import load_preferences
-
     return load_preferences(data_cfg, tokenizer)
   return load_token_cache(data_cfg, tokenizer)
 

@@ -1,6 +1,6 @@
 """What `config.train.objective` adds to a run: its loss function, its frozen models and where its tokenizer
-comes from. experiment.build and the loop call `objective_setup` and `load_frozen`; the losses themselves are
-in objectives.py.
+comes from. experiment.build calls `objective_setup` and `frozen_loader`, the loop `tokenizer_data_cfg`; the
+losses themselves are in objectives.py.
 """
 
 import dataclasses

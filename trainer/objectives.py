@@ -22,6 +22,7 @@ from model import cross_entropy_sums
 
 OBJECTIVES = ("lm", "sft", "dpo", "distill")
 CHOSEN_SEGMENT, REJECTED_SEGMENT = 1, 2  # as data/preference.py lays out a pair's row
+SUM_PREFIX = "sum:"  # an aux entry "sum:<metric>" is a batch sum that the step reports as <metric> per count
 
 
 def _logits(graphdef, params, batch: dict, dropout_key=None):
@@ -109,9 +110,6 @@ def make_distill_loss(graphdef, teacher_graphdef, *, temperature: float, alpha: 
     return (loss_sum, z_sum, tokens), {**aux, **_as_sums({"distill_kl": kl_sum, "distill_ce": nll_sum})}
 
   return loss_fn
-
-
-SUM_PREFIX = "sum:"
 
 
 def _as_sums(stats: dict) -> dict:
