@@ -24,6 +24,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6
   c.model.position_type = "rope"  # rope | learned | sinusoidal
   c.model.rope_theta = 10_000.0
+  c.model.rope_scaling_type = ""  # "" (none) | linear | llama3: RoPE frequencies stretched for long contexts
+  c.model.rope_scaling_factor = 1.0  # linear and llama3: how much longer the context gets
+  c.model.rope_low_freq_factor = 1.0  # llama3 only
+  c.model.rope_high_freq_factor = 4.0  # llama3 only
+  c.model.rope_original_max_len = 8192  # llama3 only: the context length the model was pretrained at
+  c.model.attention_bias = False  # biases on the q, k, v projections (Qwen2-style)
+  c.model.attention_out_bias = False  # a bias on the attention output projection
+  c.model.qk_norm = False  # RMSNorm over head_dim of q and k before RoPE (Qwen3)
+  c.model.sliding_window = 0  # > 0: each query sees only keys less than this many positions behind (Mistral)
   c.model.tie_embeddings = True
   c.model.dropout_rate = 0.0
   c.model.init_std = 0.02
@@ -70,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
   c.data.shuffle = True
   c.data.unit_bytes = 16 << 20  # corpus bytes per tokenization work unit: who tokenizes what, never the data order
+  # sft / dpo data: chatml | llama3 | plain, or a turn format with {content} (and {role}), see data/chat.py
+  c.data.chat_template = "chatml"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.peak_lr = 3e-4
@@ -91,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.seed = 0
+  c.train.objective = "lm"  # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher)
   c.train.compilation_cache = True  # JAX's persistent compilation cache under <data cache dir>/jax
   c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into <workdir>/tb for TensorBoard
 
@@ -113,6 +125,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
   c.lora.dropout = 0.0  # on the adapter's input, training only
   c.lora.targets = "q,v"  # comma-separated among q, k, v, o, gate, up, down (MoE models: attention only)
+
+  c.dpo = ml_collections.ConfigDict()  # train.objective=dpo
+  c.dpo.beta = 0.1  # strength of the implicit KL to the reference: larger keeps the policy closer to it
+  c.dpo.reference = ""  # the frozen reference run/checkpoint; empty: checkpoint.init_from, else this run's init
+
+  c.distill = ml_collections.ConfigDict()  # train.objective=distill
+  c.distill.teacher = ""  # a run directory (or checkpoint) of any size trained with the same tokenizer
+  c.distill.temperature = 2.0  # softens both distributions; the KL term is scaled by temperature^2
+  c.distill.alpha = 0.5  # weight of the KL to the teacher; 1 - alpha: the usual next-token loss
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

@@ -19,6 +19,7 @@ from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
 from trainer.checkpoint import load_params
 from trainer.config import ConfigError, check_backend
+from trainer.finetune import frozen_loader, objective_setup
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, init_trainable, new_state
 from trainer.step import BATCH_AXES, LossFn, Pipelined, default_loss_fn, make_eval_step, make_train_step
@@ -158,6 +159,21 @@ def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelC
   return schedule, plan
 
 
+def _objective(cfg, model_cfg, graphdef, abstract_params, logical_names, params_sharding, vocab: int, mesh, rules):
+  """train.objective's loss_fn and count_fn, and its frozen models' shapes, shardings (by the same rules as the
+  trained model) and loaders (trainer/finetune.py)."""
+  seed = cfg.train.seed
+  initial_params = jax.jit(lambda: init_params(model_cfg, seed), out_shardings=params_sharding)
+  setup = objective_setup(cfg, model_cfg, abstract_params, logical_names, graphdef, vocab, mesh.shape["tensor"])
+  shapes, shardings, loaders = {}, {}, {}
+  for name, model in setup.frozen.items():
+    specs = param_specs(model.abstract_params, model.logical_names, rules, mesh, where=f"{name} parameter")
+    shapes[name] = model.abstract_params
+    shardings[name] = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    loaders[name] = frozen_loader(name, model, shapes[name], shardings[name], initial_params)
+  return setup.loss_fn, setup.count_fn, shapes, shardings, loaders
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
@@ -195,13 +211,13 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   batch_sharding = NamedSharding(mesh, batch_spec)
 
   # What the steps compute and which frozen trees they read: fine-tuning objectives set these here.
-  loss_fn: LossFn | None = None  # None: default_loss_fn, the next-token loss (the only one a pipeline runs)
-  frozen_shapes: dict = {}
-  frozen_sharding: dict = {}
-  frozen_loaders: dict[str, Callable[[], dict]] = {}
-  if lora_frozen_base is not None:
+  # loss_fn None: default_loss_fn, the next-token loss (the only one a pipeline runs).
+  loss_fn, count_fn, frozen_shapes, frozen_sharding, frozen_loaders = _objective(
+    cfg, model_cfg, graphdef, abstract_params, logical_names, shardings.params, tokenizer_vocab_size, mesh, rules
+  )
+  if lora_frozen_base is not None:  # LoRA: the objective's loss of the adapters merged with the frozen base
     loss_fn, frozen_shapes["base"], frozen_sharding["base"], frozen_loaders["base"] = lora_frozen(
-      cfg, model_cfg, graphdef, lora_frozen_base, rules, mesh
+      cfg, model_cfg, graphdef, lora_frozen_base, rules, mesh, loss_fn
     )
   if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
     raise ConfigError("pipeline parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1")
@@ -221,6 +237,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     grad_shardings=shardings.grads,
     pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
     loss_fn=loss_fn,
+    count_fn=count_fn,
   )
   train_step = jax.jit(
     _with_rules(step_fn, mesh, rules),
@@ -272,6 +289,11 @@ def lora_split(cfg, model_cfg: ModelConfig, abstract_params: dict, logical_names
     raise ConfigError(problem)
   if lc.rank == 0:
     return (abstract_params, logical_names), None
+  if cfg.train.objective == "dpo":
+    raise ConfigError(
+      f"config.lora.rank={lc.rank} with config.train.objective=dpo: the DPO reference would need the adapters "
+      "switched off, which is not supported yet; use LoRA with lm, sft or distill, or set config.lora.rank=0"
+    )
   if cfg.checkpoint.init_optimizer_state:
     raise ConfigError(
       "config.checkpoint.init_optimizer_state=True with LoRA: the base run's optimizer state is the full model's, "
@@ -305,17 +327,19 @@ def lora_base(init_from: str, model_cfg: ModelConfig, seed: int, abstract_base: 
   return jax.jit(lambda: lora.split(init_params(model_cfg, seed))[1], out_shardings=shardings)()
 
 
-def lora_frozen(cfg, model_cfg: ModelConfig, graphdef, frozen_base: tuple[dict, dict], rules, mesh: Mesh):
-  """(loss_fn, base shapes, base shardings, base loader) of a LoRA run: the loss of the model made of the
-  trained adapters and the frozen base, which is sharded by the same rules as a full model's parameters (fsdp,
-  tensor) and loaded once per run (`lora_base`)."""
+def lora_frozen(
+  cfg, model_cfg: ModelConfig, graphdef, frozen_base: tuple[dict, dict], rules, mesh: Mesh, loss_fn: LossFn | None
+):
+  """(loss_fn, base shapes, base shardings, base loader) of a LoRA run: the objective's `loss_fn` (None: the
+  next-token loss) of the model made of the trained adapters and the frozen base, which is sharded by the same
+  rules as a full model's parameters (fsdp, tensor) and loaded once per run (`lora_base`)."""
   base_shapes, base_names = frozen_base
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(base_shapes, base_names, rules, mesh))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings)
-  next_token = default_loss_fn(graphdef)
+  objective = loss_fn or default_loss_fn(graphdef)
 
-  def loss_fn(params, frozen, batch, dropout_key):
-    return next_token(lora.combine(params, frozen["base"]), frozen, batch, dropout_key)
+  def lora_loss_fn(params, frozen, batch, dropout_key):
+    return objective(lora.combine(params, frozen["base"]), frozen, batch, dropout_key)
 
   load = lambda: lora_base(cfg.checkpoint.init_from, model_cfg, cfg.train.seed, abstract)  # noqa: E731
-  return loss_fn, base_shapes, shardings, load
+  return lora_loss_fn, base_shapes, shardings, load
