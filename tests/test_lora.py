@@ -246,6 +246,7 @@ def test_plan_reports_trainable_parameters_and_their_optimizer_state():
     ({"moe.num_experts": 4, "lora.targets": "q,up"}, "MoE experts take no adapters"),
     ({"checkpoint.init_optimizer_state": True}, "init_optimizer_state=True with LoRA"),
     ({"mesh.stage": 2, "mesh.data": 1}, "LoRA does not run under the pipeline"),
+    ({"train.objective": "dpo"}, "with config.train.objective=dpo"),
   ],
 )
 def test_lora_config_errors_at_build(change, fragment):
