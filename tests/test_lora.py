@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +331,20 @@ def test_export_merges_the_adapters_or_writes_them_alone(lora_run, tmp_path):
   want = _logits(lora_cfg, lora.combine(adapters, base_params), batch)
   np.testing.assert_allclose(_logits(plain_cfg, merged, batch), want, rtol=1e-4, atol=1e-4)
   assert np.abs(want - _logits(plain_cfg, base_params, batch)).max() > 1e-3  # the adapters were trained
+
+  # Without init_from the base is the random init of train.seed, which the merge rebuilds from the config.
+  seeded = tmp_path / "seeded_run"
+  shutil.copytree(run, seeded)
+  (seeded / "config.json").write_text(json.dumps({**cfg, "checkpoint": {**cfg["checkpoint"], "init_from": ""}}))
+  proc = subprocess.run(
+    [sys.executable, "scripts/export_params.py", f"--run={seeded}", f"--out={tmp_path / 'seeded_merge'}"],
+    env=ENV, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  seeded_merged, _ = load_params(str(tmp_path / "seeded_merge"), abstract_model(plain_cfg)[1])
+  _, seed_base = lora.split(_init(lora_cfg, run_cfg.train.seed))
+  want = _logits(lora_cfg, lora.combine(adapters, seed_base), batch)
+  np.testing.assert_allclose(_logits(plain_cfg, seeded_merged, batch), want, rtol=1e-4, atol=1e-4)
 
 
 def test_resuming_lora_adapters_on_another_base_is_an_error():
