@@ -6,6 +6,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model.attend import attend
 from model.config import ModelConfig
+from model.kv_cache import LayerCache
 from model.layers import output_std, param, project, rope
 from sharding.rules import constrain
 
@@ -24,7 +25,10 @@ class Attention(nnx.Module):
     std_out = output_std(cfg.init_std, cfg.num_layers)
     self.wo_NxHxD = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std=std_out, dtype=wd)
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(
+    self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, cache: LayerCache | None = None
+  ):
+    """The attention output [B, L, D]; with a `cache`, (output, the cache with this call's keys and values)."""
     cfg = self.cfg
     dt = cfg.dtype
     q_BxLxNxH = project(x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", dtype=dt)
@@ -34,16 +38,26 @@ class Attention(nnx.Module):
       q_BxLxNxH = checkpoint_name(rope(q_BxLxNxH, positions_BxL, cfg.rope_theta), "attn_q_rope")
       k_BxSxKxH = checkpoint_name(rope(k_BxSxKxH, positions_BxL, cfg.rope_theta), "attn_k_rope")
 
+    # KV cache (decoding): the new keys and values go into their slots, and the queries attend the whole cache.
+    kv_segment_ids_BxS, kv_positions_BxS = segment_ids_BxL, positions_BxL
+    if cache is not None:
+      cache = cache.write(k_BxSxKxH, v_BxSxKxH)
+      k_BxSxKxH, v_BxSxKxH = cache.k_BxSxKxH, cache.v_BxSxKxH
+      kv_segment_ids_BxS, kv_positions_BxS = cache.segment_ids_BxS, cache.positions_BxS
+
     out_BxLxNxH = attend(
       q_BxLxNxH,
       k_BxSxKxH,
       v_BxSxKxH,
       q_segment_ids_BxL=segment_ids_BxL,
-      kv_segment_ids_BxS=segment_ids_BxL,
+      kv_segment_ids_BxS=kv_segment_ids_BxS,
       q_positions_BxL=positions_BxL,
-      kv_positions_BxS=positions_BxL,
+      kv_positions_BxS=kv_positions_BxS,
       impl=cfg.attention,
       block=cfg.attention_block,
     )
     out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES), "attn_context")
-    return project(out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", ("batch", "length", "embed"), name="attn_o", dtype=dt)
+    y_BxLxD = project(
+      out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", ("batch", "length", "embed"), name="attn_o", dtype=dt
+    )
+    return y_BxLxD if cache is None else (y_BxLxD, cache)
