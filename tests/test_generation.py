@@ -1,8 +1,8 @@
 """Decoding against independent references: the full forward at every position, a naive greedy loop that re-runs
 the whole sequence per token, sets of allowed ids computed in numpy, and the scripts against the model itself.
 
-Models are tiny and fp32; weights are scaled up from their init so the next-token distributions are peaked and
-greedy choices are not near-ties.
+Models are tiny and fp32, with random weights larger than their init, so the next-token distributions are
+peaked and greedy choices are not near-ties.
 """
 
 import os
@@ -22,7 +22,7 @@ from generation.sampling import allowed, sample
 from model import ModelConfig
 from sharding.rules import DEFAULT_RULES, parse_rules
 from tests.helpers import small_config
-from trainer.state import abstract_model, init_params
+from trainer.state import abstract_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_VOCAB = 100  # ids 100..127 are embedding padding
@@ -35,10 +35,21 @@ def tiny_model_cfg(**changes) -> ModelConfig:
   return ModelConfig(**{**base, "mlp_dim": 64, **changes})
 
 
-def make_decoder(model_cfg: ModelConfig, scale: float = 8.0):
+def random_params(abstract_params, seed: int) -> dict:
+  """Random weights of the model's shapes (no init to compile): matrices N(0, 0.15), vectors (norm scales) near 1."""
+  rng = np.random.default_rng(seed)
+
+  def one(leaf):
+    if len(leaf.shape) > 1 and leaf.shape[-1] > 1:
+      return jnp.asarray(rng.normal(0, 0.15, leaf.shape), leaf.dtype)
+    return jnp.asarray(1 + rng.normal(0, 0.1, leaf.shape), leaf.dtype)
+
+  return jax.tree.map(one, abstract_params)
+
+
+def make_decoder(model_cfg: ModelConfig):
   decoder = Decoder(model_cfg, TOKENIZER_VOCAB, one_device_mesh(), parse_rules(DEFAULT_RULES))
-  params = jax.jit(lambda: init_params(decoder.model_cfg, 0), out_shardings=decoder.param_shardings)()
-  return decoder, jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, params)
+  return decoder, jax.device_put(random_params(decoder.abstract_params, 0), decoder.param_shardings)
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +233,7 @@ def run_dir(tmp_path_factory):
     (directory / "config.json").write_text(cfg.to_json_best_effort(indent=2))
   vocab = -(-hf.get_vocab_size(with_added_tokens=True) // 64) * 64
   model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab, max_len=24)
-  params = jax.jit(lambda: init_params(model_cfg, 7))()
-  params = jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
+  params = random_params(abstract_model(model_cfg)[1], 7)
   # Two checkpoints of a training run (the latest is the default, a step number picks another) and an export.
   items = {run / "checkpoints" / "3" / "state": 0.5, run / "checkpoints" / "5" / "state": 2.0, export / "params": 1.0}
   for path, scale in items.items():
