@@ -15,11 +15,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from generation import Decoder, Sampling, beam_search, generate
 from generation.run import load_run, one_device_mesh
 from generation.sampling import allowed, sample
 from model import ModelConfig
+from sharding.mesh import MESH_AXES
 from sharding.rules import DEFAULT_RULES, parse_rules
 from tests.helpers import small_config
 from trainer.state import abstract_model
@@ -31,7 +33,9 @@ NEW = 6
 
 
 def tiny_model_cfg(**changes) -> ModelConfig:
+  # Untied: with random tied embeddings the likeliest next token is the current one, and greedy only repeats.
   base = dict(vocab_size=128, max_len=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8)
+  base["tie_embeddings"] = False
   return ModelConfig(**{**base, "mlp_dim": 64, **changes})
 
 
@@ -54,7 +58,7 @@ def make_decoder(model_cfg: ModelConfig):
 
 @pytest.fixture(scope="module")
 def dense():
-  return make_decoder(tiny_model_cfg())
+  return make_decoder(tiny_model_cfg(num_kv_heads=1))
 
 
 def full_logits(decoder, params, sequence) -> np.ndarray:
@@ -70,13 +74,16 @@ def full_logits(decoder, params, sequence) -> np.ndarray:
 MOE = dict(num_experts=4, top_k=2, moe_every=2, capacity_factor=1.25, num_shared_experts=1)
 
 
-@pytest.mark.parametrize(
-  "changes",
-  [{}, {**MOE, "position_type": "learned", "num_kv_heads": 1}],
-  ids=["dense_rope_gqa", "moe_every2_learned_mqa"],
-)
-def test_cached_decoding_equals_the_full_forward_at_every_position(changes, dense):
-  decoder, params = dense if not changes else make_decoder(tiny_model_cfg(**changes))
+@pytest.fixture(scope="module")
+def moe():
+  return make_decoder(tiny_model_cfg(**MOE, position_type="learned"))
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_cached_decoding_equals_the_full_forward_at_every_position(model, request):
+  """dense: rope, MQA; moe: a group of a dense and an MoE layer (moe_every 2, a shared expert), learned
+  positions, GQA."""
+  decoder, params = request.getfixturevalue(model)
   rng = np.random.default_rng(0)
   continuations = rng.integers(4, TOKENIZER_VOCAB, (len(PROMPTS), NEW)).astype(np.int32)
   tokens_BxP = np.zeros((len(PROMPTS), max(map(len, PROMPTS))), np.int32)
@@ -95,7 +102,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(changes, dens
     reference_TxV = full_logits(decoder, params, list(prompt) + continuations[b].tolist())
     for t in range(NEW):
       np.testing.assert_allclose(step_logits[t][b], reference_TxV[len(prompt) - 1 + t], rtol=1e-5, atol=1e-5)
-  if changes:
+  if model != "dense":
     return  # the prefill's own positions: checked once, on the dense model (one compile less)
   # The prefill itself, at every prompt position (padding slots of short rows excluded).
   segments_BxP = (np.arange(tokens_BxP.shape[1]) < lengths_B[:, None]).astype(np.int32)
@@ -111,6 +118,19 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(changes, dens
   for b, prompt in enumerate(PROMPTS):
     reference = full_logits(decoder, params, list(prompt))
     np.testing.assert_allclose(prefill_BxPxV[b, : len(prompt)], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_on_a_data_expert_tensor_mesh_equals_one_device(moe):
+  decoder, params = moe
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 1, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+  sharded = Decoder(decoder.model_cfg, TOKENIZER_VOCAB, mesh, parse_rules(DEFAULT_RULES))
+  sharded_params = jax.device_put(jax.device_get(params), sharded.param_shardings)
+  cache = sharded.new_cache(4, 8)
+  assert cache.k_XxBxSxKxH.sharding.spec == PartitionSpec(None, ("data", "expert"), None, "tensor", None)
+  prompts = PROMPTS + [[1, 2]]
+  settings = dict(max_new_tokens=NEW, sampling=Sampling(temperature=0.0), stop_ids=[])
+  one = generate(decoder, params, prompts, **settings)
+  assert [c.tokens for c in generate(sharded, sharded_params, prompts, **settings)] == [c.tokens for c in one]
 
 
 def naive_greedy(decoder, params, prompt, steps, stop=()) -> list[int]:
@@ -134,22 +154,35 @@ def test_greedy_equals_a_naive_loop_and_beam_width_1_equals_greedy(dense):
   assert [c.tokens for c in beams] == greedy_stopped
 
 
-def sequence_logprob(decoder, params, prompt, tokens) -> float:
-  logits = full_logits(decoder, params, list(prompt) + list(tokens))[:, :TOKENIZER_VOCAB]
-  logprobs = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
-  return float(sum(logprobs[len(prompt) - 1 + i, t] for i, t in enumerate(tokens)))
+def naive_beam_search(decoder, params, prompt, width, steps, stop):
+  """Beam search by re-running the full forward for every beam and step: the `width` best of all one-token
+  extensions of the unfinished beams and the finished beams as they are. -> (tokens without the stop, score)."""
+  beams = [(0.0, [], False)]
+  for _ in range(steps):
+    candidates = []
+    for score, tokens, finished in beams:
+      if finished:
+        candidates.append((score, tokens, True))
+        continue
+      logits = full_logits(decoder, params, list(prompt) + tokens)[-1][:TOKENIZER_VOCAB].astype(np.float64)
+      logprobs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+      candidates += [(score + logprobs[v], tokens + [v], v in stop) for v in range(TOKENIZER_VOCAB)]
+    beams = sorted(candidates, key=lambda c: -c[0])[:width]
+    if all(finished for _, _, finished in beams):
+      break
+  score, tokens, finished = beams[0]
+  return (tokens[:-1] if finished else tokens), score
 
 
-def test_beam_search_scores_are_sequence_logprobs_and_beat_greedy(dense):
+def test_beam_search_equals_a_naive_beam_search(dense):
   decoder, params = dense
-  stop = [3]
+  stop = [3, 5]
   beams = beam_search(decoder, params, PROMPTS, width=3, max_new_tokens=NEW, stop_ids=stop)
-  greedy = beam_search(decoder, params, PROMPTS, width=1, max_new_tokens=NEW, stop_ids=stop)
-  for prompt, best, one in zip(PROMPTS, beams, greedy):
-    scored = best.tokens + (stop if best.stopped else [])
-    assert best.score == pytest.approx(sequence_logprob(decoder, params, prompt, scored), abs=1e-4)
-    assert best.score >= one.score - 1e-5
-    assert all(t < TOKENIZER_VOCAB for t in best.tokens)
+  for prompt, best in zip(PROMPTS, beams):
+    tokens, score = naive_beam_search(decoder, params, prompt, 3, NEW, stop)
+    assert best.tokens == tokens
+    assert best.score == pytest.approx(score, abs=1e-4)
+  assert any(b.stopped for b in beams), "some beam should end on a stop id"
 
 
 def test_stop_tokens_end_a_row_and_are_left_out(dense):
@@ -227,7 +260,7 @@ def run_dir(tmp_path_factory):
 
   root = tmp_path_factory.mktemp("gen_run")
   run, export = root / "run", root / "export"
-  cfg = small_config(**{"data.seq_len": 24, "model.vocab_multiple": 64})
+  cfg = small_config(**{"data.seq_len": 24, "model.vocab_multiple": 64, "model.tie_embeddings": False})
   for directory in (run, export):
     _, hf = write_hf_tokenizer(directory, config={"bos_token": "<s>", "eos_token": "</s>"})
     (directory / "config.json").write_text(cfg.to_json_best_effort(indent=2))
