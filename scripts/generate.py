@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, tokenizer, checkpoints) or export.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
@@ -106,6 +106,7 @@ def run() -> None:
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}; prompts go in --prompt")
+  logging.set_verbosity(logging.WARNING)  # the terminal shows the text (and errors), not library progress
   run()
 
 

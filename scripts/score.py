@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, tokenizer, checkpoints) or export.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Step number, or path to a checkpoint or export.")
@@ -77,6 +77,7 @@ def score_text(loaded, text: str):
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # the output is the scores (and errors), not library progress
   from data import DataError
   from generation.run import load_run
   from trainer.checkpoint import CheckpointError

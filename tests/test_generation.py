@@ -363,3 +363,18 @@ def test_score_script_logits_equal_the_model_forward_and_losses(run_dir, tmp_pat
   assert float(summary[5]) == pytest.approx(float(np.exp(ref_losses.mean())), rel=1e-3)
   result = script("scripts/score.py", f"--workdir={root}", f"--tokens={tmp_path / 'ids.npy'}")
   assert result.returncode == 1 and result.stderr == "error: --tokens needs --logits_out OUT.npy, where the logits go\n"
+
+
+def test_text_stream_prints_whole_characters_that_add_up_to_the_text(tmp_path):
+  from data import Tokenizer
+  from generation.stream import TextStream
+  from tests.test_data import write_hf_tokenizer
+
+  tok = Tokenizer(write_hf_tokenizer(tmp_path, config={"bos_token": "<s>", "eos_token": "</s>"})[0])
+  text = "héllo wörld 日本語 🙂 def f(x):\n\treturn x"
+  ids = tok.encode(text)
+  assert len(ids) > len(text) // 2, "characters must span several byte-level tokens"
+  stream = TextStream(tok)
+  pieces = [stream.push(i) for i in ids]
+  assert "".join(pieces) + stream.flush() == text
+  assert not any("\ufffd" in piece for piece in pieces)
