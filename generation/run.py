@@ -88,6 +88,21 @@ def _steps(run: epath.Path) -> list[int]:
   return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
+def _saved_vocab(source: str) -> int | None:
+  """Rows of the saved embedding (`params.embed_VxD`), from the checkpoint's metadata; None if unreadable."""
+  import orbax.checkpoint as ocp
+
+  path = as_path(source)
+  for item in (path / "state", path / "params"):
+    if item.is_dir():
+      try:
+        tree = ocp.StandardCheckpointer().metadata(str(item)).item_metadata.tree
+        return int(tree["params"]["embed_VxD"].shape[0])
+      except Exception:  # noqa: BLE001 (load_params reports an unreadable checkpoint in its own words)
+        return None
+  return None
+
+
 def load_run(workdir: str, checkpoint: str | None = None, *, compute_dtype: str | None = None) -> LoadedRun:
   """Config, tokenizer, decoder and parameters of a run; bad input raises a one-line ConfigError, DataError or
   CheckpointError."""
@@ -96,12 +111,17 @@ def load_run(workdir: str, checkpoint: str | None = None, *, compute_dtype: str 
   if tokenizer_path is None:
     raise ConfigError(f"{workdir} holds no tokenizer.model or tokenizer.json; pass a run directory or an export")
   tokenizer = Tokenizer(tokenizer_path)
+  source = checkpoint_path(workdir, checkpoint)
   model_cfg = model_config(cfg, tokenizer.vocab_size)
+  saved_vocab = _saved_vocab(source)
+  if saved_vocab is not None and saved_vocab != model_cfg.vocab_size and saved_vocab >= tokenizer.vocab_size:
+    # Embedding rows padded otherwise than this config pads them (e.g. weights converted from another library,
+    # or a tensor axis of -1 in training): the checkpoint's count is the truth.
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=saved_vocab)
   if compute_dtype:
     model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
   # Rules of runs made before a logical name existed fall back to its default.
   rules = {**parse_rules(DEFAULT_RULES), **parse_rules(cfg.mesh.rules)}
   decoder = Decoder(model_cfg, tokenizer.vocab_size, one_device_mesh(), rules)
-  source = checkpoint_path(workdir, checkpoint)
   params, _ = load_params(source, decoder.abstract_sharded_params())
   return LoadedRun(cfg=cfg, tokenizer=tokenizer, decoder=decoder, params=params, source=source)

@@ -5,6 +5,7 @@ Models are tiny and fp32, with random weights larger than their init, so the nex
 peaked and greedy choices are not near-ties.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -284,6 +285,18 @@ def test_load_run_picks_latest_checkpoint_step_or_export(run_dir):
   assert loaded.tokenizer.kind == "tokenizer.json" and loaded.decoder.vocab_size == loaded.tokenizer.vocab_size
   with pytest.raises(ValueError, match=r"--checkpoint=9: no such step .* available: \[3, 5\]"):
     load_run(str(run), "9")
+
+
+def test_load_run_takes_the_embedding_rows_the_checkpoint_has(run_dir, tmp_path):
+  """Weights padded otherwise than the config pads (converted from elsewhere): the checkpoint's rows count."""
+  run, _, _, model_cfg = run_dir
+  wide_cfg = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size + 64)
+  wide = random_params(abstract_model(wide_cfg)[1], 1)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "wide" / "params"), {"params": wide})
+  loaded = load_run(str(run), str(tmp_path / "wide"))
+  assert loaded.decoder.model_cfg.vocab_size == wide_cfg.vocab_size
+  np.testing.assert_array_equal(np.asarray(loaded.params["head_DxV"]), np.asarray(wide["head_DxV"]))
 
 
 def script(*args) -> subprocess.CompletedProcess:
