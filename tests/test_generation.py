@@ -391,3 +391,21 @@ def test_text_stream_prints_whole_characters_that_add_up_to_the_text(tmp_path):
   pieces = [stream.push(i) for i in ids]
   assert "".join(pieces) + stream.flush() == text
   assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_export_params_keeps_a_tokenizer_json_and_decodes_like_the_run(run_dir, tmp_path):
+  import importlib.util
+
+  run, _, _, _ = run_dir
+  spec = importlib.util.spec_from_file_location("export_params", os.path.join(REPO, "scripts", "export_params.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "out"
+  module.export(str(run), str(out))
+  for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    assert (out / name).read_bytes() == (run / name).read_bytes(), name
+  assert not (out / "tokenizer.model").exists()
+  exported, original = load_run(str(out)), load_run(str(run))
+  assert exported.tokenizer.eos_id == original.tokenizer.eos_id
+  for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(original.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
