@@ -24,6 +24,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6
   c.model.position_type = "rope"  # rope | learned | sinusoidal
   c.model.rope_theta = 10_000.0
+  c.model.rope_scaling_type = ""  # "" (none) | linear | llama3: RoPE frequencies stretched for long contexts
+  c.model.rope_scaling_factor = 1.0  # linear and llama3: how much longer the context gets
+  c.model.rope_low_freq_factor = 1.0  # llama3 only
+  c.model.rope_high_freq_factor = 4.0  # llama3 only
+  c.model.rope_original_max_len = 8192  # llama3 only: the context length the model was pretrained at
+  c.model.attention_bias = False  # biases on the q, k, v projections (Qwen2-style)
+  c.model.attention_out_bias = False  # a bias on the attention output projection
+  c.model.qk_norm = False  # RMSNorm over head_dim of q and k before RoPE (Qwen3)
+  c.model.sliding_window = 0  # > 0: each query sees only keys less than this many positions behind (Mistral)
   c.model.tie_embeddings = True
   c.model.dropout_rate = 0.0
   c.model.init_std = 0.02
@@ -42,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.num_experts = 0  # 0: dense model
   c.moe.top_k = 2
   c.moe.capacity_factor = 1.25  # <= 0: dropless
+  c.moe.group_size = 512  # capacity path: tokens per routing group (each group of a sequence has its own capacity)
+  # Dropless token exchange between expert-parallel devices: auto (ragged on GPU/TPU, buffer on CPU) |
+  # ragged (jax.lax.ragged_all_to_all, GPU/TPU only) | buffer (fixed worst-case buffers, any backend)
+  c.moe.dropless_impl = "auto"
   c.moe.every = 1  # an MoE MLP every N layers, dense MLPs between
   c.moe.num_shared_experts = 0
   c.moe.expert_mlp_dim = 0  # 0: model.mlp_dim

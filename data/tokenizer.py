@@ -206,7 +206,8 @@ def _hf_special_tokens(model_path: str) -> dict[str, str]:
 
 def run_tokenizer_path(workdir: str) -> str | None:
   """The tokenizer copy a run directory holds (`tokenizer.model` or `tokenizer.json`), None if it has none."""
-  for name in _RUN_COPY_NAMES.values():
+  # A Hugging Face import may hold both; its config points at tokenizer.json, which wins here too.
+  for name in (_RUN_COPY_NAMES[HF_JSON], _RUN_COPY_NAMES[SENTENCEPIECE]):
     path = epath.Path(workdir) / name
     if path.is_file():
       return str(path)

@@ -2,16 +2,18 @@
 
 The caller owns the projections and RoPE; `attend` sees queries, keys and values with the segment ids and
 positions of both. Query l may attend key s when they share a segment, that segment is not 0 (0 is padding,
-never attended), and kv_positions[s] <= q_positions[l]. Causality comes from positions rather than indices,
-so the same function serves training on packed rows (L == S), queries at the end of a KV cache (L < S) and
-pipeline stages. A query that may attend no key (a padding row) gives zeros, in values and gradients.
+never attended), and kv_positions[s] <= q_positions[l]; with a sliding window W > 0 also
+q_positions[l] - kv_positions[s] < W (Mistral: each query sees itself and the W - 1 positions before).
+Causality and the window come from positions rather than indices, so the same function serves training on
+packed rows (L == S), queries at the end of a KV cache (L < S) and pipeline stages. A query that may attend
+no key (a padding row) gives zeros, in values and gradients.
 
 Implementations (`impl`, config `model.attention`):
 - `xla`: one [B, K, G, L, S] fp32 score tensor; the [B, L, S] mask is built once per call from the ids.
 - `chunked`: online softmax over blocks of `block` keys with its own backward (`jax.custom_vjp`) that
   recomputes each block's scores: memory O(L x block), never a dense [L, S] mask; runs on any backend.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as its `mask`; GPU only.
-- `splash`: the Pallas TPU splash kernel with segment ids; TPU only. It takes causality from indices
+- `splash`: the Pallas TPU splash kernel with segment ids; TPU only. It takes causality (and the window) from indices
   (query l sits at key index S - L + l), which equals the position rule for packed rows and for a cache.
 - `auto`: splash on TPU; on GPU cudnn for 16-bit inputs (cuDNN's flash kernel has no fp32), else as on CPU;
   on CPU xla up to `AUTO_CHUNKED_ABOVE` keys and chunked beyond.
@@ -67,8 +69,10 @@ def attend(
   kv_positions_BxS: jax.Array,
   impl: str = "auto",
   block: int = 512,
+  sliding_window: int = 0,
 ) -> jax.Array:
-  """Softmax(q k^T / sqrt(H)) v over the keys each query may see (module docstring); GQA when K < N."""
+  """Softmax(q k^T / sqrt(H)) v over the keys each query may see (module docstring); GQA when K < N.
+  `sliding_window` > 0 limits each query to keys less than that many positions behind it."""
   n, k = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
   assert n % k == 0, f"{n} query heads do not group over {k} kv heads"
   impl = resolve(impl, jax.default_backend(), k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
@@ -78,10 +82,12 @@ def attend(
   scale = q_BxLxNxH.shape[-1] ** -0.5
   ids = (q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS)
   if impl == "chunked":
-    return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, min(block, k_BxSxKxH.shape[1]), scale)
+    return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, min(block, k_BxSxKxH.shape[1]), scale, sliding_window)
   if impl == "splash":
-    return _splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, scale)
-  allowed_BxLxS = _allowed(*ids)
+    return _splash(
+      q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, scale, sliding_window=sliding_window
+    )
+  allowed_BxLxS = _allowed(*ids, sliding_window)
   if impl == "cudnn":
     out_BxLxNxH = jax.nn.dot_product_attention(
       q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=allowed_BxLxS[:, None], scale=scale, implementation="cudnn"
@@ -92,10 +98,15 @@ def attend(
   return jnp.where(jnp.any(allowed_BxLxS, axis=-1)[:, :, None, None], out_BxLxNxH, 0).astype(q_BxLxNxH.dtype)
 
 
-def _allowed(q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS) -> jax.Array:
+def _allowed(
+  q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS, sliding_window: int = 0
+) -> jax.Array:
   """[B, L, S] True where query l may attend key s."""
   same_BxLxS = q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :]
-  causal_BxLxS = kv_positions_BxS[:, None, :] <= q_positions_BxL[:, :, None]
+  behind_BxLxS = q_positions_BxL[:, :, None] - kv_positions_BxS[:, None, :]
+  causal_BxLxS = behind_BxLxS >= 0
+  if sliding_window > 0:
+    causal_BxLxS = causal_BxLxS & (behind_BxLxS < sliding_window)
   return same_BxLxS & causal_BxLxS & (kv_segment_ids_BxS != 0)[:, None, :]
 
 
@@ -135,19 +146,19 @@ def _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, block: int):
   return blocks, q_seg_BxL, q_pos_BxL
 
 
-def _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale):
+def _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale, window):
   """Scores of one key block (C keys), fp32, and where they are allowed."""
   s_BxKxGxLxC = jnp.einsum("BLKGH,BCKH->BKGLC", q_BxLxKxGxH, k_BxCxKxH, preferred_element_type=jnp.float32)
-  allowed_Bx1x1xLxC = _allowed(q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC)[:, None, None]
+  allowed_Bx1x1xLxC = _allowed(q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, window)[:, None, None]
   return s_BxKxGxLxC * scale, allowed_Bx1x1xLxC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float) -> jax.Array:
-  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float, window: int) -> jax.Array:
+  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window)[0]
 
 
-def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale):
+def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window):
   b, length, n, h = q_BxLxNxH.shape
   kv_heads = k_BxSxKxH.shape[2]
   q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
@@ -156,7 +167,9 @@ def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale):
   def step(carry, xs):
     max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH = carry
     k_BxCxKxH, v_BxCxKxH, kv_seg_BxC, kv_pos_BxC = xs
-    s_BxKxGxLxC, allowed = _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale)
+    s_BxKxGxLxC, allowed = _block_scores(
+      q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale, window
+    )
     new_max_BxKxGxL = jnp.maximum(max_BxKxGxL, jnp.max(jnp.where(allowed, s_BxKxGxLxC, _MASKED), axis=-1))
     p_BxKxGxLxC = jnp.where(allowed, jnp.exp(s_BxKxGxLxC - new_max_BxKxGxL[..., None]), 0.0)
     rescale_BxKxGxL = jnp.exp(max_BxKxGxL - new_max_BxKxGxL)
@@ -182,7 +195,7 @@ def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale):
   return out_BxLxNxH, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, out_BxLxNxH, lse_BxKxGxL)
 
 
-def _chunked_bwd(block, scale, residuals, dout_BxLxNxH):
+def _chunked_bwd(block, scale, window, residuals, dout_BxLxNxH):
   q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, out_BxLxNxH, lse_BxKxGxL = residuals
   b, s, kv_heads, h = k_BxSxKxH.shape
   q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
@@ -196,7 +209,9 @@ def _chunked_bwd(block, scale, residuals, dout_BxLxNxH):
 
   def step(dq_BxLxKxGxH, xs):
     k_BxCxKxH, v_BxCxKxH, kv_seg_BxC, kv_pos_BxC = xs
-    s_BxKxGxLxC, allowed = _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale)
+    s_BxKxGxLxC, allowed = _block_scores(
+      q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_pos_BxC, scale, window
+    )
     p_BxKxGxLxC = jnp.where(allowed, jnp.exp(s_BxKxGxLxC - lse_BxKxGxL[..., None]), 0.0)
     dv_BxCxKxH = jnp.einsum(
       "BKGLC,BLKGH->BCKH", p_BxKxGxLxC.astype(dt), dout_BxLxKxGxH, preferred_element_type=jnp.float32
@@ -220,7 +235,15 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def _splash(
-  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, scale: float, *, interpret: bool = False
+  q_BxLxNxH,
+  k_BxSxKxH,
+  v_BxSxKxH,
+  q_segment_ids_BxL,
+  kv_segment_ids_BxS,
+  scale: float,
+  *,
+  sliding_window: int = 0,
+  interpret: bool = False,
 ) -> jax.Array:
   """Pallas splash attention (TPU): one kernel per batch row, under `shard_map` when a mesh is active.
 
@@ -233,7 +256,10 @@ def _splash(
 
   def per_device(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, q_seg_BxL, kv_seg_BxS):
     (length, s), heads = (q_BxNxLxH.shape[2], k_BxKxSxH.shape[2]), q_BxNxLxH.shape[1]
-    causal = splash_mask.CausalMask((length, s), offset=s - length)
+    if sliding_window > 0:  # causal and at most sliding_window - 1 keys behind, by index
+      causal = splash_mask.LocalMask((length, s), window_size=(sliding_window - 1, 0), offset=s - length)
+    else:
+      causal = splash_mask.CausalMask((length, s), offset=s - length)
     mask = splash_mask.MultiHeadMask([causal] * heads)
     kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
     segment_ids = splash.SegmentIds(q=q_seg_BxL, kv=kv_seg_BxS)

@@ -7,7 +7,7 @@ from jax.ad_checkpoint import checkpoint_name
 from model.attend import attend
 from model.config import ModelConfig
 from model.kv_cache import LayerCache
-from model.layers import output_std, param, project, rope
+from model.layers import Norm, output_std, param, project, rope, zeros_param
 from sharding.rules import constrain
 
 _Q_NAMES = ("batch", "length", "heads", "head_dim")
@@ -24,19 +24,35 @@ class Attention(nnx.Module):
     self.wv_DxKxH = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=wd)
     std_out = output_std(cfg.init_std, cfg.num_layers)
     self.wo_NxHxD = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std=std_out, dtype=wd)
+    if cfg.attention_bias:
+      # Flat [N * H] (heads major), one axis like every bias: the optimizer's decay mask leaves it alone.
+      self.bq_NH = zeros_param((n * h,), ("heads",), wd)
+      self.bk_KH = zeros_param((k * h,), ("kv_heads",), wd)
+      self.bv_KH = zeros_param((k * h,), ("kv_heads",), wd)
+    if cfg.attention_out_bias:
+      self.bo_D = zeros_param((d,), ("embed",), wd)
+    if cfg.qk_norm:
+      self.q_norm = Norm(h, "rmsnorm", cfg.norm_eps, wd)
+      self.k_norm = Norm(h, "rmsnorm", cfg.norm_eps, wd)
 
   def __call__(
     self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, cache: LayerCache | None = None
   ):
     """The attention output [B, L, D]; with a `cache`, (output, the cache with this call's keys and values)."""
     cfg = self.cfg
-    dt = cfg.dtype
+    dt, n, k, h = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BxLxNxH = project(x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", dtype=dt)
     k_BxSxKxH = project(x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", dtype=dt)
     v_BxSxKxH = project(x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", dtype=dt)
+    if cfg.attention_bias:
+      q_BxLxNxH = q_BxLxNxH + self.bq_NH[...].reshape(n, h).astype(dt)
+      k_BxSxKxH = k_BxSxKxH + self.bk_KH[...].reshape(k, h).astype(dt)
+      v_BxSxKxH = v_BxSxKxH + self.bv_KH[...].reshape(k, h).astype(dt)
+    if cfg.qk_norm:
+      q_BxLxNxH, k_BxSxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxSxKxH)
     if cfg.position_type == "rope":
-      q_BxLxNxH = checkpoint_name(rope(q_BxLxNxH, positions_BxL, cfg.rope_theta), "attn_q_rope")
-      k_BxSxKxH = checkpoint_name(rope(k_BxSxKxH, positions_BxL, cfg.rope_theta), "attn_k_rope")
+      q_BxLxNxH = checkpoint_name(rope(q_BxLxNxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling), "attn_q_rope")
+      k_BxSxKxH = checkpoint_name(rope(k_BxSxKxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling), "attn_k_rope")
 
     # KV cache (decoding): the new keys and values go into their slots, and the queries attend the whole cache.
     kv_segment_ids_BxS, kv_positions_BxS = segment_ids_BxL, positions_BxL
@@ -55,9 +71,12 @@ class Attention(nnx.Module):
       kv_positions_BxS=kv_positions_BxS,
       impl=cfg.attention,
       block=cfg.attention_block,
+      sliding_window=cfg.sliding_window,
     )
     out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES), "attn_context")
-    y_BxLxD = project(
+    out_BxLxD = project(
       out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", ("batch", "length", "embed"), name="attn_o", dtype=dt
     )
-    return y_BxLxD if cache is None else (y_BxLxD, cache)
+    if cfg.attention_out_bias:
+      out_BxLxD = out_BxLxD + self.bo_D[...].astype(dt)
+    return out_BxLxD if cache is None else (out_BxLxD, cache)

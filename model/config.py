@@ -5,6 +5,8 @@ import math
 
 import jax.numpy as jnp
 
+from model.layers import RopeScaling
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -23,6 +25,15 @@ class ModelConfig:
   norm_eps: float = 1e-6
   position_type: str = "rope"
   rope_theta: float = 10_000.0
+  rope_scaling_type: str = ""  # "" | linear | llama3 (model/layers.py: RopeScaling)
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  attention_bias: bool = False  # biases on the q, k and v projections
+  attention_out_bias: bool = False  # a bias on the output projection
+  qk_norm: bool = False  # RMSNorm over head_dim of q and k (one weight per head_dim, shared by heads), before RoPE
+  sliding_window: int = 0  # > 0: query at position p sees keys at positions > p - sliding_window
   tie_embeddings: bool = True
   dropout_rate: float = 0.0
   init_std: float = 0.02
@@ -36,11 +47,30 @@ class ModelConfig:
   num_experts: int = 0
   top_k: int = 2
   capacity_factor: float = 1.25
+  group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
+  dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
   moe_every: int = 1
   num_shared_experts: int = 0
   expert_mlp_dim: int = 0
   router_score: str = "softmax"
   renormalize_gates: bool = True
+
+  def __post_init__(self):
+    problems = field_problems(self)
+    if problems:
+      raise ValueError(problems[0])
+
+  @property
+  def rope_scaling(self) -> RopeScaling | None:
+    if not self.rope_scaling_type:
+      return None
+    return RopeScaling(
+      self.rope_scaling_type,
+      self.rope_scaling_factor,
+      self.rope_low_freq_factor,
+      self.rope_high_freq_factor,
+      self.rope_original_max_len,
+    )
 
   @property
   def dtype(self):
@@ -60,6 +90,24 @@ class ModelConfig:
     kwargs.update({moe_names.get(k, k): v for k, v in moe_cfg.items() if moe_names.get(k, k) in fields})
     kwargs.update(vocab_size=vocab_size, max_len=max_len, head_dim=head_dim)
     return cls(**kwargs)
+
+
+def field_problems(cfg) -> list[str]:
+  """One line per bad value among the RoPE scaling and sliding window fields of `cfg` (a ModelConfig or
+  `config.model`): trainer/config.py's `validate` can raise them as ConfigError."""
+  problems = []
+  if cfg.rope_scaling_type not in ("", "linear", "llama3"):
+    problems.append(f"config.model.rope_scaling_type={cfg.rope_scaling_type!r} is not one of '', linear, llama3")
+  if cfg.rope_scaling_type and cfg.rope_scaling_factor <= 0:
+    problems.append(f"config.model.rope_scaling_factor={cfg.rope_scaling_factor} must be positive")
+  if cfg.rope_scaling_type == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+    problems.append(
+      f"config.model.rope_low_freq_factor={cfg.rope_low_freq_factor} must be positive and below "
+      f"config.model.rope_high_freq_factor={cfg.rope_high_freq_factor}"
+    )
+  if cfg.sliding_window < 0:
+    problems.append(f"config.model.sliding_window={cfg.sliding_window} must be >= 0 (0: off)")
+  return problems
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int, tensor_parallelism: int = 1) -> int:

@@ -2,6 +2,7 @@
 dropout."""
 
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -142,10 +143,49 @@ class Norm(nnx.Module):
     return x.astype(x_BxLxD.dtype)
 
 
-def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half convention), computed in fp32."""
-  half = x_BxLxNxH.shape[-1] // 2
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How RoPE's frequencies are stretched for longer contexts (Hugging Face's `rope_parameters`).
+
+  kind "linear": every inverse frequency divided by `factor` (position interpolation). kind "llama3": Llama 3.1's
+  rule: wavelengths above original_max_len / low_freq_factor divided by `factor`, those below
+  original_max_len / high_freq_factor kept, the band between interpolated smoothly.
+  """
+
+  kind: str
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+  """[H / 2] inverse frequencies theta^(-2i/H), i < H/2, then `scaling` applied; fp32."""
+  half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling is None:
+    return inv_freq
+  assert scaling.kind in ("linear", "llama3"), scaling.kind
+  if scaling.kind == "linear":
+    return inv_freq / scaling.factor
+  low_freq_wavelen = scaling.original_max_len / scaling.low_freq_factor
+  high_freq_wavelen = scaling.original_max_len / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (scaling.original_max_len / wavelen - scaling.low_freq_factor) / (
+    scaling.high_freq_factor - scaling.low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+  """Rotary position embedding, computed in fp32. Rotate-half convention with inverse frequencies
+  theta^(-2i/H) (`rope_inv_freq`): the same as Hugging Face's Llama, so its checkpoints load without permuting
+  q and k."""
+  half = x_BxLxNxH.shape[-1] // 2
+  inv_freq = rope_inv_freq(x_BxLxNxH.shape[-1], theta, scaling)
   angle_BxLxH = positions_BxL[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angle_BxLxH)[:, :, None, :], jnp.cos(angle_BxLxH)[:, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
@@ -178,6 +218,7 @@ def output_std(init_std: float, num_layers: int) -> float:
 __all__ = [
   "Norm",
   "ProjectionHook",
+  "RopeScaling",
   "cast_kernel",
   "dropout",
   "kernel_names",
@@ -187,6 +228,7 @@ __all__ = [
   "project",
   "projection_hook",
   "rope",
+  "rope_inv_freq",
   "sinusoidal",
   "zeros_param",
 ]

@@ -6,20 +6,29 @@ by their sum when `renormalize_gates`. The output is sum_k gate_k * expert_k(x),
 experts when `num_shared_experts` > 0.
 
 Two dispatch paths, chosen by `capacity_factor`:
-- `> 0`, capacity (GShard/Switch): the tokens of one group (one sequence of the batch, L tokens) fill
-  per-expert buffers of `expert_capacity(...)` slots, see there for the exact rule and priority order. An
-  assignment that finds its expert's buffer full is dropped: it adds nothing (the token keeps its residual
-  path and the shared experts) and counts in `moe_dropped_fraction`. Dispatch and combine are one-hot
-  tensors [B, L, E, C] and einsums; under a mesh the dispatched [E, B, C, D] tensor is constrained to
-  "experts", so GSPMD moves tokens to their experts' devices (an all-to-all where experts split the batch).
+- `> 0`, capacity (GShard/Switch): each sequence is cut into groups of S = min(`group_size`, L) consecutive
+  tokens (the last group of a sequence may be shorter; it is padded with tokens that route nowhere). The
+  tokens of one group fill per-expert buffers of C = `expert_capacity(capacity_factor, S, ...)` slots, see there
+  for the exact rule and priority order. An assignment that finds its expert's buffer full is dropped: it adds
+  nothing (the token keeps its residual path and the shared experts) and counts in `moe_dropped_fraction`.
+  Dispatch and combine are one-hot tensors [G, S, E, C] (G = B x groups per sequence) and einsums, so their
+  cost is B * L * E * C * D: linear in L for a fixed `group_size` (one group per sequence would make C, and
+  so the cost per token, grow with L). Groups never span sequences, so the batch dimension and its sharding
+  stay as they are. Under a mesh the dispatched [E, G, C, D] tensor is constrained to "experts", so GSPMD
+  moves tokens to their experts' devices (an all-to-all where experts split the batch).
 - `<= 0`, dropless: token copies are sorted by expert, run through a grouped matmul (`jax.lax.ragged_dot`)
   and unsorted. Under a mesh it runs in `jax.shard_map`: each device sends its token copies to the devices
-  of their experts with `jax.lax.all_to_all` over the mesh axes of "experts", runs its local experts, and
-  sends the results back (see `_exchange`).
+  of their experts, runs its local experts, and sends the results back, in one of two ways (`dropless_impl`):
+  `buffer`, fixed-size `jax.lax.all_to_all` buffers sized for the worst case (`_buffer_exchange`; any backend),
+  or `ragged`, `jax.lax.ragged_all_to_all`, which moves only the rows in use (`_ragged_exchange`; GPU/TPU:
+  XLA:CPU has no kernel for it). `auto` picks ragged on GPU/TPU and buffer elsewhere.
 
 Auxiliary outputs per MoE layer: `moe_aux_loss` (Switch load balancing, `load_balancing_loss`), `moe_z_loss`
 (mean over tokens of logsumexp(logits)^2), `moe_dropped_fraction` (dropped / routed assignments) and
 `moe_expert_load` [E] (fraction of routed assignments per expert, before any drop).
+
+Letters beyond the model legend: A token copies (assignments, tokens x K), P devices along the experts' mesh
+axes, M rows a device receives, G routing groups, S tokens per group, C slots per expert and group.
 """
 
 import functools
@@ -38,6 +47,28 @@ from sharding.rules import constrain, logical_to_spec
 
 # Expert weights as (gate or None, up, down): [E, D, F], [E, D, F], [E, F, D].
 Weights = tuple[jax.Array | None, jax.Array, jax.Array]
+
+DROPLESS_IMPLS = ("auto", "ragged", "buffer")
+_RAGGED_BACKENDS = ("gpu", "tpu")  # XLA:CPU: "UNIMPLEMENTED: HLO opcode ragged-all-to-all"
+
+
+def dropless_problem(impl: str, backend: str) -> str | None:
+  """Why dropless exchange `impl` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if impl not in DROPLESS_IMPLS:
+    return f"config.moe.dropless_impl={impl!r} is not one of {', '.join(DROPLESS_IMPLS)}"
+  if impl == "ragged" and backend not in _RAGGED_BACKENDS:
+    return (
+      f"config.moe.dropless_impl='ragged' needs jax.lax.ragged_all_to_all, which the {backend} backend does not "
+      "implement; use auto or buffer"
+    )
+  return None
+
+
+def resolve_dropless(impl: str, backend: str) -> str:
+  """The exchange `impl` stands for on `backend`: `auto` is ragged where the backend has it, else buffer."""
+  if impl != "auto":
+    return impl
+  return "ragged" if backend in _RAGGED_BACKENDS else "buffer"
 
 
 def expert_capacity(capacity_factor: float, tokens_in_group: int, top_k: int, num_experts: int) -> int:
@@ -113,11 +144,13 @@ class Moe(nnx.Module):
     gate = cast_kernel(self.w_gate_ExDxF, dt) if cfg.mlp_type == "swiglu" else None
     weights = (gate, cast_kernel(self.w_up_ExDxF, dt), cast_kernel(self.w_down_ExFxD, dt))
     if cfg.capacity_factor > 0:
-      capacity = expert_capacity(cfg.capacity_factor, x_BxLxD.shape[1], cfg.top_k, cfg.num_experts)
-      y_BxLxD, kept = _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, capacity)
+      group = min(cfg.group_size, x_BxLxD.shape[1])
+      capacity = expert_capacity(cfg.capacity_factor, group, cfg.top_k, cfg.num_experts)
+      y_BxLxD, kept = _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, group, capacity)
       dropped_fraction = 1.0 - kept / experts_BxLxK.size
     else:
-      y_BxLxD = _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type)
+      impl = resolve_dropless(cfg.dropless_impl, jax.default_backend())
+      y_BxLxD = _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, impl)
       dropped_fraction = jnp.zeros((), jnp.float32)
     if cfg.num_shared_experts > 0:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
@@ -130,38 +163,70 @@ class Moe(nnx.Module):
     return y_BxLxD, aux
 
 
-def _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_type: str, capacity: int):
-  """GShard dispatch/combine with one group per sequence; -> (output [B, L, D], number of kept assignments)."""
+def _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_type: str, group: int, capacity: int):
+  """GShard dispatch/combine in groups of `group` consecutive tokens of a sequence, `capacity` slots per expert
+  and group; -> (output [B, L, D], number of kept assignments)."""
   b, length, k = experts_BxLxK.shape
   num_experts = weights[1].shape[0]
-  dt = x_BxLxD.dtype
-  # Slot of each assignment in its expert's buffer: a running count over (choice, token), choice-major, which
-  # is the priority order of `expert_capacity`.
-  chosen_BxKxLxE = jax.nn.one_hot(experts_BxLxK.transpose(0, 2, 1), num_experts, dtype=jnp.int32)
-  slot_BxKxLxE = jnp.cumsum(chosen_BxKxLxE.reshape(b, k * length, num_experts), axis=1).reshape(chosen_BxKxLxE.shape)
-  slot_BxKxL = jnp.sum(slot_BxKxLxE * chosen_BxKxLxE, axis=-1) - 1
-  kept = jnp.sum(slot_BxKxL < capacity)
-  dispatch_BxLxExC = jnp.zeros((b, length, num_experts, capacity), jnp.float32)
-  combine_BxLxExC = jnp.zeros((b, length, num_experts, capacity), jnp.float32)
-  for choice in range(k):  # K one-hot terms of [B, L, E, C], not one of [B, L, K, E, C]
-    # one_hot of a slot >= capacity is all zeros: that is the drop.
-    slot_BxLxC = jax.nn.one_hot(slot_BxKxL[:, choice], capacity, dtype=jnp.float32)
-    expert_BxLxE = jax.nn.one_hot(experts_BxLxK[:, :, choice], num_experts, dtype=jnp.float32)
-    selected_BxLxExC = expert_BxLxE[..., None] * slot_BxLxC[:, :, None, :]
-    dispatch_BxLxExC = dispatch_BxLxExC + selected_BxLxExC
-    combine_BxLxExC = combine_BxLxExC + selected_BxLxExC * gates_BxLxK[:, :, choice, None, None]
-  names = ("experts", "batch", None, "embed")
-  x_ExBxCxD = constrain(jnp.einsum("BLEC,BLD->EBCD", dispatch_BxLxExC.astype(dt), x_BxLxD), names)
-  gate_ExDxF, up_ExDxF, down_ExFxD = weights
-  up_ExBxCxF = jnp.einsum("EBCD,EDF->EBCF", x_ExBxCxD, up_ExDxF)
-  gate_ExBxCxF = jnp.einsum("EBCD,EDF->EBCF", x_ExBxCxD, gate_ExDxF) if gate_ExDxF is not None else None
-  h_ExBxCxF = constrain(activate(mlp_type, gate_ExBxCxF, up_ExBxCxF), ("experts", "batch", None, "mlp"))
-  y_ExBxCxD = constrain(jnp.einsum("EBCF,EFD->EBCD", h_ExBxCxF, down_ExFxD), names)
-  y_BxLxD = jnp.einsum("BLEC,EBCD->BLD", combine_BxLxExC.astype(dt), y_ExBxCxD)
+  groups = -(-length // group)  # per sequence
+  pad = groups * group - length
+  if pad:
+    # Padding tokens route to expert id E, which has no one-hot column: they take no slot and add nothing.
+    x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
+    experts_BxLxK = jnp.pad(experts_BxLxK, ((0, 0), (0, pad), (0, 0)), constant_values=num_experts)
+    gates_BxLxK = jnp.pad(gates_BxLxK, ((0, 0), (0, pad), (0, 0)))
+  # Groups of one sequence are adjacent rows of G = B x groups, so a batch sharding carries over to G.
+  d = x_BxLxD.shape[-1]
+  x_GxSxD = x_BxLxD.reshape(b * groups, group, d)
+  experts_GxSxK = experts_BxLxK.reshape(b * groups, group, k)
+  gates_GxSxK = gates_BxLxK.reshape(b * groups, group, k)
+  y_GxSxD, kept = _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights, mlp_type, capacity)
+  y_BxLxD = y_GxSxD.reshape(b, groups * group, d)[:, :length]
   return constrain(y_BxLxD, ("batch", "length", "embed")), kept
 
 
-def _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_type: str) -> jax.Array:
+def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, mlp_type: str, capacity: int):
+  """The capacity MoE of each group (row of G) on its own; expert ids >= E are padding that takes no slot."""
+  g, size, k = experts_GxSxK.shape
+  num_experts = weights[1].shape[0]
+  dt = x_GxSxD.dtype
+  # Slot of each assignment in its expert's buffer: a running count over (choice, token), choice-major, which
+  # is the priority order of `expert_capacity`.
+  chosen_GxKxSxE = jax.nn.one_hot(experts_GxSxK.transpose(0, 2, 1), num_experts, dtype=jnp.int32)
+  slot_GxKxSxE = jnp.cumsum(chosen_GxKxSxE.reshape(g, k * size, num_experts), axis=1).reshape(chosen_GxKxSxE.shape)
+  slot_GxKxS = jnp.sum(slot_GxKxSxE * chosen_GxKxSxE, axis=-1) - 1  # -1 for padding
+  kept = jnp.sum((slot_GxKxS >= 0) & (slot_GxKxS < capacity))
+  dispatch_GxSxExC = jnp.zeros((g, size, num_experts, capacity), jnp.float32)
+  combine_GxSxExC = jnp.zeros((g, size, num_experts, capacity), jnp.float32)
+  for choice in range(k):  # K one-hot terms of [G, S, E, C], not one of [G, S, K, E, C]
+    # one_hot of a slot >= capacity (or -1) is all zeros: that is the drop.
+    slot_GxSxC = jax.nn.one_hot(slot_GxKxS[:, choice], capacity, dtype=jnp.float32)
+    expert_GxSxE = jax.nn.one_hot(experts_GxSxK[:, :, choice], num_experts, dtype=jnp.float32)
+    selected_GxSxExC = expert_GxSxE[..., None] * slot_GxSxC[:, :, None, :]
+    dispatch_GxSxExC = dispatch_GxSxExC + selected_GxSxExC
+    combine_GxSxExC = combine_GxSxExC + selected_GxSxExC * gates_GxSxK[:, :, choice, None, None]
+  names = ("experts", "batch", None, "embed")
+  x_ExGxCxD = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch_GxSxExC.astype(dt), x_GxSxD), names)
+  gate_ExDxF, up_ExDxF, down_ExFxD = weights
+  up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, up_ExDxF)
+  gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, gate_ExDxF) if gate_ExDxF is not None else None
+  h_ExGxCxF = constrain(activate(mlp_type, gate_ExGxCxF, up_ExGxCxF), ("experts", "batch", None, "mlp"))
+  y_ExGxCxD = constrain(jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, down_ExFxD), names)
+  return jnp.einsum("GSEC,EGCD->GSD", combine_GxSxExC.astype(dt), y_ExGxCxD), kept
+
+
+def _dropless_moe(
+  x_BxLxD,
+  experts_BxLxK,
+  gates_BxLxK,
+  weights: Weights,
+  mlp_type: str,
+  impl: str = "buffer",
+  collective=jax.lax.ragged_all_to_all,
+) -> jax.Array:
+  """`impl`: "buffer" | "ragged", how tokens travel between expert-parallel devices. `collective`: the
+  function with `jax.lax.ragged_all_to_all`'s signature and meaning that the ragged exchange calls."""
+  assert impl in ("buffer", "ragged"), impl
   mesh = sharding_rules.active_mesh()
   if mesh is None:
     return _dropless_shard(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, mlp_type=mlp_type)
@@ -177,8 +242,14 @@ def _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_typ
       f"experts are split over mesh axes {expert_axes} but tokens only over {token_axes}: the dropless MoE "
       "needs the batch split over all of the experts' axes or none; change config.mesh.rules"
     )
+  if not exchange:
+    exchange_fn = None
+  elif impl == "ragged":
+    exchange_fn = functools.partial(_ragged_exchange, collective=collective)
+  else:
+    exchange_fn = _buffer_exchange
   body = functools.partial(
-    _dropless_shard, mlp_type=mlp_type, expert_axes=expert_axes, exchange=exchange, sum_axes=mlp_axes
+    _dropless_shard, mlp_type=mlp_type, expert_axes=expert_axes, exchange=exchange_fn, sum_axes=mlp_axes
   )
   # The embed dimension of the weights is not in their specs: under fsdp, GSPMD gathers it before the call.
   # Their mlp dimension stays split (tensor parallelism): each device makes a partial sum, reduced at the end.
@@ -196,15 +267,15 @@ def _dropless_shard(
   *,
   mlp_type: str,
   expert_axes: tuple[str, ...] = (),
-  exchange: bool = False,
+  exchange=None,
   sum_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """The dropless MoE on one device's tokens and experts (all of both when there is no mesh).
 
-  `expert_axes`: mesh axes that split the experts. With `exchange` they also split the tokens, which travel
-  to their experts (`_exchange`); without, every device holds all tokens, runs its own experts on their share
-  of the assignments, and the partial outputs are summed over `expert_axes`. `sum_axes` split the experts'
-  mlp dimension (tensor parallelism): outputs are partial sums there too.
+  `expert_axes`: mesh axes that split the experts. With an `exchange` (`_buffer_exchange`, `_ragged_exchange`)
+  they also split the tokens, which travel to their experts; without, every device holds all tokens, runs its
+  own experts on their share of the assignments, and the partial outputs are summed over `expert_axes`.
+  `sum_axes` split the experts' mlp dimension (tensor parallelism): outputs are partial sums there too.
   """
   b, length, d = x_BxLxD.shape
   k = experts_BxLxK.shape[-1]
@@ -212,8 +283,8 @@ def _dropless_shard(
   # Assignment a = token a // K, choice a % K.
   x_AxD = jnp.repeat(x_BxLxD.reshape(b * length, d), k, axis=0)
   expert_A = experts_BxLxK.reshape(-1)
-  if exchange:
-    y_AxD = _exchange(x_AxD, expert_A, weights, mlp_type, expert_axes)
+  if exchange is not None:
+    y_AxD = exchange(x_AxD, expert_A, weights, mlp_type, expert_axes)
   elif expert_axes:
     local_A = expert_A - jax.lax.axis_index(expert_axes) * local_experts
     local_A = jnp.where((local_A >= 0) & (local_A < local_experts), local_A, local_experts)  # not ours: padding
@@ -228,14 +299,14 @@ def _dropless_shard(
   return y_TxD.reshape(b, length, d)
 
 
-def _exchange(x_AxD, expert_A, weights: Weights, mlp_type: str, expert_axes: tuple[str, ...]) -> jax.Array:
+def _buffer_exchange(x_AxD, expert_A, weights: Weights, mlp_type: str, expert_axes: tuple[str, ...]) -> jax.Array:
   """Sends each assignment to the device holding its expert, runs the local experts, brings results back.
 
   Device p along `expert_axes` holds experts [p * E_local, (p + 1) * E_local). The send buffer has one block
   of A rows per peer, [P, A, D]: sized for the worst case, in which all A assignments of this device go to one
-  peer, because `jax.lax.all_to_all` moves fixed sizes (`ragged_all_to_all`, which would move only the rows in
-  use, is not implemented on XLA:CPU). Rows not in use are padding with expert id E_local: sorted last and
-  left out of the grouped matmul. So each device receives [P, A, D] and runs its experts on P * A rows.
+  peer, because `jax.lax.all_to_all` moves fixed sizes. Rows not in use are padding with expert id E_local:
+  sorted last and left out of the grouped matmul. So each device receives [P, A, D] and runs its experts on
+  P * A rows, and every device moves P * A rows each way whatever the routing.
   """
   a, d = x_AxD.shape
   local_experts = weights[1].shape[0]
@@ -252,6 +323,68 @@ def _exchange(x_AxD, expert_A, weights: Weights, mlp_type: str, expert_axes: tup
   y_MxD = _grouped_mlp(recv_PxAxD.reshape(peers * a, d), recv_expert_PxA.reshape(peers * a), weights, mlp_type)
   back_PxAxD = jax.lax.all_to_all(y_MxD.reshape(peers, a, d), expert_axes, 0, 0)
   return back_PxAxD[dest_A, row_A]
+
+
+def exchange_plan(counts_PxPxE: jax.Array) -> dict[str, jax.Array]:
+  """Offsets and sizes of the ragged exchange for every device, from what goes where.
+
+  `counts_PxPxE[s, r, e]`: rows device s sends to local expert e of device r. Sender s orders its rows by
+  destination device, then expert (they are sorted by global expert id); receiver r lays out what it receives
+  by sender, then expert. Returns, indexed [device, peer], the four arrays of `jax.lax.ragged_all_to_all` for
+  the way there (`input_offsets`, `send_sizes`, `output_offsets`, `recv_sizes`); the way back sends each
+  received slice home, which is the same four arrays transposed and swapped (`_ragged_exchange`).
+  """
+  send_PxP = jnp.sum(counts_PxPxE, axis=-1)  # [sender, receiver]
+  input_offsets_PxP = jnp.cumsum(send_PxP, axis=1) - send_PxP  # in the sender's buffer
+  recv_PxP = send_PxP.T  # [receiver, sender]
+  recv_offsets_PxP = jnp.cumsum(recv_PxP, axis=1) - recv_PxP  # in the receiver's buffer
+  return {
+    "input_offsets": input_offsets_PxP,
+    "send_sizes": send_PxP,
+    "output_offsets": recv_offsets_PxP.T,  # [sender, receiver]: where the sender's slice lands
+    "recv_sizes": recv_PxP,
+  }
+
+
+def received_experts(counts_PxE: jax.Array, rows: int) -> jax.Array:
+  """[rows]: the local expert of each row a receiver holds after the ragged exchange, E for unused rows.
+
+  `counts_PxE[s, e]`: rows sender s sent to this device's expert e; they sit by sender, then expert."""
+  peers, local_experts = counts_PxE.shape
+  ends_B = jnp.cumsum(counts_PxE.reshape(-1))  # end row of each (sender, expert) block
+  block_M = jnp.searchsorted(ends_B, jnp.arange(rows, dtype=ends_B.dtype), side="right")
+  return jnp.where(block_M < peers * local_experts, block_M % local_experts, local_experts).astype(jnp.int32)
+
+
+def _ragged_exchange(
+  x_AxD, expert_A, weights: Weights, mlp_type: str, expert_axes: tuple[str, ...], *, collective
+) -> jax.Array:
+  """`_buffer_exchange` with `ragged_all_to_all`: each device sends only the rows its peers' experts need.
+
+  Rows are sorted by global expert id, so those for device p are one contiguous slice. Every device learns the
+  whole [P, P, E_local] count matrix (a tiny all-gather) and reads its offsets from `exchange_plan`. The
+  receive buffer is still sized for the worst case (P * A rows: every peer sends all its rows here) because
+  shapes are static, but only the rows in use travel, and the grouped matmul skips the unused ones.
+  """
+  a, d = x_AxD.shape
+  local_experts = weights[1].shape[0]
+  peers = jax.lax.axis_size(expert_axes)
+  me = jax.lax.axis_index(expert_axes)
+  order_A = jnp.argsort(expert_A, stable=True)
+  xs_AxD = x_AxD[order_A]
+  counts_PxE = jnp.bincount(expert_A, length=peers * local_experts).astype(jnp.int32).reshape(peers, local_experts)
+  counts_PxPxE = jax.lax.all_gather(counts_PxE, expert_axes)
+  plan = exchange_plan(counts_PxPxE)
+  there = (plan["input_offsets"][me], plan["send_sizes"][me], plan["output_offsets"][me], plan["recv_sizes"][me])
+  recv_MxD = collective(xs_AxD, jnp.zeros((peers * a, d), x_AxD.dtype), *there, axis_name=expert_axes)
+  recv_expert_M = received_experts(counts_PxPxE[:, me], peers * a)
+  y_MxD = _grouped_mlp(recv_MxD, recv_expert_M, weights, mlp_type)
+  # Back: the slice from each sender s returns to the rows s sent it from. Columns [:, me] of the plan hold what
+  # the others did with this device, which is what this device now does in reverse.
+  back = (plan["output_offsets"][:, me], plan["recv_sizes"][me], plan["input_offsets"][:, me], plan["send_sizes"][me])
+  ys_AxD = collective(y_MxD, jnp.zeros((a, d), y_MxD.dtype), *back, axis_name=expert_axes)
+  unsort_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(a, dtype=order_A.dtype))
+  return ys_AxD[unsort_A]
 
 
 def _grouped_mlp(x_MxD, expert_M, weights: Weights, mlp_type: str) -> jax.Array:

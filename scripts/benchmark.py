@@ -48,16 +48,16 @@ def measure(cfg, steps: int, warmup: int) -> dict:
   rng = np.random.default_rng(0)
   shape = (cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.vocab_size)
   batches = [jax.device_put(packed_batch(rng, *shape, docs_per_row=4), exp.batch_sharding) for _ in range(2)]
-  state = exp.init_state()
+  state, frozen = exp.init_state(), exp.load_frozen()
   start = time.perf_counter()
-  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()
+  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), exp.abstract_frozen()).compile()
   compile_s = time.perf_counter() - start
   for i in range(warmup):
-    state, metrics = compiled(state, batches[i % 2])
+    state, metrics = compiled(state, batches[i % 2], frozen)
   jax.block_until_ready(state)
   start = time.perf_counter()
   for i in range(steps):
-    state, metrics = compiled(state, batches[i % 2])
+    state, metrics = compiled(state, batches[i % 2], frozen)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - start) / steps
   peak, peak_source = peak_flops_per_device(exp.model_cfg.dtype)

@@ -48,7 +48,7 @@ def main(argv):
   state = exp.init_state()
   batch = packed_batch(np.random.default_rng(0), cfg.train.global_batch_size, cfg.data.seq_len, cfg.data.vocab_size)
   for _ in range(_TRAIN_STEPS.value):
-    state, _ = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+    state, _ = exp.train_step(state, jax.device_put(batch, exp.batch_sharding), {})
   state = jax.block_until_ready(state)
   workdir = _DIR.value or tempfile.mkdtemp(prefix="ckpt_bench_")
   checkpointer = Checkpointer(workdir, cfg.checkpoint)

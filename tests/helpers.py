@@ -47,7 +47,7 @@ def run_steps(cfg, batches: list[dict], devices=None):
   state = exp.init_state()
   losses = []
   for batch in batches:
-    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding), {})
     losses.append(float(metrics["loss"]))
   return np.array(losses), jax.device_get(state.params), exp
 

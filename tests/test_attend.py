@@ -9,8 +9,9 @@ import pytest
 from model.attend import attend, backend_problem, resolve
 
 
-def _naive(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-  """One head at a time, the mask from Python loops over the rule, softmax written out."""
+def _naive(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window=0):
+  """One head at a time, the mask from Python loops over the rule, softmax written out. `window` > 0: a key
+  more than window - 1 positions behind the query is hidden (Mistral's sliding window)."""
   b, length, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   mask = np.zeros((b, length, s), bool)
@@ -18,6 +19,8 @@ def _naive(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     for i in range(length):
       for j in range(s):
         mask[r, i, j] = q_seg[r, i] == kv_seg[r, j] != 0 and kv_pos[r, j] <= q_pos[r, i]
+        if window and q_pos[r, i] - kv_pos[r, j] >= window:
+          mask[r, i, j] = False
   heads = []
   for head in range(n):
     kv = head // (n // kv_heads)
@@ -52,12 +55,16 @@ def _value_and_grads(fn, q, k, v, dout):
   return out, vjp(dout)
 
 
-@pytest.mark.parametrize("length,s", [(13, 13), (4, 13)], ids=["train", "decode"])
-def test_cpu_implementations_match_naive_reference_values_and_gradients(length, s):
+@pytest.mark.parametrize(
+  "length,s,window",
+  [(13, 13, 0), (4, 13, 0), (13, 13, 3), (4, 13, 2)],
+  ids=["train", "decode", "window", "window_decode"],
+)
+def test_cpu_implementations_match_naive_reference_values_and_gradients(length, s, window):
   q, k, v, dout, ids = _case(length, s, seed=length)
 
   def naive(q, k, v):
-    return _naive(q, k, v, ids["q_seg"], ids["kv_seg"], ids["q_pos"], ids["kv_pos"])
+    return _naive(q, k, v, ids["q_seg"], ids["kv_seg"], ids["q_pos"], ids["kv_pos"], window)
 
   want_out, want_grads = _value_and_grads(naive, q, k, v, dout)
   results = {}
@@ -74,6 +81,7 @@ def test_cpu_implementations_match_naive_reference_values_and_gradients(length, 
         kv_positions_BxS=jnp.asarray(ids["kv_pos"]),
         impl=impl,
         block=block,
+        sliding_window=window,
       )
 
     out, grads = _value_and_grads(jax.jit(fn), q, k, v, dout)
@@ -127,8 +135,12 @@ def test_accelerator_kernels_on_cpu_are_a_one_line_config_error(impl, backend):
     build(cfg, VOCAB, mesh_for(cfg))
 
 
-@pytest.mark.parametrize("length,s,mesh", [(128, 128, False), (128, 256, True)], ids=["train", "decode_on_mesh"])
-def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length, s, mesh):
+@pytest.mark.parametrize(
+  "length,s,mesh,window",
+  [(128, 128, False, 0), (128, 256, True, 0), (128, 128, False, 6)],
+  ids=["train", "decode_on_mesh", "window"],
+)
+def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length, s, mesh, window):
   """The TPU kernel run by the Pallas interpreter on CPU, on its own block size (128): values and gradients;
   on a data=2 x tensor=2 mesh it runs per device under shard_map."""
   import contextlib
@@ -145,12 +157,12 @@ def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length,
     context = activate(layout, parse_rules(DEFAULT_RULES))
 
   def naive(q, k, v):
-    return _naive(q, k, v, ids["q_seg"], ids["kv_seg"], ids["q_pos"], ids["kv_pos"])
+    return _naive(q, k, v, ids["q_seg"], ids["kv_seg"], ids["q_pos"], ids["kv_pos"], window)
 
   def splash(q, k, v):
     q_seg, kv_seg = jnp.asarray(ids["q_seg"]), jnp.asarray(ids["kv_seg"])
     with context:
-      return _splash(q, k, v, q_seg, kv_seg, q.shape[-1] ** -0.5, interpret=True)
+      return _splash(q, k, v, q_seg, kv_seg, q.shape[-1] ** -0.5, sliding_window=window, interpret=True)
 
   want_out, want_grads = _value_and_grads(naive, q, k, v, dout)
   out, grads = _value_and_grads(jax.jit(splash), q, k, v, dout)

@@ -105,12 +105,12 @@ def test_restore_onto_another_layout_gives_the_same_parameters_and_next_loss(tmp
   fsdp = _experiment({"mesh.fsdp": 8})
   state = fsdp.init_state()
   for batch in batches[:2]:
-    state, _ = fsdp.train_step(state, jax.device_put(batch, fsdp.batch_sharding))
+    state, _ = fsdp.train_step(state, jax.device_put(batch, fsdp.batch_sharding), {})
   checkpointer = Checkpointer(str(tmp_path), small_config().checkpoint)
   checkpointer.save(2, state, None)
   checkpointer.wait()
   saved_params = jax.device_get(state.params)
-  _, want = fsdp.train_step(state, jax.device_put(batches[2], fsdp.batch_sharding))
+  _, want = fsdp.train_step(state, jax.device_put(batches[2], fsdp.batch_sharding), {})
 
   for layout in ({"mesh.tensor": 4, "mesh.data": 2}, {}):
     other = _experiment(layout)
@@ -118,7 +118,7 @@ def test_restore_onto_another_layout_gives_the_same_parameters_and_next_loss(tmp
     assert int(restored.step) == 2
     for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(saved_params)):
       np.testing.assert_array_equal(a, b)
-    _, got = other.train_step(restored, jax.device_put(batches[2], other.batch_sharding))
+    _, got = other.train_step(restored, jax.device_put(batches[2], other.batch_sharding), {})
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
 
 
@@ -175,7 +175,7 @@ def test_init_from_a_run_or_a_bf16_export_loads_its_parameters(tmp_path):
   exp = _experiment({})
   state = exp.init_state()
   batch = jax.device_put(packed_batch(np.random.default_rng(1), 8, 16), exp.batch_sharding)
-  state, _ = exp.train_step(state, batch)
+  state, _ = exp.train_step(state, batch, {})
   checkpointer = Checkpointer(str(tmp_path / "run"), small_config().checkpoint)
   checkpointer.save(1, state, None)
   checkpointer.wait()
@@ -222,7 +222,7 @@ def saved_run(tmp_path_factory):
   checkpointer = Checkpointer(str(workdir), cfg.checkpoint)
   for step in (1, 2):
     batch = jax.device_put(packed_batch(np.random.default_rng(step), 8, 16), exp.batch_sharding)
-    state, _ = exp.train_step(state, batch)
+    state, _ = exp.train_step(state, batch, {})
     checkpointer.save(step, state, {"next_row": 8 * step}, cfg.to_json())
   checkpointer.wait()
   return workdir, json.loads(cfg.to_json()), jax.device_get(state.params)
@@ -312,7 +312,9 @@ def test_init_from_starts_a_new_run_with_its_own_schedule(saved_run, tmp_path):
   adam, _, schedule = state.opt_state[1]
   assert int(adam.count) == 2  # Adam's moments and their bias correction continue
   assert int(schedule.count) == 0  # the learning rate starts over: warmup from 0, as the log says
-  _, metrics = exp.train_step(state, jax.device_put(packed_batch(np.random.default_rng(9), 8, 16), exp.batch_sharding))
+  _, metrics = exp.train_step(
+    state, jax.device_put(packed_batch(np.random.default_rng(9), 8, 16), exp.batch_sharding), {}
+  )
   assert float(metrics["lr"]) == 0.0  # step 0 of this run's warmup, which is also the lr applied
 
 

@@ -63,7 +63,7 @@ def _train(cfg, batches, init=None):
   init = jax.device_get(state)
   losses = []
   for batch in batches:
-    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding))
+    state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding), {})
     losses.append(float(metrics["loss"]))
   return np.array(losses), jax.device_get(state.params), exp, init
 
@@ -134,7 +134,7 @@ def _compiled(schedule: str, microbatches: int):
     }
   )
   exp = build(cfg, VOCAB, mesh_for(cfg))
-  return exp, exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile()
+  return exp, exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile()
 
 
 def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_permute():
@@ -156,17 +156,17 @@ def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
   _, _, single, _ = runs("stage4_data2", None)
   for source, target in ((staged, single), (single, staged)):
     start = jax.device_put(init, source.state_sharding)
-    state, _ = source.train_step(start, jax.device_put(batches[0], source.batch_sharding))
+    state, _ = source.train_step(start, jax.device_put(batches[0], source.batch_sharding), {})
     directory = tmp_path / f"from_stage{source.mesh.shape['stage']}"
     checkpointer = Checkpointer(str(directory), small_config().checkpoint)
     checkpointer.save(1, state, None)
     checkpointer.wait()
     saved = jax.device_get(state)
-    _, want = source.train_step(state, jax.device_put(batches[1], source.batch_sharding))  # donates `state`
+    _, want = source.train_step(state, jax.device_put(batches[1], source.batch_sharding), {})  # donates `state`
     restored = Checkpointer(str(directory), small_config().checkpoint).restore_latest(target.abstract_state()).state
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved), strict=True):
       np.testing.assert_array_equal(a, b)
-    _, got = target.train_step(restored, jax.device_put(batches[1], target.batch_sharding))
+    _, got = target.train_step(restored, jax.device_put(batches[1], target.batch_sharding), {})
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
 
 

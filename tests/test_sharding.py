@@ -86,7 +86,7 @@ def test_bytes_per_device_follow_the_layout():
 
 def _collectives(layout: str) -> dict[str, int]:
   exp = _experiment(layout)
-  hlo = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile().as_text()
+  hlo = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile().as_text()
   return count_collectives(hlo), hlo
 
 
@@ -160,7 +160,7 @@ def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
   cfg = layout_config("fsdp8", **{"model.compute_dtype": "bfloat16"})
   exp = build(cfg, VOCAB, mesh_for(cfg))
   options = {"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"}
-  exp.train_step.lower(exp.abstract_state(), exp.abstract_batch()).compile(compiler_options=options)
+  exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile(compiler_options=options)
   (dump,) = tmp_path.glob("*train_step*after_spmd-partitioning*.txt")
   hlo = dump.read_text()
   gathered = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", hlo)

@@ -73,6 +73,6 @@ def test_dropout_changes_training_but_not_evaluation():
   without, _, _ = run_steps(small_config(), [batch])
   assert abs(with_dropout[0] - without[0]) > 1e-3
   state = exp.init_state()
-  nll_a, _ = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding))
-  nll_b, _ = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding))
+  nll_a, _ = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding), {})
+  nll_b, _ = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding), {})
   assert float(nll_a) == float(nll_b)

@@ -13,6 +13,8 @@ import ml_collections
 
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.attend import backend_problem
+from model.config import field_problems
+from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
 
@@ -136,6 +138,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
   _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
   _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
+  for problem in field_problems(m):  # RoPE scaling and sliding window
+    _require(False, problem)
   _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
   _one_of(cfg, "data.tokenizer_type", ("bpe", "unigram"))
   _one_of(cfg, "data.invalid_utf8", ("replace", "skip"))
@@ -199,6 +203,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       moe.every > 0 and m.num_layers % moe.every == 0,
       f"config.model.num_layers={m.num_layers} is not divisible by config.moe.every={moe.every}",
     )
+    _require(moe.group_size > 0, f"config.moe.group_size={moe.group_size} must be positive (tokens per routing group)")
   unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
   _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
   _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
@@ -207,5 +212,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
   """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
   (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
-  for problem in (backend_problem(cfg.model.attention, backend), remat_problem(cfg.model.remat, backend)):
+  for problem in (
+    backend_problem(cfg.model.attention, backend),
+    remat_problem(cfg.model.remat, backend),
+    dropless_problem(cfg.moe.dropless_impl, backend),
+  ):
     _require(problem is None, problem or "")

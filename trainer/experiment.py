@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from trainer import pipeline
 from trainer.config import ConfigError, check_backend
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
-from trainer.step import BATCH_AXES, Pipelined, make_eval_step, make_train_step
+from trainer.step import BATCH_AXES, LossFn, Pipelined, default_loss_fn, make_eval_step, make_train_step
 
 _log = logging.getLogger(__name__)
 
@@ -54,15 +55,29 @@ class Experiment:
   shardings: StateShardings
   state_sharding: TrainState  # TrainState of shardings
   batch_sharding: NamedSharding
-  train_step: object  # jitted (state, batch) -> (state, metrics); donates state
-  eval_step: object  # jitted (params, batch) -> (nll_sum, tokens)
+  train_step: object  # jitted (state, batch, frozen) -> (state, metrics); donates state
+  eval_step: object  # jitted (params, batch, frozen) -> (nll_sum, tokens)
   init_state: object  # jitted () -> TrainState, created in its shardings
   pipeline: dict | None = None  # with mesh.stage > 1: the plan's `pipeline` entry (schedule, S, M, R, ...)
+  # The steps' `frozen` input (step.LossFn), by name: trees of ShapeDtypeStructs, of shardings, and a loader
+  # () -> the tree of arrays in those shardings (a checkpoint read, or an init), called once per run.
+  frozen_shapes: dict = dataclasses.field(default_factory=dict)
+  frozen_sharding: dict = dataclasses.field(default_factory=dict)
+  frozen_loaders: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: for ahead-of-time compilation and for restoring checkpoints."""
     shapes = jax.eval_shape(self.init_state)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+
+  def abstract_frozen(self) -> dict:
+    """The `frozen` input as ShapeDtypeStructs with shardings, for ahead-of-time compilation."""
+    to_struct = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
+    return jax.tree.map(to_struct, self.frozen_shapes, self.frozen_sharding)
+
+  def load_frozen(self) -> dict:
+    """The `frozen` input of every step, loaded once at start ({} when the objective reads no frozen model)."""
+    return {name: load() for name, load in self.frozen_loaders.items()}
 
   def abstract_batch(self) -> dict:
     shape = (self.cfg.train.global_batch_size, self.cfg.data.seq_len)
@@ -143,6 +158,8 @@ def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelC
 
 
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
+  """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
+  distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
   check_backend(cfg, jax.default_backend())
   _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
   rules = parse_rules(cfg.mesh.rules)
@@ -172,6 +189,15 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   state_sharding = TrainState(step=replicated, params=shardings.params, opt_state=shardings.opt_state, rng=replicated)
   batch_sharding = NamedSharding(mesh, batch_spec)
 
+  # What the steps compute and which frozen trees they read: fine-tuning objectives set these here.
+  loss_fn: LossFn | None = None  # None: default_loss_fn, the next-token loss (the only one a pipeline runs)
+  frozen_shapes: dict = {}
+  frozen_sharding: dict = {}
+  frozen_loaders: dict[str, Callable[[], dict]] = {}
+  if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
+    raise ConfigError("pipeline parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1")
+  loss_fn = loss_fn or default_loss_fn(graphdef)
+
   aux_weights = {}
   if cfg.moe.num_experts > 0:
     aux_weights = {"moe_aux_loss": cfg.moe.aux_loss_weight, "moe_z_loss": cfg.moe.z_loss_weight}
@@ -185,16 +211,17 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
     pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
+    loss_fn=loss_fn,
   )
   train_step = jax.jit(
     _with_rules(step_fn, mesh, rules),
-    in_shardings=(state_sharding, batch_sharding),
+    in_shardings=(state_sharding, batch_sharding, frozen_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    _with_rules(make_eval_step(graphdef), mesh, rules),
-    in_shardings=(shardings.params, batch_sharding),
+    _with_rules(make_eval_step(loss_fn), mesh, rules),
+    in_shardings=(shardings.params, batch_sharding, frozen_sharding),
     out_shardings=replicated,
   )
   seed = cfg.train.seed
@@ -213,4 +240,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     eval_step=eval_step,
     init_state=init_state,
     pipeline=pipeline_plan,
+    frozen_shapes=frozen_shapes,
+    frozen_sharding=frozen_sharding,
+    frozen_loaders=frozen_loaders,
   )

@@ -22,10 +22,10 @@ from trainer.preemption import PreemptionGuard
 _log = logging.getLogger(__name__)
 
 
-def evaluate(exp: Experiment, params, eval_batches: list[dict]) -> dict:
+def evaluate(exp: Experiment, params, eval_batches: list[dict], frozen: dict) -> dict:
   """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens."""
   # Every batch is dispatched before any result is read: one wait for the whole evaluation, not one per batch.
-  sums = jax.device_get([exp.eval_step(params, batch) for batch in eval_batches])
+  sums = jax.device_get([exp.eval_step(params, batch, frozen) for batch in eval_batches])
   nll, tokens = sum(float(n) for n, _ in sums), sum(float(t) for _, t in sums)
   loss = nll / max(tokens, 1.0)
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
@@ -100,6 +100,7 @@ def train(cfg, workdir: str) -> dict:
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   # Restored before config.json is rewritten: a checkpoint that does not fit must leave the run as it was.
   state, next_row = _initial_state(exp, checkpointer, cfg.checkpoint, json.loads(config_json))
+  frozen = exp.load_frozen()  # models the objective reads but never trains; {} for pre-training
   if is_writer:
     (as_path(workdir) / "config.json").write_text(config_json)
   start_step, steps, batch_rows = int(state.step), cfg.train.steps, cfg.train.global_batch_size
@@ -154,7 +155,7 @@ def train(cfg, workdir: str) -> dict:
   def run_eval(step: int) -> dict:
     if not eval_batches:
       return {}
-    record = {"step": step, **evaluate(exp, state.params, eval_batches)}
+    record = {"step": step, **evaluate(exp, state.params, eval_batches, frozen)}
     writer.write(record)
     progress.write(f"step {step}: eval_loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})")
     return record
@@ -168,7 +169,7 @@ def train(cfg, workdir: str) -> dict:
     for step in range(start_step, steps):
       if step == profile_start:
         jax.profiler.start_trace(writer.tensorboard_dir)
-      state, metrics = exp.train_step(state, next(train_iter))
+      state, metrics = exp.train_step(state, next(train_iter), frozen)
       done = step + 1
       if profile_start is not None and done == min(profile_start + cfg.train.profile_steps, steps):
         jax.block_until_ready(state)

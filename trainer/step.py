@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,22 @@ from trainer import pipeline
 from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")
+
+# loss_fn(params, frozen, batch, dropout_key) -> ((nll_sum, z_sum, target tokens), aux): what the train and eval
+# steps differentiate and report. `params` are the trained parameters (TrainState.params); `frozen` is a dict of
+# parameter trees the step reads but never trains (a LoRA base, a DPO reference, a distillation teacher): they
+# are inputs of every step, not in the optimizer and not checkpointed. Empty for plain pre-training.
+LossFn = Callable[[dict, dict, dict, jax.Array | None], tuple[tuple[jax.Array, jax.Array, jax.Array], dict]]
+
+
+def default_loss_fn(graphdef) -> LossFn:
+  """Next-token cross-entropy of the model `graphdef` with parameters `params`; `frozen` is unused."""
+
+  def loss_fn(params, frozen, batch, dropout_key):
+    del frozen
+    return apply_loss(graphdef, params, batch, dropout_key=dropout_key)
+
+  return loss_fn
 
 
 def _microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
@@ -51,8 +68,9 @@ def make_train_step(
   aux_loss_weights: dict[str, float] | None = None,
   grad_shardings=None,
   pipelined: Pipelined | None = None,
+  loss_fn: LossFn | None = None,
 ):
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)`; `loss_fn` defaults to `default_loss_fn`.
 
   The objective of a batch is (sum of token losses + z_loss_weight * sum log(Z)^2) / target tokens, plus the
   weighted auxiliary losses (MoE) averaged over microbatches; microbatches add gradients of their share, so
@@ -60,19 +78,20 @@ def make_train_step(
   microbatches is split again into the schedule's M microbatches, which the pipeline runs (`_pipeline_grads`).
   """
   aux_loss_weights = aux_loss_weights or {}
+  loss_fn = loss_fn or default_loss_fn(graphdef)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def objective(params, micro, key):
-      (nll_sum, z_sum, _), aux = apply_loss(graphdef, params, micro, dropout_key=key if dropout else None)
+      (nll_sum, z_sum, _), aux = loss_fn(params, frozen, micro, key if dropout else None)
       value = (nll_sum + z_loss_weight * z_sum) / total_tokens
       value += sum(w * aux[name] for name, w in aux_loss_weights.items()) / grad_accum
       return value, {"nll_sum": nll_sum, "z_sum": z_sum, **aux}
 
     grad_fn = jax.grad(objective, has_aux=True)
-    if pipelined is not None:
+    if pipelined is not None:  # the next-token loss of the stack split over stages; experiment.build checks
       grad_fn = functools.partial(
         _pipeline_grads,
         graphdef,
@@ -183,11 +202,11 @@ def _pipeline_grads(
   return grads, {**head_stats, **stats}
 
 
-def make_eval_step(graphdef):
-  """`eval_step(params, batch) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
+def make_eval_step(loss_fn: LossFn):
+  """`eval_step(params, batch, frozen) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
 
-  def eval_step(params, batch):
-    (nll_sum, _, tokens), _ = apply_loss(graphdef, params, batch)
+  def eval_step(params, batch, frozen):
+    (nll_sum, _, tokens), _ = loss_fn(params, frozen, batch, None)
     return nll_sum, tokens
 
   return eval_step
