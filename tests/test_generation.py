@@ -409,3 +409,39 @@ def test_export_params_keeps_a_tokenizer_json_and_decodes_like_the_run(run_dir, 
   assert exported.tokenizer.eos_id == original.tokenizer.eos_id
   for a, b in zip(jax.tree.leaves(exported.params), jax.tree.leaves(original.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_greedy_decoding_of_an_imported_mistral_equals_transformers(tmp_path):
+  """A random Hugging Face Mistral with a sliding window shorter than prompt + completion, imported by hf/: the
+  cached greedy completion equals argmax over transformers' own full forward, token by token."""
+  import torch
+  import transformers
+
+  from hf.convert import import_hf
+  from tests.test_data import write_hf_tokenizer
+
+  hf_dir, run = tmp_path / "hf", tmp_path / "run"
+  config = transformers.MistralConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=384, sliding_window=5,
+  )  # fmt: skip
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.mul_(8.0)  # peaked distributions: no near-ties for argmax
+  model.eval().save_pretrained(hf_dir)
+  write_hf_tokenizer(hf_dir, config={"bos_token": "<s>", "eos_token": "</s>"})
+  import_hf(str(hf_dir), str(run))
+  loaded = load_run(str(run))
+  vocab = loaded.tokenizer.vocab_size
+  prompts = [[1, 40, 7, 99, 250, 13, 8], [1, 300, 5]]
+  out = generate(loaded.decoder, loaded.params, prompts, max_new_tokens=8, sampling=Sampling(0.0), stop_ids=[])
+  for prompt, completion in zip(prompts, out):
+    sequence = list(prompt)
+    for _ in range(8):
+      with torch.no_grad():
+        logits = model(torch.as_tensor([sequence])).logits[0, -1, :vocab]
+      sequence.append(int(torch.argmax(logits)))
+    assert completion.tokens == sequence[len(prompt) :]
+    assert len(set(completion.tokens)) > 2, "a completion that only repeats would test little"
