@@ -78,15 +78,18 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # the output is the scores (and errors), not library progress
+  try:  # before JAX is imported: a mistyped flag answers at once
+    if not _WORKDIR.value:
+      raise ValueError("--workdir is required; pass a run directory or an export")
+    text, tokens = _read_inputs()
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   from data import DataError
   from generation.run import load_run
   from trainer.checkpoint import CheckpointError
   from trainer.config import ConfigError
 
   try:
-    if not _WORKDIR.value:
-      raise ValueError("--workdir is required; pass a run directory or an export")
-    text, tokens = _read_inputs()
     loaded = load_run(_WORKDIR.value, _CHECKPOINT.value, compute_dtype=_DTYPE.value)
     tok, cfg = loaded.tokenizer, loaded.decoder.model_cfg
     if tokens is not None:

@@ -25,6 +25,7 @@ from model import ModelConfig
 from sharding.mesh import MESH_AXES
 from sharding.rules import DEFAULT_RULES, parse_rules
 from tests.helpers import small_config
+from trainer.config import ConfigError
 from trainer.state import abstract_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,9 +334,8 @@ def test_generate_script_streams_greedy_text_and_batches(run_dir, tmp_path):
   )  # fmt: skip
   assert result.returncode == 0, result.stderr
   assert result.stdout.count("=== completion") == 2 and "class A:" in result.stdout and "return x" in result.stdout
-  result = script("scripts/generate.py", f"--workdir={tmp_path / 'nothing'}", "--prompt=x")
-  assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
-  assert result.stderr.startswith("error: ") and "config.json: no such file" in result.stderr
+  with pytest.raises(ConfigError, match=r"nothing/config.json: no such file; pass --workdir a run directory"):
+    load_run(str(tmp_path / "nothing"))
 
 
 def test_score_script_logits_equal_the_model_forward_and_losses(run_dir, tmp_path):
