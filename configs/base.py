@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
   c.data.shuffle = True
   c.data.unit_bytes = 16 << 20  # corpus bytes per tokenization work unit: who tokenizes what, never the data order
+  # sft / dpo data: chatml | llama3 | plain, or a turn format with {content} (and {role}), see data/chat.py
+  c.data.chat_template = "chatml"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.peak_lr = 3e-4
@@ -100,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.seed = 0
+  c.train.objective = "lm"  # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher)
   c.train.compilation_cache = True  # JAX's persistent compilation cache under <data cache dir>/jax
   c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into <workdir>/tb for TensorBoard
 
@@ -114,6 +117,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.schedule = "1f1b"  # gpipe | circular | 1f1b
   c.pipeline.microbatches = 4  # per grad_accum microbatch; at least mesh.stage
   c.pipeline.repeats = 1  # circular only (> 1): layer chunks per stage
+
+  c.dpo = ml_collections.ConfigDict()  # train.objective=dpo
+  c.dpo.beta = 0.1  # strength of the implicit KL to the reference: larger keeps the policy closer to it
+  c.dpo.reference = ""  # the frozen reference run/checkpoint; empty: checkpoint.init_from, else this run's init
+
+  c.distill = ml_collections.ConfigDict()  # train.objective=distill
+  c.distill.teacher = ""  # a run directory (or checkpoint) of any size trained with the same tokenizer
+  c.distill.temperature = 2.0  # softens both distributions; the KL term is scaled by temperature^2
+  c.distill.alpha = 0.5  # weight of the KL to the teacher; 1 - alpha: the usual next-token loss
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

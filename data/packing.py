@@ -6,6 +6,13 @@ padded. A document longer than a row continues in the next row of the stream, ne
 are then visited in a shuffled order. Within a row, segment ids number the document fragments 1, 2, ... (0 is
 padding) and positions count from 0 at the start of each fragment, also for a fragment continued from the
 previous row. Because a row depends on nothing but its index, resuming at any row is exact and costs nothing.
+
+Two options serve fine-tuning data (data/sft.py). `read_weights` gives every token a loss weight (a row then
+has "loss_weights": the weight of each token as a target; BOS 0, EOS that of the document's last token), and
+`whole_documents` never splits a document over rows: documents are truncated to a row (row_len - 2 tokens and
+BOS, EOS), put in an order fixed by the seed, and packed next-fit (a row takes documents until the next one does
+not fit); each epoch then visits these rows in a new shuffled order. A conversation thus always sees its own
+prompt, and a row's packing no longer changes between epochs (so rows_per_epoch stays fixed).
 """
 
 import functools
@@ -18,13 +25,15 @@ import numpy as np
 # Global row indices run through epoch after epoch; "endless" is whatever fits a Python sequence length.
 _ENDLESS = sys.maxsize
 _SHUFFLE_SALT = 0x6B696C6E  # "kiln": keeps these streams apart from other users of the same seed
+_PACKING_EPOCH = -1  # the seed stream that orders documents for whole-document packing (epochs are >= 0)
 
 
 class PackedRows:
   """Random access to packed rows by global index (epoch * rows_per_epoch + row).
 
-  Item i is a dict of int32 arrays of length row_len: "tokens", "segment_ids", "positions". Documents are
-  0 .. len(lengths) - 1; `read(doc, lo, hi)` returns tokens [lo, hi) of one.
+  Item i is a dict of int32 arrays of length row_len: "tokens", "segment_ids", "positions" (and float32
+  "loss_weights" with `read_weights`). Documents are 0 .. len(lengths) - 1; `read(doc, lo, hi)` returns tokens
+  [lo, hi) of one, `read_weights(doc, lo, hi)` their loss weights.
   """
 
   def __init__(
@@ -38,16 +47,27 @@ class PackedRows:
     pad_id: int,
     seed: int,
     shuffle: bool,
+    read_weights: Callable[[int, int, int], np.ndarray] | None = None,
+    whole_documents: bool = False,
   ) -> None:
     assert len(lengths) > 0, "packing needs at least one document"
+    assert row_len > 2 or not whole_documents, "a whole document needs room for BOS and EOS"
     self._read = read
+    self._read_weights = read_weights
     self._lengths = np.asarray(lengths, dtype=np.int64)
+    self.truncated = 0  # documents cut to fit a row (whole_documents only)
+    if whole_documents:
+      self.truncated = int(np.sum(self._lengths > row_len - 2))
+      self._lengths = np.minimum(self._lengths, row_len - 2)
     self._row_len = row_len
     self._bos_id, self._eos_id, self._pad_id = bos_id, eos_id, pad_id
     self._seed = seed % 2**63
     self._shuffle = shuffle
     self.stream_len = int(self._lengths.sum()) + 2 * len(self._lengths)  # BOS and EOS per document
     self.rows_per_epoch = math.ceil(self.stream_len / row_len)
+    self._whole_plan = self._plan_whole_rows() if whole_documents else None
+    if self._whole_plan is not None:
+      self.rows_per_epoch = len(self._whole_plan[1]) - 1
     # Per instance, so a train and an eval source do not evict each other; consecutive batches straddle at most
     # two epochs.
     self._epoch_plan = functools.lru_cache(maxsize=2)(self._plan_epoch)
@@ -57,14 +77,15 @@ class PackedRows:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     epoch, row = divmod(int(index), self.rows_per_epoch)
+    if self._whole_plan is not None:
+      return self._whole_row(epoch, row)
     document_order, stream_ends, row_order = self._epoch_plan(epoch)
     if row_order is not None:
       row = int(row_order[row])
     start = row * self._row_len
     end = min(start + self._row_len, self.stream_len)
-    tokens = np.full(self._row_len, self._pad_id, dtype=np.int32)
-    segment_ids = np.zeros(self._row_len, dtype=np.int32)
-    positions = np.zeros(self._row_len, dtype=np.int32)
+    out = self._empty()
+    segment_ids, positions = out["segment_ids"], out["positions"]
     # The first document whose stream span [stream_end - len - 2, stream_end) reaches past `start`.
     d = int(np.searchsorted(stream_ends, start, side="right"))
     written, segment = 0, 0
@@ -77,27 +98,67 @@ class PackedRows:
       b = min(end, int(stream_ends[d])) - doc_stream_start
       size = b - a
       segment += 1
-      self._write_fragment(tokens[written : written + size], doc, length, a, b)
+      self._write_fragment(out, written, doc, length, a, b)
       segment_ids[written : written + size] = segment
       positions[written : written + size] = np.arange(size, dtype=np.int32)
       written += size
       d += 1
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    return out
 
-  def _write_fragment(self, out: np.ndarray, doc: int, length: int, a: int, b: int) -> None:
-    """Writes positions [a, b) of [BOS] + tokens of doc + [EOS] into out."""
+  def _empty(self) -> dict[str, np.ndarray]:
+    return empty_row(self._row_len, self._pad_id, weighted=self._read_weights is not None)
+
+  def _write_fragment(self, out: dict[str, np.ndarray], at: int, doc: int, length: int, a: int, b: int) -> None:
+    """Writes positions [a, b) of [BOS] + tokens of doc + [EOS] into the row `out` from index `at` (and their
+    loss weights: BOS 0, EOS that of the document's last token)."""
+    tokens, weights = out["tokens"][at : at + b - a], out.get("loss_weights")
     i = 0
     if a == 0:
-      out[0] = self._bos_id
+      tokens[0] = self._bos_id
       i = 1
     body_lo, body_hi = max(a - 1, 0), min(b - 1, length)
     if body_hi > body_lo:
-      out[i : i + body_hi - body_lo] = self._read(doc, body_lo, body_hi)
+      tokens[i : i + body_hi - body_lo] = self._read(doc, body_lo, body_hi)
+      if weights is not None:
+        weights[at + i : at + i + body_hi - body_lo] = self._read_weights(doc, body_lo, body_hi)
       i += body_hi - body_lo
     if b == length + 2:
-      out[i] = self._eos_id
+      tokens[i] = self._eos_id
+      if weights is not None and length > 0:
+        weights[at + i] = self._read_weights(doc, length - 1, length)[0]
       i += 1
     assert i == b - a, f"fragment [{a}, {b}) of document {doc} filled {i} tokens"
+
+  def _plan_whole_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    """(document order, row starts): row r holds documents order[starts[r]:starts[r + 1]], packed next-fit."""
+    if self._shuffle:
+      rng = np.random.default_rng([_SHUFFLE_SALT, self._seed, 2**32 + _PACKING_EPOCH])
+      order = _permutation(rng, len(self._lengths))
+    else:
+      order = np.arange(len(self._lengths))
+    starts, used = [], self._row_len
+    for i, span in enumerate((self._lengths[order] + 2).tolist()):
+      if used + span > self._row_len:
+        starts.append(i)
+        used = 0
+      used += span
+    starts.append(len(order))
+    return order, np.asarray(starts, dtype=np.int64)
+
+  def _whole_row(self, epoch: int, row: int) -> dict[str, np.ndarray]:
+    order, starts = self._whole_plan
+    if self._shuffle:
+      rng = np.random.default_rng([_SHUFFLE_SALT, self._seed, epoch])
+      row = int(_permutation(rng, self.rows_per_epoch)[row])
+    out = self._empty()
+    written = 0
+    for segment, doc in enumerate(order[starts[row] : starts[row + 1]].tolist(), start=1):
+      length = int(self._lengths[doc])
+      self._write_fragment(out, written, doc, length, 0, length + 2)
+      out["segment_ids"][written : written + length + 2] = segment
+      out["positions"][written : written + length + 2] = np.arange(length + 2, dtype=np.int32)
+      written += length + 2
+    return out
 
   def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(document order, cumulative stream ends in that order, row visiting order or None)."""
@@ -118,13 +179,16 @@ def _permutation(rng: np.random.Generator, size: int) -> np.ndarray:
   return order
 
 
-def empty_row(row_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """A row of padding only: it contributes nothing to a loss."""
-  return {
+def empty_row(row_len: int, pad_id: int, *, weighted: bool = False) -> dict[str, np.ndarray]:
+  """A row of padding only: it contributes nothing to a loss. `weighted`: with zero "loss_weights"."""
+  row = {
     "tokens": np.full(row_len, pad_id, dtype=np.int32),
     "segment_ids": np.zeros(row_len, dtype=np.int32),
     "positions": np.zeros(row_len, dtype=np.int32),
   }
+  if weighted:
+    row["loss_weights"] = np.zeros(row_len, dtype=np.float32)
+  return row
 
 
 def to_model_inputs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,11 +196,13 @@ def to_model_inputs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   tokens, segment_ids = rows["tokens"], rows["segment_ids"]
   input_segments, target_segments = segment_ids[:, :-1], segment_ids[:, 1:]
   # A target counts only if it continues the input's document: no loss across boundaries or on padding.
-  loss_mask = (input_segments == target_segments) & (target_segments != 0)
+  loss_mask = ((input_segments == target_segments) & (target_segments != 0)).astype(np.float32)
+  if "loss_weights" in rows:  # fine-tuning data: e.g. only assistant tokens are targets
+    loss_mask *= rows["loss_weights"][:, 1:]
   return {
     "inputs": tokens[:, :-1],
     "targets": tokens[:, 1:],
     "segment_ids": input_segments,
     "positions": rows["positions"][:, :-1],
-    "loss_mask": loss_mask.astype(np.float32),
+    "loss_mask": loss_mask,
   }

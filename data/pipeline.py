@@ -11,7 +11,12 @@ Every batch is a dict of global [B, L] arrays (L = data.seq_len), taken from pac
   targets      int32    row[1:]
   segment_ids  int32    of inputs: 0 padding, 1, 2, ... the document fragments within the row
   positions    int32    of inputs: position within the document fragment
-  loss_mask    float32  1.0 where the target is a real token of the input's document, else 0.0
+  loss_mask    float32  1.0 where the target is a real token of the input's document, else 0.0; fine-tuning
+                        data multiplies in each target's loss weight (0 on prompts)
+
+The documents come from a source (`load_source`): the token cache of a text corpus (train.objective lm and
+distill), chat conversations (sft, data/sft.py) or preference pairs (dpo, data/preference.py, one pair per
+row). A source other than the token cache makes its own rows (`packed_rows`); everything else is shared.
 """
 
 import atexit
@@ -27,6 +32,8 @@ import numpy as np
 
 from data.errors import DataError
 from data.packing import PackedRows, empty_row, to_model_inputs
+from data.preference import load_preferences
+from data.sft import load_conversations
 from data.token_cache import TokenCache, load_token_cache
 from data.tokenizer import Tokenizer
 
@@ -34,6 +41,15 @@ _log = logging.getLogger(__name__)
 
 # Batches ready ahead of the train loop, besides the one being built: the next step never waits for the host.
 _PREFETCH_DEPTH = 1
+
+
+def load_source(data_cfg, tokenizer: Tokenizer, objective: str = "lm"):
+  """The documents `objective` trains on: the token cache, Conversations (sft) or PreferencePairs (dpo)."""
+  if objective == "sft":
+    return load_conversations(data_cfg, tokenizer)
+  if objective == "dpo":
+    return load_preferences(data_cfg, tokenizer)
+  return load_token_cache(data_cfg, tokenizer)
 
 
 def make_train_iterator(
@@ -96,7 +112,7 @@ def make_eval_batches(
     )
     return []
   rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=0, shuffle=False)
-  padding = empty_row(data_cfg.seq_len + 1, tokenizer.pad_id)
+  padding = empty_row(data_cfg.seq_len + 1, tokenizer.pad_id, weighted="loss_weights" in rows[0])
   row_at = lambda r: rows[r] if r < rows.rows_per_epoch else padding
   batches = _GlobalBatches(row_at, global_batch_size, data_cfg.seq_len, sharding)
   count = min(num_batches, math.ceil(rows.rows_per_epoch / global_batch_size))
@@ -211,7 +227,9 @@ def _check_sizes(seq_len: int, batch_size: int) -> None:
 def _packed_rows(
   token_cache: TokenCache, documents: np.ndarray, data_cfg, tokenizer: Tokenizer, *, seed: int, shuffle: bool
 ) -> PackedRows:
-  """Rows over `documents` (indices into the cache, in corpus order)."""
+  """Rows over `documents` (indices into the cache, or another source, in corpus order)."""
+  if hasattr(token_cache, "packed_rows"):  # fine-tuning sources pack their own way
+    return token_cache.packed_rows(documents, data_cfg.seq_len + 1, tokenizer, seed=seed, shuffle=shuffle)
   return PackedRows(
     lambda d, lo, hi: token_cache.tokens(int(documents[d]), lo, hi),
     token_cache.doc_length[documents],

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from data.chat import template_problem
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.attend import backend_problem
 from model.config import field_problems
 from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
 from sharding.rules import DEFAULT_RULES
+from trainer.objectives import OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -207,6 +209,32 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
   _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
   _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
+  _validate_objective(cfg)
+
+
+def _validate_objective(cfg: ml_collections.ConfigDict) -> None:
+  """train.objective and the groups it reads (dpo, distill, data.chat_template)."""
+  objective = cfg.train.objective
+  _one_of(cfg, "train.objective", OBJECTIVES)
+  if objective in ("sft", "dpo"):
+    problem = template_problem(cfg.data.chat_template)
+    _require(problem is None, problem or "")
+    _require(
+      bool(cfg.data.files),
+      f"config.train.objective={objective} reads chat JSONL from config.data.files, which is empty; "
+      f"e.g. --config.data.files=examples/{objective}.jsonl (formats: README, Fine-tuning)",
+    )
+  if objective == "dpo":
+    _require(cfg.dpo.beta > 0, f"config.dpo.beta={cfg.dpo.beta} must be positive (0.1 is usual)")
+  if objective == "distill":
+    dist = cfg.distill
+    _require(
+      bool(dist.teacher),
+      "config.distill.teacher is empty; train a teacher first (python train.py --config configs/tiny.py "
+      "--workdir runs/teacher) and pass --config.distill.teacher=runs/teacher",
+    )
+    _require(dist.temperature > 0, f"config.distill.temperature={dist.temperature} must be positive")
+    _require(0.0 <= dist.alpha <= 1.0, f"config.distill.alpha={dist.alpha} must be in [0, 1]")
 
 
 def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:

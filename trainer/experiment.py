@@ -14,13 +14,14 @@ from model import ModelConfig
 from model.config import padded_vocab_size
 from model.transformer import num_units
 from sharding.mesh import MeshError
-from sharding.partition import StateShardings, state_shardings
+from sharding.partition import StateShardings, param_specs, state_shardings
 from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
 from trainer import pipeline
 from trainer.config import ConfigError, check_backend
+from trainer.finetune import frozen_loader, objective_setup
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, new_state
-from trainer.step import BATCH_AXES, LossFn, Pipelined, default_loss_fn, make_eval_step, make_train_step
+from trainer.step import BATCH_AXES, Pipelined, default_loss_fn, make_eval_step, make_train_step
 
 _log = logging.getLogger(__name__)
 
@@ -157,6 +158,21 @@ def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelC
   return schedule, plan
 
 
+def _objective(cfg, model_cfg, graphdef, abstract_params, logical_names, params_sharding, vocab: int, mesh, rules):
+  """train.objective's loss_fn and count_fn, and its frozen models' shapes, shardings (by the same rules as the
+  trained model) and loaders (trainer/finetune.py)."""
+  seed = cfg.train.seed
+  initial_params = jax.jit(lambda: init_params(model_cfg, seed), out_shardings=params_sharding)
+  setup = objective_setup(cfg, model_cfg, abstract_params, logical_names, graphdef, vocab, mesh.shape["tensor"])
+  shapes, shardings, loaders = {}, {}, {}
+  for name, model in setup.frozen.items():
+    specs = param_specs(model.abstract_params, model.logical_names, rules, mesh, where=f"{name} parameter")
+    shapes[name] = model.abstract_params
+    shardings[name] = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    loaders[name] = frozen_loader(name, model, shapes[name], shardings[name], initial_params)
+  return setup.loss_fn, setup.count_fn, shapes, shardings, loaders
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
@@ -190,10 +206,10 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   batch_sharding = NamedSharding(mesh, batch_spec)
 
   # What the steps compute and which frozen trees they read: fine-tuning objectives set these here.
-  loss_fn: LossFn | None = None  # None: default_loss_fn, the next-token loss (the only one a pipeline runs)
-  frozen_shapes: dict = {}
-  frozen_sharding: dict = {}
-  frozen_loaders: dict[str, Callable[[], dict]] = {}
+  # loss_fn None: default_loss_fn, the next-token loss (the only one a pipeline runs).
+  loss_fn, count_fn, frozen_shapes, frozen_sharding, frozen_loaders = _objective(
+    cfg, model_cfg, graphdef, abstract_params, logical_names, shardings.params, tokenizer_vocab_size, mesh, rules
+  )
   if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
     raise ConfigError("pipeline parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1")
   loss_fn = loss_fn or default_loss_fn(graphdef)
@@ -212,6 +228,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     grad_shardings=shardings.grads,
     pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
     loss_fn=loss_fn,
+    count_fn=count_fn,
   )
   train_step = jax.jit(
     _with_rules(step_fn, mesh, rules),

@@ -10,11 +10,13 @@ from tqdm import tqdm
 
 import data
 from data.cache import cache_root
+from data.pipeline import load_source
 from model.config import ModelConfig
 from sharding.mesh import make_mesh
 from storage import as_path
 from trainer.checkpoint import Checkpointer, load_params
 from trainer.experiment import Experiment, build
+from trainer.finetune import tokenizer_data_cfg
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
 from trainer.optim import restart_schedule
 from trainer.preemption import PreemptionGuard
@@ -23,7 +25,8 @@ _log = logging.getLogger(__name__)
 
 
 def evaluate(exp: Experiment, params, eval_batches: list[dict], frozen: dict) -> dict:
-  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens."""
+  """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens (over
+  their pairs for dpo)."""
   # Every batch is dispatched before any result is read: one wait for the whole evaluation, not one per batch.
   sums = jax.device_get([exp.eval_step(params, batch, frozen) for batch in eval_batches])
   nll, tokens = sum(float(n) for n, _ in sums), sum(float(t) for _, t in sums)
@@ -95,7 +98,8 @@ def train(cfg, workdir: str) -> dict:
   is_writer = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, cfg.checkpoint)  # fails now, not at the first save, if unwritable
   mesh = make_mesh(cfg.mesh)
-  tokenizer = data.load_tokenizer(cfg.data, workdir)  # every process: the run's copy pins the tokenizer
+  # Every process: the run's copy pins the tokenizer. Fine-tuning may take it from the run it builds on.
+  tokenizer = data.load_tokenizer(tokenizer_data_cfg(cfg), workdir)
   exp = build(cfg, tokenizer.vocab_size, mesh)
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   # Restored before config.json is rewritten: a checkpoint that does not fit must leave the run as it was.
@@ -110,7 +114,8 @@ def train(cfg, workdir: str) -> dict:
   # The data position is a global row cursor: the same for any number of processes, and it carries over a
   # change of batch size. Checkpoints without one were written at a constant batch size.
   start_row = next_row if next_row is not None else start_step * batch_rows
-  token_cache = data.load_token_cache(cfg.data, tokenizer)  # once, for the train and the eval batches
+  # Once, for the train and the eval batches: the corpus's token cache, or the sft / dpo examples.
+  token_cache = load_source(cfg.data, tokenizer, cfg.train.objective)
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
     start_row=start_row, token_cache=token_cache,

@@ -15,6 +15,7 @@ from model.loss import chunked_cross_entropy_sums
 from model.transformer import apply_units, num_units
 from sharding.rules import constrain
 from trainer import pipeline
+from trainer.objectives import SUM_PREFIX, token_count
 from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")
@@ -69,8 +70,13 @@ def make_train_step(
   grad_shardings=None,
   pipelined: Pipelined | None = None,
   loss_fn: LossFn | None = None,
+  count_fn: Callable[[dict], jax.Array] = token_count,
 ):
   """Builds `train_step(state, batch, frozen) -> (state, metrics)`; `loss_fn` defaults to `default_loss_fn`.
+
+  `count_fn(batch)` is what the loss sums of the whole batch are divided by: its target tokens, or its pairs for
+  DPO (trainer/objectives.py). Aux entries named "sum:<metric>" are sums reported as <metric> over the same
+  count; the other aux entries are averaged over microbatches.
 
   The objective of a batch is (sum of token losses + z_loss_weight * sum log(Z)^2) / target tokens, plus the
   weighted auxiliary losses (MoE) averaged over microbatches; microbatches add gradients of their share, so
@@ -81,7 +87,7 @@ def make_train_step(
   loss_fn = loss_fn or default_loss_fn(graphdef)
 
   def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
-    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    total_tokens = jnp.maximum(count_fn(batch), 1.0)
     step_key = jax.random.fold_in(state.rng, state.step)
 
     def objective(params, micro, key):
@@ -119,6 +125,9 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     # Sum over microbatches only: per-layer stats such as the MoE expert load [layers, experts] keep their shape.
     stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+    sums = {
+      name[len(SUM_PREFIX) :]: stats.pop(name) / total_tokens for name in list(stats) if name.startswith(SUM_PREFIX)
+    }
     metrics = {
       "loss": stats.pop("nll_sum") / total_tokens,
       "z_loss": stats.pop("z_sum") / total_tokens,
@@ -126,6 +135,7 @@ def make_train_step(
       "lr": schedule(state.step),
       "tokens": total_tokens,
       **{name: value / grad_accum for name, value in stats.items()},
+      **sums,
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
