@@ -1,4 +1,4 @@
-"""Data pipeline: corpus -> sentencepiece tokenizer -> token cache -> packed rows -> global batches.
+"""Data pipeline: corpus -> tokenizer (sentencepiece or tokenizer.json) -> token cache -> packed rows -> global batches.
 
 The default corpus (data.files empty) is the running Python's standard library source, so nothing needs a
 download. See pipeline.py for the batch fields and what the data order depends on, packing.py for how rows are

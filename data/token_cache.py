@@ -30,13 +30,12 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-import sentencepiece as spm
 from etils import epath
 
 import storage
 from data import cache
 from data.sources import Corpus, Unit, eval_hash
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, batch_encoder
 
 _log = logging.getLogger(__name__)
 
@@ -226,7 +225,8 @@ class _Builder:
     self._started = True
     with epath.Path(self._tokenizer.model_path).open("rb") as f:
       model = f.read()  # workers get the model itself, not a path that might change under them
-    _start_worker(model)
+    kind = self._tokenizer.kind
+    _start_worker(kind, model)
     if self._num_workers > 1:
       # spawn, not fork: the parent may run JAX's threads, which fork would copy mid-flight.
       self._pool = self._stack.enter_context(
@@ -234,7 +234,7 @@ class _Builder:
           self._num_workers,
           mp_context=multiprocessing.get_context("spawn"),
           initializer=_start_worker,
-          initargs=(model,),
+          initargs=(kind, model),
         )
       )
 
@@ -272,17 +272,16 @@ def _batches(documents) -> Iterator[tuple[list[str], list[float]]]:
     yield texts, hashes
 
 
-_worker_processor: spm.SentencePieceProcessor | None = None
+_worker_encode = None  # this process's `batch_encoder`
 
 
-def _start_worker(model: bytes) -> None:
-  global _worker_processor
-  _worker_processor = spm.SentencePieceProcessor(model_proto=model)
+def _start_worker(kind: str, model: bytes) -> None:
+  global _worker_encode
+  _worker_encode = batch_encoder(kind, model)
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  # One thread per worker: the workers are the parallelism.
-  ids = _worker_processor.encode(texts, num_threads=1)
+  ids = _worker_encode(texts)
   lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
   flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
   return flat, lengths

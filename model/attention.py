@@ -7,6 +7,7 @@ from jax.ad_checkpoint import checkpoint_name
 from model import lora
 from model.attend import attend
 from model.config import ModelConfig
+from model.kv_cache import LayerCache
 from model.layers import Norm, output_std, param, project, rope, zeros_param
 from sharding.rules import constrain
 
@@ -45,10 +46,12 @@ class Attention(nnx.Module):
     x_BxLxD: jax.Array,
     positions_BxL: jax.Array,
     segment_ids_BxL: jax.Array,
+    cache: LayerCache | None = None,
     *,
     dropout_key: jax.Array | None = None,
-  ) -> jax.Array:
-    """`dropout_key` (training only) drives the LoRA adapters' dropout."""
+  ):
+    """The attention output [B, L, D]; with a `cache`, (output, the cache with this call's keys and values).
+    `dropout_key` (training only) drives the LoRA adapters' dropout."""
     cfg = self.cfg
     dt, n, k, h, key = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dropout_key
     q_BxLxNxH = project(
@@ -70,14 +73,21 @@ class Attention(nnx.Module):
       q_BxLxNxH = checkpoint_name(rope(q_BxLxNxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling), "attn_q_rope")
       k_BxSxKxH = checkpoint_name(rope(k_BxSxKxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling), "attn_k_rope")
 
+    # KV cache (decoding): the new keys and values go into their slots, and the queries attend the whole cache.
+    kv_segment_ids_BxS, kv_positions_BxS = segment_ids_BxL, positions_BxL
+    if cache is not None:
+      cache = cache.write(k_BxSxKxH, v_BxSxKxH)
+      k_BxSxKxH, v_BxSxKxH = cache.k_BxSxKxH, cache.v_BxSxKxH
+      kv_segment_ids_BxS, kv_positions_BxS = cache.segment_ids_BxS, cache.positions_BxS
+
     out_BxLxNxH = attend(
       q_BxLxNxH,
       k_BxSxKxH,
       v_BxSxKxH,
       q_segment_ids_BxL=segment_ids_BxL,
-      kv_segment_ids_BxS=segment_ids_BxL,
+      kv_segment_ids_BxS=kv_segment_ids_BxS,
       q_positions_BxL=positions_BxL,
-      kv_positions_BxS=positions_BxL,
+      kv_positions_BxS=kv_positions_BxS,
       impl=cfg.attention,
       block=cfg.attention_block,
       sliding_window=cfg.sliding_window,
@@ -94,4 +104,6 @@ class Attention(nnx.Module):
       adapter=self.lora_o,
       adapter_key=key,
     )
-    return out_BxLxD + self.bo_D[...].astype(dt) if cfg.attention_out_bias else out_BxLxD
+    if cfg.attention_out_bias:
+      out_BxLxD = out_BxLxD + self.bo_D[...].astype(dt)
+    return out_BxLxD if cache is None else (out_BxLxD, cache)

@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model.attention import Attention
 from model.config import ModelConfig
+from model.kv_cache import KVCache, LayerCache, advance
 from model.layers import Norm, dropout, param, project, sinusoidal
 from model.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from model.mlp import Mlp
@@ -63,12 +64,16 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg.d_model, cfg.norm_type, cfg.norm_eps, cfg.weight_dtype)
     self.mlp = Moe(cfg, rngs) if moe else Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key, cache: LayerCache | None = None):
+    """(x, aux); with a `cache` (decoding), (x, aux, the cache with this layer's new keys and values)."""
     rate = self.cfg.dropout_rate
     attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     normed_BxLxD = checkpoint_name(self.attn_norm(x_BxLxD), "attn_norm")
-    # The residual dropout's keys also drive the LoRA adapters' dropout (each adapter folds in its own index).
-    h_BxLxD = self.attn(normed_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=attn_key)
+    if cache is None:
+      # The residual dropout's keys also drive the LoRA adapters' dropout (each adapter folds in its own index).
+      h_BxLxD = self.attn(normed_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=attn_key)
+    else:
+      h_BxLxD, cache = self.attn(normed_BxLxD, positions_BxL, segment_ids_BxL, cache)
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"))
     normed_BxLxD = checkpoint_name(self.mlp_norm(x_BxLxD), "mlp_norm")
     if isinstance(self.mlp, Moe):
@@ -76,7 +81,7 @@ class Block(nnx.Module):
     else:
       h_BxLxD, aux = self.mlp(normed_BxLxD, dropout_key=mlp_key), {}
     x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"))
-    return x_BxLxD, aux
+    return (x_BxLxD, aux) if cache is None else (x_BxLxD, aux, cache)
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -112,6 +117,22 @@ class _MoeGroup(nnx.Module):
 
     x_BxLxD, _ = _scan(self.dense, body, x_BxLxD, keys[:-1] if keys is not None else None)
     return self.moe(x_BxLxD, positions_BxL, segment_ids_BxL, keys[-1] if keys is not None else None)
+
+  def decode(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache: LayerCache):
+    """`__call__` against a KV cache whose keys and values hold this group's layers, [moe_every, B, S, K, H]."""
+
+    def body(x_BxLxD, block, k_BxSxKxH, v_BxSxKxH):
+      layer = cache.replace(k_BxSxKxH=k_BxSxKxH, v_BxSxKxH=v_BxSxKxH)
+      x_BxLxD, _, layer = block(x_BxLxD, positions_BxL, segment_ids_BxL, None, layer)
+      return x_BxLxD, (layer.k_BxSxKxH, layer.v_BxSxKxH)
+
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+    x_BxLxD, (k_nxBxSxKxH, v_nxBxSxKxH) = scan(x_BxLxD, self.dense, cache.k_BxSxKxH[:-1], cache.v_BxSxKxH[:-1])
+    last = cache.replace(k_BxSxKxH=cache.k_BxSxKxH[-1], v_BxSxKxH=cache.v_BxSxKxH[-1])
+    x_BxLxD, aux, last = self.moe(x_BxLxD, positions_BxL, segment_ids_BxL, None, last)
+    k = jnp.concatenate([k_nxBxSxKxH, last.k_BxSxKxH[None]])
+    v = jnp.concatenate([v_nxBxSxKxH, last.v_BxSxKxH[None]])
+    return x_BxLxD, aux, cache.replace(k_BxSxKxH=k, v_BxSxKxH=v)
 
 
 class Transformer(nnx.Module):
@@ -184,6 +205,20 @@ class Transformer(nnx.Module):
     aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
     return self.final_norm(x_BxLxD), aux
 
+  def extend(
+    self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, cache: KVCache
+  ) -> tuple[jax.Array, KVCache]:
+    """Runs L new tokens per row against a KV cache (decoding): prefill is a call with the prompts, each decode
+    step a call with one token per row. Writes their keys and values at slots [cache.index, cache.index + L);
+    segment 0 marks padding, which no query attends. Returns the final-normed residual stream [B, L, D] (the
+    LM head's input, `logits`) and the updated cache. Deterministic (no dropout)."""
+    cfg = self.cfg
+    cache = advance(cache, positions_BxL, segment_ids_BxL)
+    x_BxLxD = self.embed(tokens_BxL, positions_BxL, None)
+    x_BxLxD, cache = apply_units_cached(cfg, self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, cache)
+    length = tokens_BxL.shape[1]
+    return self.final_norm(x_BxLxD), cache.replace(index=cache.index + length)
+
   def embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
     """Token (and learned or sinusoidal position) embeddings, in the compute dtype: the stack's input."""
     cfg = self.cfg
@@ -217,3 +252,25 @@ def apply_units(cfg: ModelConfig, units, x_BxLxD, positions_BxL, segment_ids_BxL
   if cfg.remat != "none":
     body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
   return _scan(units, body, x_BxLxD, unit_keys)
+
+
+def apply_units_cached(cfg: ModelConfig, units, x_BxLxD, positions_BxL, segment_ids_BxL, cache: KVCache):
+  """`apply_units` in decode mode: the scan carries x and takes and returns each unit's slice of the cache's
+  keys and values as xs/ys ([X, ...] per layer; a unit of `moe_every` layers takes [moe_every, ...])."""
+  per_unit = cfg.num_layers // num_units(cfg)
+
+  def body(x_BxLxD, unit, k, v):
+    layer = LayerCache(k, v, cache.segment_ids_BxS, cache.positions_BxS, cache.index)
+    if per_unit > 1:
+      x_BxLxD, _, layer = unit.decode(x_BxLxD, positions_BxL, segment_ids_BxL, layer)
+    else:
+      x_BxLxD, _, layer = unit(x_BxLxD, positions_BxL, segment_ids_BxL, None, layer)
+    return x_BxLxD, (layer.k_BxSxKxH, layer.v_BxSxKxH)
+
+  def by_unit(kv):  # [X, ...] -> [units, per_unit, ...]; a unit of one layer keeps [X, ...]
+    return kv.reshape(num_units(cfg), per_unit, *kv.shape[1:]) if per_unit > 1 else kv
+
+  scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+  x_BxLxD, (k, v) = scan(x_BxLxD, units, by_unit(cache.k_XxBxSxKxH), by_unit(cache.v_XxBxSxKxH))
+  k, v = k.reshape(cache.k_XxBxSxKxH.shape), v.reshape(cache.v_XxBxSxKxH.shape)
+  return x_BxLxD, cache.replace(k_XxBxSxKxH=k, v_XxBxSxKxH=v)

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to import.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "kiln run directory to export.")
@@ -54,6 +54,7 @@ def convert(hf_dir: str | None, to_hf: str | None, out: str | None, dtype: str |
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.ERROR)  # orbax logs each step of a save (and a missing metadata file on read)
   sys.exit(convert(_HF_DIR.value, _TO_HF.value, _OUT.value, _DTYPE.value, _MAX_SHARD_GB.value))
 
 

@@ -2,8 +2,9 @@
 
   python scripts/export_params.py --run runs/tiny --out exports/tiny [--step 500] [--dtype bfloat16]
 
-Writes `<out>/params` (an orbax checkpoint of {"params": ...}), and copies the run's `config.json` and
-`tokenizer.model` beside it. A new run starts from it with `--config.checkpoint.init_from=<out>`.
+Writes `<out>/params` (an orbax checkpoint of {"params": ...}), and copies the run's `config.json` and its
+tokenizer (`tokenizer.model`, or `tokenizer.json` with any `tokenizer_config.json`) beside it.
+A new run starts from it with `--config.checkpoint.init_from=<out>`.
 
 A LoRA run (config.lora.rank > 0) checkpoints only its adapters. `--merge` (the default) writes the plain
 parameters of base + adapters, every adapted kernel W replaced by W + alpha / rank * A B: a model without
@@ -22,6 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from data.tokenizer import copy_run_tokenizer  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "Run directory (holds checkpoints/).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).", required=True)
@@ -110,9 +113,9 @@ def export(run: str, out: str, step: int | None = None, dtype: str = "float32", 
     description = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": lora_cfg.targets, "base": base}
     with open(os.path.join(out, "lora.json"), "w") as f:
       json.dump(description, f, indent=2)
-  for name in ("config.json", "tokenizer.model"):
-    if os.path.exists(os.path.join(run, name)):
-      shutil.copy(os.path.join(run, name), os.path.join(out, name))
+  if os.path.exists(os.path.join(run, "config.json")):
+    shutil.copy(os.path.join(run, "config.json"), os.path.join(out, "config.json"))
+  copy_run_tokenizer(run, out)
   count = sum(x.size for x in jax.tree.leaves(params))
   what = "LoRA adapter" if adapters_only else ("merged (base + LoRA)" if _lora_on(run_cfg) else "")
   print(f"exported {count / 1e6:.1f}M {what + ' ' if what else ''}parameters ({dtype}) from "

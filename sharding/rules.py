@@ -30,6 +30,7 @@ DEFAULT_RULES: dict[str, str] = {
   "layers": "",
   "stages": "stage",
   "norm": "",
+  "cache_length": "",  # slots of the decoding KV cache (model/kv_cache.py)
 }
 
 

@@ -743,3 +743,111 @@ def test_worker_processes_tokenize_like_the_main_process(tokenizer, tmp_path):
   np.testing.assert_array_equal(workers.eval_hash, in_process.eval_hash)
   for a, b in zip(workers._units, in_process._units, strict=True):
     np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+# Hugging Face tokenizer.json
+
+
+HF_TEXTS = ["def f(x):\n    return x * 2\n", "héllo wörld, 日本語 text\n\ttabs  and  spaces", "class A:\n    pass\n"]
+
+
+def write_hf_tokenizer(directory, specials=("<pad>", "<s>", "</s>"), config=None):
+  """A byte-level BPE trained on a few strings with the tokenizers library, saved as tokenizer.json (and a
+  tokenizer_config.json when `config` is given); returns the tokenizer.json path."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  hf = tokenizers.Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  hf.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=320, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
+  hf.train_from_iterator(HF_TEXTS * 4, trainer=trainer)
+  directory.mkdir(parents=True, exist_ok=True)
+  hf.save(str(directory / "tokenizer.json"))
+  if config is not None:
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+  return str(directory / "tokenizer.json"), hf
+
+
+def test_tokenizer_json_round_trip_ids_and_pickling(tmp_path):
+  import pickle
+
+  path, hf = write_hf_tokenizer(tmp_path / "hf")
+  tok = data.Tokenizer(path)
+  assert tok.kind == "tokenizer.json"
+  # Ids as the tokenizers library itself looks them up.
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (
+    hf.token_to_id("<pad>"),
+    hf.token_to_id("<s>"),
+    hf.token_to_id("</s>"),
+  )
+  assert tok.unk_id == -1 and tok.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+  for text in HF_TEXTS + ["unseen ✓ characters 🙂", "  leading and trailing  "]:
+    ids = tok.encode(text)
+    assert ids == hf.encode(text, add_special_tokens=False).ids and tok.bos_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text  # control tokens decode to nothing
+  assert "".join(tok.id_to_piece(i) for i in tok.encode("def f")) == "defĠf"  # byte-level pieces as stored
+  again = pickle.loads(pickle.dumps(tok))
+  assert again.encode(HF_TEXTS[1]) == tok.encode(HF_TEXTS[1]) and again.eos_id == tok.eos_id
+
+
+def test_tokenizer_json_specials_from_config_common_names_or_one_line_error(tmp_path):
+  # tokenizer_config.json wins over the common names; AddedToken dicts are read too.
+  config = {"bos_token": {"content": "<|begin|>"}, "eos_token": "<|end|>"}
+  path, hf = write_hf_tokenizer(tmp_path / "cfg", ("<s>", "</s>", "<|begin|>", "<|end|>"), config)
+  tok = data.Tokenizer(path)
+  assert (tok.bos_id, tok.eos_id) == (hf.token_to_id("<|begin|>"), hf.token_to_id("<|end|>"))
+  # GPT-2 style: one <|endoftext|> serves as BOS and EOS.
+  path, hf = write_hf_tokenizer(tmp_path / "gpt2", ("<|endoftext|>",))
+  tok = data.Tokenizer(path)
+  assert tok.bos_id == tok.eos_id == hf.token_to_id("<|endoftext|>")
+  path, _ = write_hf_tokenizer(tmp_path / "none", ("<sep>",))
+  with pytest.raises(data.DataError, match=r"cannot tell the BOS and EOS.*add a tokenizer_config.json") as e:
+    data.Tokenizer(path)
+  assert "\n" not in str(e.value)
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  with pytest.raises(data.DataError, match="not a Hugging Face tokenizer.json"):
+    data.Tokenizer(str(bad))
+
+
+def test_tokenizer_kind_is_told_by_content_without_a_suffix(tmp_path, tokenizer):
+  path, _ = write_hf_tokenizer(tmp_path / "hf")
+  for source, kind in ((path, "tokenizer.json"), (tokenizer.model_path, "sentencepiece")):
+    plain = tmp_path / f"plain_{kind}"
+    plain.write_bytes(open(source, "rb").read())
+    assert data.Tokenizer(str(plain)).kind == kind
+
+
+def test_tokenizer_json_run_copy_and_data_pipeline(tmp_path):
+  config = {"bos_token": "<s>", "eos_token": "</s>"}
+  path, hf = write_hf_tokenizer(tmp_path / "hf", config=config)
+  texts = numbered_documents(12)
+  cfg = make_data_cfg(tmp_path / "cache", files=write_documents(tmp_path / "docs", texts), seq_len=16, tokenizer=path)
+  cfg.eval_fraction, cfg.shuffle = 0.0, False
+  workdir = tmp_path / "run"
+  tok = data.load_tokenizer(cfg, str(workdir))
+  # The run keeps the file under its own suffix, with the config that names its specials.
+  assert tok.model_path == str(workdir / "tokenizer.json")
+  assert (workdir / "tokenizer.json").read_bytes() == open(path, "rb").read()
+  assert json.loads((workdir / "tokenizer_config.json").read_text()) == config
+  assert not (workdir / "tokenizer.model").exists()
+  # Reference: the tokenizers library's own ids, packed by the naive packer.
+  encoded = [hf.encode(t, add_special_tokens=False).ids for t in texts]
+  expected = naive_features(naive_rows(encoded, 17, hf.token_to_id("<s>"), hf.token_to_id("</s>")))
+  iterator = train_iterator(cfg, tok, 1, seed=0)
+  batches = [host(next(iterator)) for _ in range(len(expected["inputs"]))]
+  for name in FIELDS:
+    np.testing.assert_array_equal(np.concatenate([b[name] for b in batches]), expected[name], err_msg=name)
+  cache_ = data.load_token_cache(cfg, tok)
+  assert [cache_.tokens(d, 0, int(cache_.doc_length[d])).tolist() for d in range(len(cache_))] == encoded
+  # Resuming from the run directory (no data.tokenizer) keeps the tokenizer.json; another file is refused.
+  cfg.tokenizer = ""
+  assert data.load_tokenizer(cfg, str(workdir)).encode(texts[0]) == encoded[0]
+  other, _ = write_hf_tokenizer(tmp_path / "other", ("<s>", "</s>", "<extra>"))
+  cfg.tokenizer = other
+  with pytest.raises(data.DataError, match="a run keeps its tokenizer"):
+    data.load_tokenizer(cfg, str(workdir))

@@ -362,3 +362,25 @@ def test_weights_that_do_not_match_the_config_are_one_line_errors(llama_dir, tmp
       import_hf(str(hf_dir), str(tmp_path / f"run_{case}"))
     assert words in str(error.value), case
     assert not os.path.exists(tmp_path / f"run_{case}"), case
+
+
+def test_greedy_generation_equals_transformers_generate(imported):
+  """kiln's cached greedy decoding of the imported model, two prompts of different lengths in one batch, gives
+  the tokens of transformers' own `generate(do_sample=False)`."""
+  from generation import Decoder, Sampling, generate
+  from generation.run import one_device_mesh
+  from sharding.rules import DEFAULT_RULES, parse_rules
+
+  family, _, model, run = imported
+  model_cfg, params = _run_params(run)
+  decoder = Decoder(model_cfg, VOCAB, one_device_mesh(), parse_rules(DEFAULT_RULES))
+  prompts = [[3, 40, 7, 99, 250, 13, 8], [200, 5]]
+  new = 6
+  got = generate(decoder, params, prompts, max_new_tokens=new, sampling=Sampling(0.0), stop_ids=[])
+  for prompt, completion in zip(prompts, got, strict=True):
+    with torch.no_grad():
+      out = model.generate(
+        torch.as_tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+        pad_token_id=0,
+      )  # fmt: skip
+    assert completion.tokens == out[0, len(prompt) :].tolist(), family

@@ -13,6 +13,7 @@ from etils import epath
 
 from configs.base import base_config
 from data.cache import file_sha256
+from data.tokenizer import run_tokenizer_path
 from model import ModelConfig
 from model.config import padded_vocab_size
 from storage import as_path
@@ -44,11 +45,22 @@ class ObjectiveSetup:
 
 
 def _run_file(path: str, name: str) -> epath.Path | None:
-  """`name` (config.json, tokenizer.model) of the run that `path` (run dir, checkpoint or export) belongs to."""
+  """`name` (config.json) of the run that `path` (run dir, checkpoint or export) belongs to."""
   for up in _RUN_FILES_UP:
     candidate = as_path(path) / up / name if up else as_path(path) / name
     if candidate.is_file():
       return candidate
+  return None
+
+
+def _run_tokenizer(path: str) -> str | None:
+  """The tokenizer copy (tokenizer.json or tokenizer.model) of the run that `path` belongs to, None if none."""
+  if not as_path(path).exists():
+    return None
+  for up in _RUN_FILES_UP:
+    found = run_tokenizer_path(str(as_path(path) / up if up else as_path(path)))
+    if found is not None:
+      return found
   return None
 
 
@@ -133,7 +145,7 @@ def tokenizer_data_cfg(cfg) -> ml_collections.ConfigDict:
     "sft": [cfg.checkpoint.init_from],
   }[objective]
   for source in filter(None, sources):
-    found = _run_file(source, "tokenizer.model") if as_path(source).exists() else None
+    found = _run_tokenizer(source)
     if found is not None:
       data_cfg.tokenizer = str(found)
       return data_cfg
@@ -144,7 +156,7 @@ def tokenizer_data_cfg(cfg) -> ml_collections.ConfigDict:
 
 def _check_same_tokenizer(tokenizer: str, teacher: str) -> None:
   """The student's logits are compared with the teacher's id by id: both must use one tokenizer."""
-  theirs = _run_file(teacher, "tokenizer.model") if as_path(teacher).exists() else None
+  theirs = _run_tokenizer(teacher)
   if theirs is not None and file_sha256(tokenizer) != file_sha256(str(theirs)):
     raise ConfigError(
       f"config.data.tokenizer={tokenizer} is not the teacher's tokenizer ({theirs}); distillation compares "
