@@ -5,9 +5,9 @@ A [in..., R], B [R, out...]: y = x W + (alpha / R) * dropout(x) A B. A starts no
 1/sqrt(fan_in) (Kaiming), B at zero, so a new adapter leaves the model unchanged.
 
 The adapters are parameters of the model itself (`lora_q`, `lora_up`, ... beside the kernel they adapt, with
-the kernel's logical axis names and an unsharded rank axis), so they are stacked per layer and scanned with the
-blocks, sharded by the same rules and saved by the same checkpoints. Training splits the parameter tree by
-path (`split`): the adapters are trained, the rest is the frozen base. MoE expert MLPs use their own einsums
+the kernel's logical axis names and an unsharded rank axis), so they are stacked per layer, scanned with the
+blocks and sharded by the same rules. Training splits the parameter tree by path (`split`): the adapters are
+trained and checkpointed, the rest is the frozen base. MoE expert MLPs use their own einsums
 and take no adapters; on an MoE model LoRA targets the attention projections only.
 """
 
