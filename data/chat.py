@@ -42,6 +42,14 @@ def template_problem(template: str) -> str | None:
   return None
 
 
+def checked_turn_format(template: str) -> str:
+  """`turn_format`, with a template that cannot be used raised as a one-line DataError (user input)."""
+  problem = template_problem(template)
+  if problem is not None:
+    raise DataError(problem)
+  return turn_format(template)
+
+
 def turn_format(template: str) -> str:
   """The format string of a template name (or the template itself, when it is a format string)."""
   problem = template_problem(template)

@@ -118,10 +118,7 @@ class PairRows:
 
 def load_preferences(data_cfg, tokenizer: Tokenizer) -> PreferencePairs:
   """Every pair of `data.files`, tokenized with `data.chat_template`."""
-  problem = chat.template_problem(data_cfg.chat_template)
-  if problem is not None:
-    raise DataError(problem)
-  fmt = chat.turn_format(data_cfg.chat_template)
+  fmt = chat.checked_turn_format(data_cfg.chat_template)
   pairs, keys = [], []
   for key, where, record in jsonl_records(data_cfg.files):
     chosen, rejected = _pair_messages(record, where)

@@ -132,10 +132,7 @@ class Conversations:
 
 def load_conversations(data_cfg, tokenizer: Tokenizer) -> Conversations:
   """Every conversation of `data.files`, tokenized with `data.chat_template`."""
-  problem = chat.template_problem(data_cfg.chat_template)
-  if problem is not None:
-    raise DataError(problem)
-  fmt = chat.turn_format(data_cfg.chat_template)
+  fmt = chat.checked_turn_format(data_cfg.chat_template)
   tokens, weights, keys, untrained = [], [], [], 0
   for key, where, record in jsonl_records(data_cfg.files):
     t, w = encode_conversation(tokenizer, conversation_messages(record, where), fmt)

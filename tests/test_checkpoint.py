@@ -61,7 +61,12 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_and_restart_reproduces_every_loss_exactly(uninterrupted, tmp_path):
   want, cache = uninterrupted
   workdir = tmp_path / "run"
-  args = mini_run_args(workdir, cache, steps=RUN_STEPS)
+  assert_sigkill_resume_is_exact(workdir, mini_run_args(workdir, cache, steps=RUN_STEPS), want)
+
+
+def assert_sigkill_resume_is_exact(workdir, args: list[str], want: dict) -> None:
+  """Runs train.py `args`, SIGKILLs it mid-run, runs it again: every loss after the restored step equals `want`
+  (step -> loss of the uninterrupted run)."""
   proc = _start(args)
   _wait_for_step(workdir, 10, proc)  # checkpoint 8 is committed or being written; the kill lands mid-run
   proc.send_signal(signal.SIGKILL)

@@ -3,9 +3,7 @@
 import dataclasses
 import functools
 import json
-import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -16,7 +14,7 @@ from flax import nnx
 
 from model import ModelConfig, lora
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
-from tests.test_checkpoint import ENV, RUN_STEPS, _losses, _start, _wait_for_step
+from tests.test_checkpoint import ENV, RUN_STEPS, _losses, assert_sigkill_resume_is_exact
 from trainer.checkpoint import CheckpointError, load_params
 from trainer.config import ConfigError
 from trainer.experiment import build
@@ -282,20 +280,7 @@ def test_a_lora_run_resumes_exactly_after_sigkill(lora_run, tmp_path):
   want, _, base, cache = lora_run
   workdir = tmp_path / "run"
   args = mini_run_args(workdir, cache, steps=RUN_STEPS) + [*_LORA_ARGS, f"--config.checkpoint.init_from={base}"]
-  proc = _start(args)
-  _wait_for_step(workdir, 10, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(_losses(workdir))
-  assert killed_at < RUN_STEPS, "the run ended before the kill: make it longer"
-  resumed = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  restored_step = int(re.search(r"resuming at step (\d+)", resumed.stderr).group(1))
-  assert 4 <= restored_step <= killed_at
-  got = _losses(workdir)
-  assert sorted(got) == sorted(want)
-  for step in range(restored_step + 1, max(want) + 1):
-    assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
+  assert_sigkill_resume_is_exact(workdir, args, want)
 
 
 @pytest.mark.slow
