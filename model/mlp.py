@@ -1,6 +1,9 @@
 """Position-wise feed-forward block: SwiGLU or GELU."""
 
+import math
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -14,7 +17,32 @@ def activate(kind: str, gate: jax.Array | None, up: jax.Array) -> jax.Array:
   """The MLP nonlinearity: silu(gate) * up for SwiGLU, gelu(up) for GELU (shared with the MoE experts)."""
   if kind == "swiglu":
     return jax.nn.silu(gate) * up
-  return jax.nn.gelu(up)
+  return gelu(up)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """`jax.nn.gelu` (tanh approximation) whose backward keeps only x. Autodiff of the formula keeps five
+  [B, L, F] intermediates per layer, and XLA:CPU fuses reading them back into the transposed copy that feeds
+  the weight gradient, a fusion that took a fifth of bench_peer's fp32 step."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+  xf = x.astype(jnp.float32)
+  t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
+  grad = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
+  return ((dy.astype(jnp.float32) * grad).astype(dy.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nnx.Module):

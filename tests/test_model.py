@@ -266,3 +266,14 @@ def test_host_offload_is_a_config_error_on_cpu():
   cfg = small_config(**{"model.remat": "offload_projections"})
   with pytest.raises(ConfigError, match=r"^config.model.remat='offload_projections' offloads to host memory[^\n]*$"):
     build(cfg, VOCAB, mesh_for(cfg))
+
+
+def test_gelu_custom_backward_equals_autodiff_of_the_formula():
+  """model.mlp.gelu keeps only its input for the backward; its gradient is autodiff's of jax.nn.gelu (tanh)."""
+  from model.mlp import gelu
+
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  np.testing.assert_array_equal(gelu(x), jax.nn.gelu(x, approximate=True))
+  got = jax.vmap(jax.grad(gelu))(x)
+  want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=True)))(x)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
