@@ -66,6 +66,31 @@ def cast_kernel(kernel: nnx.Param, dtype) -> jax.Array:
   return constrain(w.astype(dtype), kernel_names(kernel, w.ndim))
 
 
+def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+  """`jnp.einsum(spec, x, w)` computed as one 2-D matmul [tokens, in] x [in, out] when the spec allows it.
+
+  That is when x's contracted dimensions trail it, the output is x's leading dimensions then w's free ones, and w
+  holds its contracted dimensions all first or all last ("BLD,DF->BLF", "BLNH,NHD->BLD", "BLD,VD->BLV").
+  Autodiff of the 2-D form takes the weight gradient as one [in, tokens] x [tokens, out] matmul. Of the einsum it
+  contracts two dimensions (batch and length), and XLA:CPU then writes a transposed copy of the output gradient
+  first: with the elementwise backward before it fused into that strided write, the copies took a third of
+  bench_peer's fp32 step. Any other spec is a plain einsum.
+  """
+  inputs, out = spec.split("->")
+  xs, ws = inputs.split(",")
+  contracted = "".join(c for c in xs if c in ws)
+  lead, free = xs[: len(xs) - len(contracted)], "".join(c for c in ws if c not in xs)
+  kernel_first = ws == contracted + free
+  if not (xs == lead + contracted and out == lead + free and (kernel_first or ws == free + contracted)):
+    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+  n_in, n_out = math.prod(x.shape[len(lead) :]), math.prod(d for c, d in zip(ws, w.shape) if c in free)
+  free_shape = w.shape[len(contracted) :] if kernel_first else w.shape[: len(free)]
+  dims = (((1,), (0,) if kernel_first else (1,)), ((), ()))
+  w2 = w.reshape((n_in, n_out) if kernel_first else (n_out, n_in))
+  y2 = jax.lax.dot_general(x.reshape(-1, n_in), w2, dims, preferred_element_type=preferred_element_type)
+  return y2.reshape(x.shape[: len(lead)] + tuple(free_shape))
+
+
 def project(
   x: jax.Array,
   kernel: nnx.Param,
@@ -93,7 +118,7 @@ def project(
     names = kernel_names(kernel, kernel_array.ndim)
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
       return _einsum_wide_out(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), names, x.astype(dtype), kernel_array)
-    return jnp.einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
+    return matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
 
   hook = _hook.fn
   y = default(x, kernel[...]) if hook is None else hook(name, x, kernel[...], default)
@@ -110,18 +135,18 @@ def _einsum_wide_out(spec: str, dtype, out_dtype, names, x, kernel):
 
 def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel):
   w = constrain(kernel.astype(dtype), names)
-  return jnp.einsum(spec, x, w, preferred_element_type=out_dtype), (x, w, kernel)
+  return matmul_einsum(spec, x, w, preferred_element_type=out_dtype), (x, w, kernel)
 
 
 def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, residuals, dy):
   x, w, kernel = residuals
   # dx needs the gathered weight: dy goes down to `dtype` first, or autodiff would widen the weight and gather
   # the wide copy (twice the bytes).
-  _, vjp_x = jax.vjp(lambda x: jnp.einsum(spec, x, w), x)
+  _, vjp_x = jax.vjp(lambda x: matmul_einsum(spec, x, w), x)
   (dx,) = vjp_x(dy.astype(dtype))
   # dkernel needs no weight, only local activations: it stays in `out_dtype`, and so does its reduction over
   # the batch shards, as plain autodiff of the wide einsum had it.
-  _, vjp_w = jax.vjp(lambda w: jnp.einsum(spec, x.astype(out_dtype), w), w.astype(out_dtype))
+  _, vjp_w = jax.vjp(lambda w: matmul_einsum(spec, x.astype(out_dtype), w), w.astype(out_dtype))
   (dw,) = vjp_w(dy)
   return dx, constrain(dw.astype(kernel.dtype), names)
 
