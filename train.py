@@ -63,8 +63,10 @@ def main(argv):
         ("config.checkpoint.init_from", cfg.checkpoint.init_from, False),
       ]
     )
+    from trainer import cpu_host
     from trainer.distributed import initialize
 
+    cpu_host.prepare()  # CPU runs: settings that must precede the backend, which initialize may create
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value)
     if _DRY_RUN.value:
       import json
