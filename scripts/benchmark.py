@@ -96,12 +96,16 @@ def main(argv):
     results.append(measure(cfg, _STEPS.value, _WARMUP.value))
   device = jax.devices()[0].device_kind
   print(f"\n{flags.FLAGS['config'].config_filename} on {jax.device_count()} x {device}")
-  header = f"{'dtype':>9} {'step s':>8} {'tokens/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'compile s':>9} {'peak mem':>10} {'faults/step':>11}"
+  header = (
+    f"{'dtype':>9} {'step s':>8} {'tokens/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'compile s':>9} {'peak mem':>10} "
+    f"{'faults/step':>11}"
+  )
   print(header)
   for r in results:
     print(
       f"{r['compute_dtype']:>9} {r['step_s']:8.3f} {r['tokens_per_sec']:10.0f} {r['tokens_per_sec_per_device']:10.0f} "
-      f"{r['mfu']:6.1%} {r['compile_s']:9.1f} {r['peak_memory_bytes'] / 2**30:8.2f}GiB {r['page_faults_per_step']:11.0f}"
+      f"{r['mfu']:6.1%} {r['compile_s']:9.1f} {r['peak_memory_bytes'] / 2**30:8.2f}GiB "
+      f"{r['page_faults_per_step']:11.0f}"
     )
   for r in results:
     print(f"MFU peak for {r['compute_dtype']}: {r['peak_flops_per_device']:.3g} FLOP/s per device ({r['peak_source']})")

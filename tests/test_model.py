@@ -277,3 +277,27 @@ def test_gelu_custom_backward_equals_autodiff_of_the_formula():
   got = jax.vmap(jax.grad(gelu))(x)
   want = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=True)))(x)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+  "spec, x_shape, w_shape",
+  [
+    ("BLD,DF->BLF", (2, 3, 4), (4, 5)),  # MLP, q/k/v as [D, N*H]
+    ("BLD,DNH->BLNH", (2, 3, 4), (4, 5, 6)),  # q/k/v
+    ("BLNH,NHD->BLD", (2, 3, 4, 5), (4, 5, 6)),  # attention output
+    ("BLD,VD->BLV", (2, 3, 4), (7, 4)),  # tied head: the kernel's contracted dimension last
+    ("BLD,DF->BFL", (2, 3, 4), (4, 5)),  # no 2-D form: a plain einsum
+  ],
+)
+def test_projection_matmul_equals_einsum_in_value_and_gradient(spec, x_shape, w_shape):
+  """model.layers.matmul_einsum (one 2-D matmul where the spec allows) against jnp.einsum."""
+  from model.layers import matmul_einsum
+
+  kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  cotangent = jax.random.normal(kc, jnp.einsum(spec, x, w).shape)
+  got, got_vjp = jax.vjp(lambda x, w: matmul_einsum(spec, x, w), x, w)
+  want, want_vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  for g, r in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
