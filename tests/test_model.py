@@ -286,6 +286,8 @@ def test_gelu_custom_backward_equals_autodiff_of_the_formula():
     ("BLD,DNH->BLNH", (2, 3, 4), (4, 5, 6)),  # q/k/v
     ("BLNH,NHD->BLD", (2, 3, 4, 5), (4, 5, 6)),  # attention output
     ("BLD,VD->BLV", (2, 3, 4), (7, 4)),  # tied head: the kernel's contracted dimension last
+    ("BLD,DF->BLF", (2, 8, 16), (16, 2)),  # narrow output: the weight gradient from dy^T x, transposed
+    ("BLD,VD->BLV", (2, 8, 2), (16, 2)),  # wide head: the weight gradient from x^T dy, transposed
     ("BLD,DF->BFL", (2, 3, 4), (4, 5)),  # no 2-D form: a plain einsum
   ],
 )
@@ -301,3 +303,23 @@ def test_projection_matmul_equals_einsum_in_value_and_gradient(spec, x_shape, w_
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   for g, r in zip(got_vjp(cotangent), want_vjp(cotangent)):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec, w_shape", [("BLD,DF->BLF", (16, 24)), ("BLD,VD->BLV", (24, 16))])
+def test_bf16_projection_accumulates_in_fp32(spec, w_shape):
+  """bf16 inputs: the output and both gradients are the fp32 results rounded once to bf16 (every dot accumulates
+  in fp32, whichever layout it runs in), within one bf16 rounding of the fp32 einsum of the same values."""
+  from model.layers import matmul_einsum
+
+  kx, kw, kc = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (2, 8, 16), jnp.bfloat16)
+  w = jax.random.normal(kw, w_shape, jnp.bfloat16)
+  cotangent = jax.random.normal(kc, jnp.einsum(spec, x, w).shape, jnp.bfloat16)
+  got, got_vjp = jax.vjp(lambda x, w: matmul_einsum(spec, x, w), x, w)
+  f32 = jnp.float32
+  want, want_vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x.astype(f32), w.astype(f32))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(f32), want, rtol=2**-8, atol=1e-6)
+  for g, r in zip(got_vjp(cotangent), want_vjp(cotangent.astype(f32))):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(f32), r, rtol=2**-8, atol=1e-6)
