@@ -41,6 +41,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"
+  scan_unroll: int = 1  # units (layers) per iteration of the layer scan; compile time grows with it
   attention: str = "auto"  # model/attend.py: auto | xla | chunked | cudnn | splash
   attention_block: int = 512  # keys per block of the chunked attention
   loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (model/loss.py)
@@ -107,7 +108,7 @@ class ModelConfig:
 
 
 def field_problems(cfg) -> list[str]:
-  """One line per bad value among the RoPE scaling and sliding window fields of `cfg` (a ModelConfig or
+  """One line per bad value among the RoPE scaling, sliding window and scan fields of `cfg` (a ModelConfig or
   `config.model`): trainer/config.py's `validate` can raise them as ConfigError."""
   problems = []
   if cfg.rope_scaling_type not in ("", "linear", "llama3"):
@@ -121,6 +122,8 @@ def field_problems(cfg) -> list[str]:
     )
   if cfg.sliding_window < 0:
     problems.append(f"config.model.sliding_window={cfg.sliding_window} must be >= 0 (0: off)")
+  if cfg.scan_unroll < 1:
+    problems.append(f"config.model.scan_unroll={cfg.scan_unroll} must be >= 1 (1: one layer per scan iteration)")
   return problems
 
 

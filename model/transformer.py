@@ -95,9 +95,11 @@ def _stack(n: int, make, rngs: nnx.Rngs):
   return make_stacked(rngs)
 
 
-def _scan(units, body, x_BxLxD, keys):
-  """Runs `body(x, unit, key) -> (x, aux)` over stacked `units`; returns x and the aux stacked per unit."""
-  scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0 if keys is not None else None), out_axes=(nnx.Carry, 0))
+def _scan(units, body, x_BxLxD, keys, unroll: int = 1):
+  """Runs `body(x, unit, key) -> (x, aux)` over stacked `units`, `unroll` units per loop iteration; returns x
+  and the aux stacked per unit."""
+  in_axes = (nnx.Carry, 0, 0 if keys is not None else None)
+  scan = nnx.scan(body, in_axes=in_axes, out_axes=(nnx.Carry, 0), unroll=unroll)
   return scan(x_BxLxD, units, keys)
 
 
@@ -251,7 +253,7 @@ def apply_units(cfg: ModelConfig, units, x_BxLxD, positions_BxL, segment_ids_BxL
 
   if cfg.remat != "none":
     body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  return _scan(units, body, x_BxLxD, unit_keys)
+  return _scan(units, body, x_BxLxD, unit_keys, unroll=cfg.scan_unroll)
 
 
 def apply_units_cached(cfg: ModelConfig, units, x_BxLxD, positions_BxL, segment_ids_BxL, cache: KVCache):

@@ -53,6 +53,7 @@ def test_good_overrides_pass():
     ({"model.mlp_type": "relu"}, r"config\.model\.mlp_type='relu' is not one of swiglu, gelu"),
     ({"train.global_batch_size": 10, "train.grad_accum": 4}, r"global_batch_size=10 is not divisible by"),
     ({"optim.zero_stage": 3}, r"zero_stage=3 must be 0, 1 or 2"),
+    ({"model.scan_unroll": 0}, r"config\.model\.scan_unroll=0 must be >= 1"),
   ],
 )
 def test_inconsistent_values_are_rejected(changes, message):

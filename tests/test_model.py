@@ -258,6 +258,28 @@ def test_remat_policies_give_the_same_loss_and_gradients_as_none():
   assert kept["full"][0] < kept["save_projections"][0] < kept["save_all_but_attention"][0] < kept["none"][0]
 
 
+@pytest.mark.parametrize("scan_unroll, remat", [(3, "none"), (2, "save_projections")])
+def test_unrolled_layer_scan_gives_the_same_loss_and_gradients(scan_unroll, remat):
+  """3 layers per scan iteration (all of them) or 2 (not a divisor of 3, under remat) against one per iteration."""
+  rng = np.random.default_rng(9)
+  tokens, targets = jnp.asarray(rng.integers(0, 128, (2, 12))), jnp.asarray(rng.integers(0, 128, (2, 12)))
+  positions, segments = jnp.tile(jnp.arange(12), (2, 1)), jnp.ones((2, 12), jnp.int32)
+  _, params = nnx.split(make_model(num_layers=3))
+  results = []
+  for unroll in (1, scan_unroll):
+    graphdef = nnx.graphdef(make_model(num_layers=3, scan_unroll=unroll, remat=remat))
+
+    def loss(params, graphdef=graphdef):
+      (nll_sum, _, _), _ = nnx.merge(graphdef, params).loss_sums(tokens, positions, segments, targets, jnp.ones((2, 12)))
+      return nll_sum
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (want_loss, want_grads), (got_loss, got_grads) = results
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_host_offload_is_a_config_error_on_cpu():
   from tests.helpers import VOCAB, mesh_for, small_config
   from trainer.config import ConfigError
