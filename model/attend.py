@@ -9,7 +9,8 @@ packed rows (L == S), queries at the end of a KV cache (L < S) and pipeline stag
 no key (a padding row) gives zeros, in values and gradients.
 
 Implementations (`impl`, config `model.attention`):
-- `xla`: one [B, K, G, L, S] fp32 score tensor; the [B, L, S] mask is built once per call from the ids.
+- `xla`: one [B, K, G, L, S] fp32 score tensor; the [B, L, S] mask is built once per call from the ids; its own
+  backward (`jax.custom_vjp`) keeps the unnormalised probabilities and takes the softmax correction from the output.
 - `chunked`: online softmax over blocks of `block` keys with its own backward (`jax.custom_vjp`) that
   recomputes each block's scores: memory O(L x block), never a dense [L, S] mask; runs on any backend.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as its `mask`; GPU only.
@@ -115,15 +116,62 @@ def _group(q_BxLxNxH: jax.Array, kv_heads: int) -> jax.Array:
   return q_BxLxNxH.reshape(b, length, kv_heads, n // kv_heads, h)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale: float) -> jax.Array:
+  """Dense attention with its own backward: autodiff of the softmax made six passes over the [B, K, G, L, S]
+  tensors and a slow reduction of dprobs * probs. Here the forward normalises the [B, L, K, G, H] output rather
+  than the probabilities, and the backward takes the softmax correction from that output (rowsum(dout * out),
+  as flash attention does): bench_peer's layer, forward and backward, 35.6 -> 23.8 ms in bf16 on CPU."""
+  return _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale)[0]
+
+
+def _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale):
   q_BxLxKxGxH = _group(q_BxLxNxH, k_BxSxKxH.shape[2])
   logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
   logits_BxKxGxLxS = checkpoint_name(logits_BxKxGxLxS * scale, "attention_scores")
-  # `where`, not an added bias: XLA fuses it into the softmax, so no second score-sized tensor is kept.
   logits_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], logits_BxKxGxLxS, _MASKED)
-  probs_BxKxGxLxS = checkpoint_name(jax.nn.softmax(logits_BxKxGxLxS, axis=-1), "attention_probs")
-  out_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BxKxGxLxS.astype(v_BxSxKxH.dtype), v_BxSxKxH)
-  return out_BxLxKxGxH.reshape(q_BxLxNxH.shape)
+  max_BxKxGxL = jnp.max(logits_BxKxGxLxS, axis=-1)
+  # Unnormalised probabilities; a padding row (every key masked) gets exp(0) everywhere, which `attend` zeroes.
+  exp_BxKxGxLxS = checkpoint_name(jnp.exp(logits_BxKxGxLxS - max_BxKxGxL[..., None]), "attention_probs")
+  sum_BxKxGxL = jnp.sum(exp_BxKxGxLxS, axis=-1)
+  out_BxLxKxGxH = jnp.einsum(
+    "BKGLS,BSKH->BLKGH", exp_BxKxGxLxS.astype(v_BxSxKxH.dtype), v_BxSxKxH, preferred_element_type=jnp.float32
+  )
+  out_BxLxKxGxH = out_BxLxKxGxH / jnp.moveaxis(sum_BxKxGxL, 3, 1)[..., None]
+  out_BxLxNxH = out_BxLxKxGxH.reshape(q_BxLxNxH.shape).astype(q_BxLxNxH.dtype)
+  return out_BxLxNxH, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH, exp_BxKxGxLxS, sum_BxKxGxL)
+
+
+def _xla_bwd(scale, residuals, dout_BxLxNxH):
+  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH, exp_BxKxGxLxS, sum_BxKxGxL = residuals
+  kv_heads, dt = k_BxSxKxH.shape[2], q_BxLxNxH.dtype
+  q_BxLxKxGxH, dout_BxLxKxGxH = _group(q_BxLxNxH, kv_heads), _group(dout_BxLxNxH, kv_heads)
+  # probs = exp / sum: the division moves onto the [B, L, K, G, H] side of each product.
+  inv_sum_BxLxKxGx1 = jnp.moveaxis(1.0 / sum_BxKxGxL, 3, 1)[..., None]
+  dv_BxSxKxH = jnp.einsum(
+    "BKGLS,BLKGH->BSKH",
+    exp_BxKxGxLxS.astype(dt),
+    (dout_BxLxKxGxH * inv_sum_BxLxKxGx1).astype(dt),
+    preferred_element_type=jnp.float32,
+  )
+  dprobs_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", dout_BxLxKxGxH, v_BxSxKxH, preferred_element_type=jnp.float32)
+  # D = rowsum(dprobs * probs) = rowsum(dout * out): the softmax backward's correction, one number per query.
+  d_BxKxGxL = jnp.einsum(
+    "BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), _group(out_BxLxNxH, kv_heads).astype(jnp.float32)
+  )
+  dlogits_BxKxGxLxS = exp_BxKxGxLxS * ((dprobs_BxKxGxLxS - d_BxKxGxL[..., None]) * (scale / sum_BxKxGxL)[..., None])
+  dlogits_BxKxGxLxS = dlogits_BxKxGxLxS.astype(dt)
+  dq_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", dlogits_BxKxGxLxS, k_BxSxKxH, preferred_element_type=jnp.float32)
+  dk_BxSxKxH = jnp.einsum("BKGLS,BLKGH->BSKH", dlogits_BxKxGxLxS, q_BxLxKxGxH, preferred_element_type=jnp.float32)
+  return (
+    dq_BxLxKxGxH.reshape(q_BxLxNxH.shape).astype(dt),
+    dk_BxSxKxH.astype(k_BxSxKxH.dtype),
+    dv_BxSxKxH.astype(v_BxSxKxH.dtype),
+    None,
+  )
+
+
+_xla.defvjp(_xla_fwd, _xla_bwd)
 
 
 def _key_blocks(x_BxSx___, block: int, fill) -> jax.Array:
