@@ -4,6 +4,11 @@ import logging as std_logging
 import os
 import sys
 
+if __name__ == "__main__":
+  from trainer import cpu_host
+
+  cpu_host.prepare_heap()  # CPU runs: glibc's heap settings, before JAX (imported below) starts any thread
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags

@@ -14,6 +14,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer import cpu_host  # noqa: E402
+
+cpu_host.prepare_heap()  # as train.py: glibc's heap settings before JAX (imported below) starts any thread
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -21,7 +25,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from data.synthetic import packed_batch  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
-from trainer import cpu_host  # noqa: E402
 from trainer.config import ConfigError, check_overrides, validate  # noqa: E402
 from trainer.experiment import build  # noqa: E402
 from trainer.metrics import flops_per_token, peak_flops_per_device  # noqa: E402

@@ -29,10 +29,30 @@ print(json.dumps({{"applied": applied, "faults": resource.getrusage(resource.RUS
 """
 
 
-def _run(prepare: bool) -> dict:
+# As train.py starts: the heap settings, then JAX's import and a computation on XLA's worker threads; then the
+# number of glibc heaps (arenas) in the process, from malloc_info's XML.
+_HEAPS = """
+import ctypes, json, sys, tempfile
+sys.path.insert(0, {repo!r})
+from trainer import cpu_host
+applied = cpu_host.prepare_heap() if {prepare} else False
+import jax, jax.numpy as jnp
+jax.jit(lambda x: (x @ x).sum())(jnp.ones((512, 512))).block_until_ready()
+libc = ctypes.CDLL(None)
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, (ctypes.c_char_p, ctypes.c_char_p)
+libc.malloc_info.argtypes, libc.fclose.argtypes = (ctypes.c_int, ctypes.c_void_p), (ctypes.c_void_p,)
+path = tempfile.mkstemp()[1]
+report = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, report)
+libc.fclose(report)
+print(json.dumps({{"applied": applied, "heaps": open(path).read().count("<heap nr=")}}))
+"""
+
+
+def _run(prepare: bool, script: str = _STEPS) -> dict:
   # No allocator settings from the caller's environment: the plain run must show glibc's defaults.
   env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
-  code = _STEPS.format(repo=str(REPO), prepare=prepare)
+  code = script.format(repo=str(REPO), prepare=prepare)
   out = subprocess.run(
     [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**env, "JAX_PLATFORMS": "cpu"}
   )
@@ -47,6 +67,15 @@ def test_cpu_steps_reuse_their_memory():
   # Without the settings every run faults its temporary in again; with them, (almost) nothing.
   assert plain["faults"] >= 4 * pages_per_step * 0.9, plain
   assert prepared["applied"] and prepared["faults"] < pages_per_step / 4, prepared
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
+def test_every_thread_allocates_from_one_heap():
+  """A thread with a heap of its own gets blocks over 64 MB by mmap and unmaps them on free, whatever M_MMAP_MAX
+  says: XLA's worker threads must share the main heap, which prepare_heap() (before JAX's import) arranges."""
+  plain, prepared = _run(prepare=False, script=_HEAPS), _run(prepare=True, script=_HEAPS)
+  assert plain["heaps"] > 1, plain  # the control: glibc's default gives threads heaps of their own
+  assert prepared["applied"] and prepared["heaps"] == 1, prepared
 
 
 def test_accelerator_platforms_are_left_alone():

@@ -263,14 +263,14 @@ def test_unrolled_layer_scan_gives_the_same_loss_and_gradients(scan_unroll, rema
   """3 layers per scan iteration (all of them) or 2 (not a divisor of 3, under remat) against one per iteration."""
   rng = np.random.default_rng(9)
   tokens, targets = jnp.asarray(rng.integers(0, 128, (2, 12))), jnp.asarray(rng.integers(0, 128, (2, 12)))
-  positions, segments = jnp.tile(jnp.arange(12), (2, 1)), jnp.ones((2, 12), jnp.int32)
+  positions, segments, mask = jnp.tile(jnp.arange(12), (2, 1)), jnp.ones((2, 12), jnp.int32), jnp.ones((2, 12))
   _, params = nnx.split(make_model(num_layers=3))
   results = []
   for unroll in (1, scan_unroll):
     graphdef = nnx.graphdef(make_model(num_layers=3, scan_unroll=unroll, remat=remat))
 
     def loss(params, graphdef=graphdef):
-      (nll_sum, _, _), _ = nnx.merge(graphdef, params).loss_sums(tokens, positions, segments, targets, jnp.ones((2, 12)))
+      (nll_sum, _, _), _ = nnx.merge(graphdef, params).loss_sums(tokens, positions, segments, targets, mask)
       return nll_sum
 
     results.append(jax.jit(jax.value_and_grad(loss))(params))

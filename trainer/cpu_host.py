@@ -2,14 +2,20 @@
 
 XLA:CPU takes each step's temporary buffers (activations, gradients: 1.7 GB for bench_peer) from malloc and frees
 them when the step ends. glibc serves a request that large with a fresh mmap and unmaps it on free, so every step
-first-touches all of its temporaries again: bench_peer spent 0.67 CPU-s per step in 413k page faults. Two things
+first-touches all of its temporaries again: bench_peer spent 0.67 CPU-s per step in 413k page faults. Three things
 make the memory stay and be reused:
 - glibc keeps large blocks in its heap and never trims it (`mallopt`: no mmap for large blocks, no trimming), so the
   process's resident memory stays at its peak rather than going back to the OS between steps;
+- one heap (arena) for all threads. A thread other than the main one allocates from its own arena, which serves
+  any block over 64 MB by mmap whatever the first setting says, and unmaps it on free. XLA's worker threads make
+  such blocks (operand scratch of the large matmuls) in some runs and not in others, depending on which thread
+  first runs what: those runs of bench_peer faulted 160 MB in per step (40k faults, 1.90 against 1.65 s). glibc
+  hands a new thread an existing arena, so this holds only if it is set before any thread has allocated: before
+  JAX is imported (`prepare_heap`). The cost is compile time, whose threads now share one heap (bench_peer
+  1.6 -> 2.7 s, once per run);
 - steps are dispatched synchronously, so each step's temporaries are allocated on the calling thread, in the heap
-  the previous step freed them to. With asynchronous dispatch they are allocated on XLA's worker threads, in
-  glibc's per-thread arenas, and faulted in again.
-With both, the page faults per step drop to a few hundred and bench_peer's fp32 step goes from ~2.2 s to ~1.85 s.
+  the previous step freed them to, not on a worker thread.
+With all three, the page faults per step drop to a few hundred or none.
 
 On a GPU or TPU host nothing changes: there the device holds the temporaries.
 """
@@ -17,16 +23,17 @@ On a GPU or TPU host nothing changes: there the device holds the temporaries.
 import ctypes
 import importlib.util
 import logging
+import os
 import pkgutil
+import sys
 from importlib import metadata
-
-import jax
 
 _log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 
 def accelerator_installed() -> bool:
@@ -44,28 +51,40 @@ def accelerator_installed() -> bool:
 
 def runs_on_cpu() -> bool:
   """Whether JAX's default backend will be the CPU, decided without creating any backend (a multi-process run
-  must not create one before `jax.distributed.initialize`)."""
-  platforms = jax.config.jax_platforms
+  must not create one before `jax.distributed.initialize`). Before JAX is imported, JAX_PLATFORMS says."""
+  jax = sys.modules.get("jax")
+  platforms = jax.config.jax_platforms if jax is not None else os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
   return not accelerator_installed()
 
 
 def keep_freed_memory() -> bool:
-  """glibc: large blocks from the heap, never returned to the OS. False where the C library has no mallopt."""
+  """glibc: large blocks from the heap, one heap for every thread, never returned to the OS. False where the C
+  library has no mallopt. Threads that have allocated before keep their own heap: call it before JAX starts any."""
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))  # -1: never trim
+  settings = ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, -1))  # -1: never trim
+  return all([bool(mallopt(param, value)) for param, value in settings])
+
+
+def prepare_heap() -> bool:
+  """On a CPU backend: the heap settings, made before JAX is imported (its import starts a thread). The first
+  thing an entry point does. Returns whether it applied them."""
+  return runs_on_cpu() and keep_freed_memory()
 
 
 def prepare() -> bool:
-  """On a CPU backend: synchronous dispatch and a heap that keeps freed memory. Call before JAX creates its
-  backends (later, the dispatch setting no longer applies). Returns whether it applied them."""
+  """On a CPU backend: synchronous dispatch and a heap that keeps freed memory (the single heap only if
+  `prepare_heap` ran before JAX's import). Call before JAX creates its backends (later, the dispatch setting no
+  longer applies). Returns whether it applied them."""
   if not runs_on_cpu():
     return False
+  import jax
+
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   kept = keep_freed_memory()
   _log.debug("CPU backend: synchronous dispatch; freed memory kept in the heap: %s", kept)
