@@ -12,7 +12,7 @@ make the memory stay and be reused:
   first runs what: those runs of bench_peer faulted 160 MB in per step (40k faults, 1.90 against 1.65 s). glibc
   hands a new thread an existing arena, so this holds only if it is set before any thread has allocated: before
   JAX is imported (`prepare_heap`). The cost is compile time, whose threads now share one heap (bench_peer
-  1.6 -> 2.7 s, once per run);
+  about 1.7 -> 2.5 s, once per run);
 - steps are dispatched synchronously, so each step's temporaries are allocated on the calling thread, in the heap
   the previous step freed them to, not on a worker thread.
 With all three, the page faults per step drop to a few hundred or none.
