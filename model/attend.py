@@ -9,7 +9,7 @@ packed rows (L == S), queries at the end of a KV cache (L < S) and pipeline stag
 no key (a padding row) gives zeros, in values and gradients.
 
 Implementations (`impl`, config `model.attention`):
-- `xla`: one [B, K, G, L, S] fp32 score tensor; the [B, L, S] mask is built once per call from the ids; its own
+- `xla`: one [B, K, G * L, S] fp32 score tensor; the [B, L, S] mask is built once per call from the ids; its own
   backward (`jax.custom_vjp`) keeps the unnormalised probabilities and takes the softmax correction from the output.
 - `chunked`: online softmax over blocks of `block` keys with its own backward (`jax.custom_vjp`) that
   recomputes each block's scores: memory O(L x block), never a dense [L, S] mask; runs on any backend.
@@ -116,57 +116,88 @@ def _group(q_BxLxNxH: jax.Array, kv_heads: int) -> jax.Array:
   return q_BxLxNxH.reshape(b, length, kv_heads, n // kv_heads, h)
 
 
+def _heads(x_BxLxNxH: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, L, N, H] -> [B, K, G * L, H]: each kv head's queries (all G of them) as the rows of one matrix."""
+  b, length, n, h = x_BxLxNxH.shape
+  x_BxKxGxLxH = jnp.transpose(_group(x_BxLxNxH, kv_heads), (0, 2, 3, 1, 4))
+  return x_BxKxGxLxH.reshape(b, kv_heads, (n // kv_heads) * length, h)
+
+
+def _unheads(x_BxKxGLxH: jax.Array, length: int) -> jax.Array:
+  """[B, K, G * L, H] -> [B, L, N, H], the inverse of `_heads`."""
+  b, kv_heads, gl, h = x_BxKxGLxH.shape
+  x_BxKxGxLxH = x_BxKxGLxH.reshape(b, kv_heads, gl // length, length, h)
+  return jnp.transpose(x_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, -1, h)
+
+
+def _swap_minor(x: jax.Array) -> jax.Array:
+  """[..., m, n] -> [..., n, m], written out for 16-bit inputs, which XLA:CPU multiplies at the bf16 rate only in
+  [m, k] x [k, n] form (see `model/layers.py: _matmul_row_major`); a bare transpose would fold into the dot.
+  fp32 keeps the bare transpose: the transposed-lhs dots then run on Eigen (bench_peer's layer: 21 ms, against 25
+  with copies)."""
+  if x.dtype == jnp.float32:
+    return jnp.swapaxes(x, -1, -2)
+  *lead, m, n = x.shape
+  r = len(lead)
+  return x.reshape(*lead, m, n, 1).transpose(*range(r), r + 2, r + 1, r).reshape(*lead, n, m)
+
+
+def _head_dot(a_BxKxMxC: jax.Array, b_BxKxCxN: jax.Array) -> jax.Array:
+  """Per (batch, kv head): [M, C] @ [C, N], accumulated in fp32."""
+  dims = (((3,), (2,)), ((0, 1), (0, 1)))
+  return jax.lax.dot_general(a_BxKxMxC, b_BxKxCxN, dims, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale: float) -> jax.Array:
-  """Dense attention with its own backward: autodiff of the softmax made six passes over the [B, K, G, L, S]
-  tensors and a slow reduction of dprobs * probs. Here the forward normalises the [B, L, K, G, H] output rather
-  than the probabilities, and the backward takes the softmax correction from that output (rowsum(dout * out),
-  as flash attention does): bench_peer's layer, forward and backward, 35.6 -> 23.8 ms in bf16 on CPU."""
+  """Dense attention with its own backward, every product a row-major [M, C] x [C, N] matmul per (batch, kv head)
+  over head-major copies of q, k and v (the G query heads of a kv head stacked as rows). XLA's own layout choice
+  for the einsum form transposed the [L, S] tensors (three extra passes over the largest arrays), and autodiff
+  of the softmax made six passes over them. The forward normalises the [.., L, H] output rather than the
+  probabilities; the backward takes the softmax correction from that output (rowsum(dout * out), as flash
+  attention does). bench_peer's layer, forward and backward on the 2-core CPU: fp32 36 -> 21 ms (bf16 unchanged,
+  20 to 21 ms)."""
   return _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale)[0]
 
 
 def _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale):
-  q_BxLxKxGxH = _group(q_BxLxNxH, k_BxSxKxH.shape[2])
-  logits_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-  logits_BxKxGxLxS = checkpoint_name(logits_BxKxGxLxS * scale, "attention_scores")
-  logits_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None], logits_BxKxGxLxS, _MASKED)
-  max_BxKxGxL = jnp.max(logits_BxKxGxLxS, axis=-1)
+  b, length, n, _ = q_BxLxNxH.shape
+  kv_heads = k_BxSxKxH.shape[2]
+  q_BxKxGLxH = _heads(q_BxLxNxH, kv_heads)
+  k_BxKxHxS = jnp.transpose(k_BxSxKxH, (0, 2, 3, 1))
+  v_BxKxSxH = jnp.transpose(v_BxSxKxH, (0, 2, 1, 3))
+  logits_BxKxGLxS = checkpoint_name(_head_dot(q_BxKxGLxH, k_BxKxHxS) * scale, "attention_scores")
+  allowed_Bx1xGLxS = jnp.broadcast_to(
+    allowed_BxLxS[:, None, None], (b, 1, n // kv_heads, *allowed_BxLxS.shape[1:])
+  ).reshape(b, 1, -1, allowed_BxLxS.shape[2])
+  logits_BxKxGLxS = jnp.where(allowed_Bx1xGLxS, logits_BxKxGLxS, _MASKED)
+  max_BxKxGLx1 = jnp.max(logits_BxKxGLxS, axis=-1, keepdims=True)
   # Unnormalised probabilities; a padding row (every key masked) gets exp(0) everywhere, which `attend` zeroes.
-  exp_BxKxGxLxS = checkpoint_name(jnp.exp(logits_BxKxGxLxS - max_BxKxGxL[..., None]), "attention_probs")
-  sum_BxKxGxL = jnp.sum(exp_BxKxGxLxS, axis=-1)
-  out_BxLxKxGxH = jnp.einsum(
-    "BKGLS,BSKH->BLKGH", exp_BxKxGxLxS.astype(v_BxSxKxH.dtype), v_BxSxKxH, preferred_element_type=jnp.float32
-  )
-  out_BxLxKxGxH = out_BxLxKxGxH / jnp.moveaxis(sum_BxKxGxL, 3, 1)[..., None]
-  out_BxLxNxH = out_BxLxKxGxH.reshape(q_BxLxNxH.shape).astype(q_BxLxNxH.dtype)
-  return out_BxLxNxH, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH, exp_BxKxGxLxS, sum_BxKxGxL)
+  exp_BxKxGLxS = checkpoint_name(jnp.exp(logits_BxKxGLxS - max_BxKxGLx1), "attention_probs")
+  sum_BxKxGLx1 = jnp.sum(exp_BxKxGLxS, axis=-1, keepdims=True)
+  out_BxKxGLxH = _head_dot(exp_BxKxGLxS.astype(v_BxSxKxH.dtype), v_BxKxSxH) / sum_BxKxGLx1
+  out_BxKxGLxH = out_BxKxGLxH.astype(q_BxLxNxH.dtype)
+  residuals = (q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1)
+  return _unheads(out_BxKxGLxH, length), residuals
 
 
 def _xla_bwd(scale, residuals, dout_BxLxNxH):
-  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH, exp_BxKxGxLxS, sum_BxKxGxL = residuals
-  kv_heads, dt = k_BxSxKxH.shape[2], q_BxLxNxH.dtype
-  q_BxLxKxGxH, dout_BxLxKxGxH = _group(q_BxLxNxH, kv_heads), _group(dout_BxLxNxH, kv_heads)
-  # probs = exp / sum: the division moves onto the [B, L, K, G, H] side of each product.
-  inv_sum_BxLxKxGx1 = jnp.moveaxis(1.0 / sum_BxKxGxL, 3, 1)[..., None]
-  dv_BxSxKxH = jnp.einsum(
-    "BKGLS,BLKGH->BSKH",
-    exp_BxKxGxLxS.astype(dt),
-    (dout_BxLxKxGxH * inv_sum_BxLxKxGx1).astype(dt),
-    preferred_element_type=jnp.float32,
-  )
-  dprobs_BxKxGxLxS = jnp.einsum("BLKGH,BSKH->BKGLS", dout_BxLxKxGxH, v_BxSxKxH, preferred_element_type=jnp.float32)
+  q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1 = residuals
+  length, dt = dout_BxLxNxH.shape[1], q_BxKxGLxH.dtype
+  dout_BxKxGLxH = _heads(dout_BxLxNxH, k_BxKxHxS.shape[1])
   # D = rowsum(dprobs * probs) = rowsum(dout * out): the softmax backward's correction, one number per query.
-  d_BxKxGxL = jnp.einsum(
-    "BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), _group(out_BxLxNxH, kv_heads).astype(jnp.float32)
-  )
-  dlogits_BxKxGxLxS = exp_BxKxGxLxS * ((dprobs_BxKxGxLxS - d_BxKxGxL[..., None]) * (scale / sum_BxKxGxL)[..., None])
-  dlogits_BxKxGxLxS = dlogits_BxKxGxLxS.astype(dt)
-  dq_BxLxKxGxH = jnp.einsum("BKGLS,BSKH->BLKGH", dlogits_BxKxGxLxS, k_BxSxKxH, preferred_element_type=jnp.float32)
-  dk_BxSxKxH = jnp.einsum("BKGLS,BLKGH->BSKH", dlogits_BxKxGxLxS, q_BxLxKxGxH, preferred_element_type=jnp.float32)
+  d_BxKxGLx1 = jnp.sum(dout_BxKxGLxH.astype(jnp.float32) * out_BxKxGLxH.astype(jnp.float32), axis=-1, keepdims=True)
+  dprobs_BxKxGLxS = _head_dot(dout_BxKxGLxH, _swap_minor(v_BxKxSxH))
+  dlogits_BxKxGLxS = (exp_BxKxGLxS * ((dprobs_BxKxGLxS - d_BxKxGLx1) * (scale / sum_BxKxGLx1))).astype(dt)
+  dq_BxKxGLxH = _head_dot(dlogits_BxKxGLxS, _swap_minor(k_BxKxHxS))
+  # dk^T and dv^T ([H, S] per head) read the [GL, S] tensors as they lie; only the small q and dout turn.
+  dk_BxKxHxS = _head_dot(_swap_minor(q_BxKxGLxH), dlogits_BxKxGLxS)
+  # probs = exp / sum: the division moves onto dout's side of the product.
+  dv_BxKxHxS = _head_dot(_swap_minor((dout_BxKxGLxH / sum_BxKxGLx1).astype(dt)), exp_BxKxGLxS.astype(dt))
   return (
-    dq_BxLxKxGxH.reshape(q_BxLxNxH.shape).astype(dt),
-    dk_BxSxKxH.astype(k_BxSxKxH.dtype),
-    dv_BxSxKxH.astype(v_BxSxKxH.dtype),
+    _unheads(dq_BxKxGLxH, length).astype(dt),
+    jnp.transpose(dk_BxKxHxS, (0, 3, 1, 2)).astype(k_BxKxHxS.dtype),
+    jnp.transpose(dv_BxKxHxS, (0, 3, 1, 2)).astype(v_BxKxSxH.dtype),
     None,
   )
 

@@ -21,7 +21,7 @@ from model.moe import Moe
 from sharding.rules import constrain
 
 # `checkpoint_name`s of the activations the remat policies choose between. Projection outputs (`project`); the
-# score and probability tensors [B, K, G, L, S] of the xla attention; the other named activations of a layer.
+# score and probability tensors [B, K, G * L, S] of the xla attention; the other named activations of a layer.
 PROJECTION_NAMES = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down")
 ATTENTION_NAMES = ("attention_scores", "attention_probs")
 OTHER_NAMES = ("attn_norm", "attn_q_rope", "attn_k_rope", "attn_context", "mlp_norm", "mlp_hidden")
