@@ -85,13 +85,13 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
   n_in, n_out = math.prod(x.shape[len(lead) :]), math.prod(d for c, d in zip(ws, w.shape) if c in free)
   free_shape = w.shape[len(contracted) :] if kernel_first else w.shape[: len(free)]
-  x2, w2 = x.reshape(-1, n_in), w.reshape((n_in, n_out) if kernel_first else (n_out, n_in))
+  w2 = w.reshape((n_in, n_out) if kernel_first else (n_out, n_in))
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
   if jax.default_backend() == "cpu":
-    y2 = _matmul_row_major(kernel_first, out_dtype, x2, w2)
+    y2 = _matmul_row_major(kernel_first, out_dtype, x, w2)
   else:
     dims = (((1,), (0,) if kernel_first else (1,)), ((), ()))
-    y2 = jax.lax.dot_general(x2, w2, dims, preferred_element_type=out_dtype)
+    y2 = jax.lax.dot_general(x.reshape(-1, n_in), w2, dims, preferred_element_type=out_dtype)
   return y2.reshape(x.shape[: len(lead)] + tuple(free_shape))
 
 
@@ -115,9 +115,10 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype, *, b_transposed: bool = False) -
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _matmul_row_major(kernel_first: bool, out_dtype, x2: jax.Array, w2: jax.Array) -> jax.Array:
-  """x2 [tokens, in] times w2 ([in, out] if `kernel_first`, else [out, in]), accumulated in fp32, with every
-  dot of the forward and backward pass in a form XLA:CPU runs at full rate; for the CPU backend.
+def _matmul_row_major(kernel_first: bool, out_dtype, x: jax.Array, w2: jax.Array) -> jax.Array:
+  """x [..., in] (its trailing dimensions making up `in`) as [tokens, in], times w2 ([in, out] if `kernel_first`,
+  else [out, in]), accumulated in fp32, with every dot of the forward and backward pass in a form XLA:CPU runs
+  at full rate; for the CPU backend.
 
   XLA:CPU runs a dot on XNNPACK in NN form, and in NT form for fp32. It runs a bf16 dot with bf16 arithmetic
   only in NN form with an fp32 result, at twice the fp32 rate (2048 x 512 x 2048: 860 GFLOP/s against 430 in
@@ -125,17 +126,27 @@ def _matmul_row_major(kernel_first: bool, out_dtype, x2: jax.Array, w2: jax.Arra
   TN dot (the weight gradient x^T dy that autodiff writes) runs on Eigen, at 330 to 460 GFLOP/s in fp32. So the
   weight gradient (and in bf16 every dot with a transposed operand) reads a transposed copy, which costs one
   pass over the smaller operand.
+
+  The backward keeps x itself, not its 2-D view: projections of one input (q, k and v) then share one saved
+  activation, which a layer scan stores once rather than once per projection, and XLA takes its transposed
+  copy once.
   """
-  return _dot(x2, w2, out_dtype, b_transposed=not kernel_first)
+  return _dot(_rows(x, w2, kernel_first), w2, out_dtype, b_transposed=not kernel_first)
 
 
-def _matmul_row_major_fwd(kernel_first, out_dtype, x2, w2):
-  return _matmul_row_major(kernel_first, out_dtype, x2, w2), (x2, w2)
+def _rows(x: jax.Array, w2: jax.Array, kernel_first: bool) -> jax.Array:
+  """x as [tokens, in] for the weight w2."""
+  return x.reshape(-1, w2.shape[0] if kernel_first else w2.shape[1])
+
+
+def _matmul_row_major_fwd(kernel_first, out_dtype, x, w2):
+  return _matmul_row_major(kernel_first, out_dtype, x, w2), (x, w2)
 
 
 def _matmul_row_major_bwd(kernel_first, out_dtype, residuals, dy2):
-  x2, w2 = residuals
-  dx2 = _dot(dy2, w2, x2.dtype, b_transposed=kernel_first)
+  x, w2 = residuals
+  x2 = _rows(x, w2, kernel_first)
+  dx = _dot(dy2, w2, x.dtype, b_transposed=kernel_first).reshape(x.shape)
   # The weight gradient as x^T dy ([in, out]) or dy^T x ([out, in]), then turned to w2's layout if it is not in
   # it already: whichever copies fewer elements.
   tokens, n_in, n_out = x2.shape[0], x2.shape[1], dy2.shape[1]
@@ -143,9 +154,9 @@ def _matmul_row_major_bwd(kernel_first, out_dtype, residuals, dy2):
   cost_out_in = tokens * n_out + (n_in * n_out if kernel_first else 0)
   if cost_in_out <= cost_out_in:
     dw2 = _dot(_transposed_copy(x2), dy2, w2.dtype)
-    return dx2, dw2 if kernel_first else _transposed_copy(dw2)
+    return dx, dw2 if kernel_first else _transposed_copy(dw2)
   dw2 = _dot(_transposed_copy(dy2), x2, w2.dtype)
-  return dx2, _transposed_copy(dw2) if kernel_first else dw2
+  return dx, _transposed_copy(dw2) if kernel_first else dw2
 
 
 _matmul_row_major.defvjp(_matmul_row_major_fwd, _matmul_row_major_bwd)

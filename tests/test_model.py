@@ -1,5 +1,6 @@
 """The model's contracts: causality, packed-document isolation, GQA/MHA equivalence, dtypes."""
 
+import math
 import re
 
 import jax
@@ -347,3 +348,23 @@ def test_bf16_projection_accumulates_in_fp32(spec, w_shape):
   for g, r in zip(got_vjp(cotangent), want_vjp(cotangent.astype(f32))):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(g.astype(f32), r, rtol=2**-8, atol=1e-6)
+
+
+def test_projections_of_one_input_keep_it_once_for_the_backward():
+  """q, k and v read one activation: the backward of a layer scan keeps what a single projection would, not
+  three stacked copies of the input."""
+  from model.layers import matmul_einsum
+
+  def saved_activations(projections: int) -> list[str]:
+    def layer(h_BxLxD, w_PxDxF):
+      x_BxLxD = jnp.tanh(h_BxLxD)
+      return h_BxLxD + sum(matmul_einsum("BLD,DF->BLF", x_BxLxD, w_DxF) for w_DxF in w_PxDxF), None
+
+    def loss(h, w_LxPxDxF):
+      return jnp.sum(jax.lax.scan(layer, h, w_LxPxDxF)[0])
+
+    saved = _saved_residuals(loss, jnp.ones((2, 3, 4)), jnp.ones((5, projections, 4, 4)))
+    # [layers, B, L, D] or a [layers, B * L, D] view: the activation-sized residuals.
+    return [s for s in saved if math.prod(map(int, re.findall(r"\d+", s[s.index("[") :]))) == 5 * 24]
+
+  assert len(saved_activations(3)) == len(saved_activations(1)), saved_activations(3)
