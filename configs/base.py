@@ -44,8 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   # save_projections | save_all_but_attention | offload_projections (GPU/TPU: to host memory)
   c.model.remat = "none"
   # Layers per iteration of the layer scan. 1: the compiled program holds one layer whatever the depth. More
-  # lets XLA fuse across layers and skip stacking each layer's activations (bench_peer bf16 on CPU: 1.21 ->
-  # 1.00 s/step at 8), and compile time grows with it.
+  # lets XLA fuse across layers and skip stacking each layer's activations (bench_peer bf16 on CPU: 1.14 ->
+  # 1.00 s/step at 8, fp32 slower: 1.60 -> 1.69), and compile time grows with it.
   c.model.scan_unroll = 1
   c.model.attention = "auto"  # auto | xla | chunked | cudnn (GPU) | splash (TPU): the kernel behind model/attend.py
   c.model.loss_chunk = 0  # > 0: the loss holds fp32 logits for this many positions at a time; 0: all at once
