@@ -1,6 +1,8 @@
 """The attention seam: every implementation that runs on CPU equals a naive per-head reference, values and
 gradients, with packed segments, GQA, padding rows, and queries at the end of a longer key sequence."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +171,29 @@ def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length,
   np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
   for name, got, want in zip("qkv", grads, want_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_chunked_gradient_never_holds_a_dense_mask():
+  """Memory O(L x block): the gradient of the chunked kernel, with the ids as jitted inputs (as in training),
+  holds no array as large as the [B, N, L, S] scores, mask included; the xla kernel, which does, is the control."""
+  q, k, v, dout, ids = _case(64, 64, seed=3)
+
+  def grads(impl):
+    def loss(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+      ids_kw = dict(q_segment_ids_BxL=q_seg, kv_segment_ids_BxS=kv_seg, q_positions_BxL=q_pos)
+
+      def layer(x, _):  # as in the model: attention inside the layer scan
+        return attend(x, k, v, **ids_kw, kv_positions_BxS=kv_pos, impl=impl, block=16), None
+
+      return jnp.sum(jax.lax.scan(layer, q, None, length=2)[0] * dout)
+
+    args = (q, k, v, ids["q_seg"], ids["kv_seg"], ids["q_pos"], ids["kv_pos"])
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).as_text()
+
+  def largest_array(hlo_text):
+    shapes = re.findall(r"tensor<([0-9x]+)x(?:f32|i1|i32)>", hlo_text)
+    return max(np.prod([int(d) for d in s.split("x")]) for s in shapes)
+
+  dense = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]  # [B, N, L, S]
+  assert largest_array(grads("xla")) >= dense
+  assert largest_array(grads("chunked")) < dense
