@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from model.layers import as_residual, from_residual
 from sharding import rules as sharding_rules
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
@@ -178,11 +179,11 @@ def _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale):
   out_BxKxGLxH = _head_dot(exp_BxKxGLxS.astype(v_BxSxKxH.dtype), v_BxKxSxH) / sum_BxKxGLx1
   out_BxKxGLxH = out_BxKxGLxH.astype(q_BxLxNxH.dtype)
   residuals = (q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1)
-  return _unheads(out_BxKxGLxH, length), residuals
+  return _unheads(out_BxKxGLxH, length), tuple(map(as_residual, residuals))
 
 
 def _xla_bwd(scale, residuals, dout_BxLxNxH):
-  q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1 = residuals
+  q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1 = map(from_residual, residuals)
   length, dt = dout_BxLxNxH.shape[1], q_BxKxGLxH.dtype
   dout_BxKxGLxH = _heads(dout_BxLxNxH, k_BxKxHxS.shape[1])
   # D = rowsum(dprobs * probs) = rowsum(dout * out): the softmax backward's correction, one number per query.
@@ -280,11 +281,13 @@ def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window):
   out_BxKxGxLxH = jnp.where(seen_BxKxGxL[..., None], acc_BxKxGxLxH / safe_sum_BxKxGxL[..., None], 0.0)
   lse_BxKxGxL = jnp.where(seen_BxKxGxL, max_BxKxGxL + jnp.log(safe_sum_BxKxGxL), 0.0)
   out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, n, h).astype(q_BxLxNxH.dtype)
-  return out_BxLxNxH, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, out_BxLxNxH, lse_BxKxGxL)
+  kept = tuple(map(as_residual, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH)))
+  return out_BxLxNxH, (kept, ids, lse_BxKxGxL)
 
 
 def _chunked_bwd(block, scale, window, residuals, dout_BxLxNxH):
-  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, out_BxLxNxH, lse_BxKxGxL = residuals
+  kept, ids, lse_BxKxGxL = residuals
+  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH = map(from_residual, kept)
   b, s, kv_heads, h = k_BxSxKxH.shape
   q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
   dout_BxLxKxGxH = _group(dout_BxLxNxH, kv_heads)

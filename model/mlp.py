@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model import lora
 from model.config import ModelConfig
-from model.layers import output_std, param, project
+from model.layers import as_residual, from_residual, output_std, param, project
 from sharding.rules import constrain
 
 
@@ -32,11 +32,11 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def _gelu_fwd(x):
-  return gelu(x), x
+  return gelu(x), as_residual(x)
 
 
 def _gelu_bwd(x, dy):
-  xf = x.astype(jnp.float32)
+  xf = from_residual(x).astype(jnp.float32)
   t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
   grad = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
   return ((dy.astype(jnp.float32) * grad).astype(dy.dtype),)

@@ -368,3 +368,23 @@ def test_projections_of_one_input_keep_it_once_for_the_backward():
     return [s for s in saved if math.prod(map(int, re.findall(r"\d+", s[s.index("[") :]))) == 5 * 24]
 
   assert len(saved_activations(3)) == len(saved_activations(1)), saved_activations(3)
+
+
+def test_bf16_layer_scan_keeps_its_saved_activations_in_bf16():
+  """On CPU, XLA computed a layer scan's stacked bf16 residuals in fp32 (whole fp32 stacks before the backward
+  loop: twice the memory, and conversions each step). Kept as their bits, the compiled gradient of a bf16
+  projection + GELU scan (fp32 weights cast per layer, as in the model) holds no fp32 array of the shape of a
+  stacked activation."""
+  from model.layers import matmul_einsum
+  from model.mlp import gelu
+
+  def layer(h_BxLxD, w_DxD):
+    return gelu(matmul_einsum("BLD,DF->BLF", h_BxLxD, w_DxD.astype(jnp.bfloat16))), None
+
+  def loss(h, w_LxDxD):
+    return jnp.sum(jax.lax.scan(layer, h, w_LxDxD)[0].astype(jnp.float32))
+
+  h, w = jnp.ones((2, 8, 16), jnp.bfloat16), jnp.ones((4, 16, 16)) / 16
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w).compile().as_text()
+  assert "bf16[4,2,8,16]" in hlo or "u16[4,2,8,16]" in hlo  # the activations are stacked
+  assert "f32[4,2,8,16]" not in hlo
