@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from model.layers import as_residual, from_residual
+from model.layers import as_residual, from_residual, transposed_copy
 from sharding import rules as sharding_rules
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
@@ -136,11 +136,7 @@ def _swap_minor(x: jax.Array) -> jax.Array:
   [m, k] x [k, n] form (see `model/layers.py: _matmul_row_major`); a bare transpose would fold into the dot.
   fp32 keeps the bare transpose: the transposed-lhs dots then run on Eigen (bench_peer's layer: 21 ms, against 25
   with copies)."""
-  if x.dtype == jnp.float32:
-    return jnp.swapaxes(x, -1, -2)
-  *lead, m, n = x.shape
-  r = len(lead)
-  return x.reshape(*lead, m, n, 1).transpose(*range(r), r + 2, r + 1, r).reshape(*lead, n, m)
+  return jnp.swapaxes(x, -1, -2) if x.dtype == jnp.float32 else transposed_copy(x)
 
 
 def _head_dot(a_BxKxMxC: jax.Array, b_BxKxCxN: jax.Array) -> jax.Array:

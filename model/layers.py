@@ -110,11 +110,12 @@ def from_residual(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
-def _transposed_copy(a: jax.Array) -> jax.Array:
-  """a.T written out row-major. XLA folds a bare transpose into the dot that reads it (a TN or NT dot); through
-  a unit dimension it stays a copy."""
-  m, n = a.shape
-  return a.reshape(m, n, 1).transpose(2, 1, 0).reshape(n, m)
+def transposed_copy(a: jax.Array) -> jax.Array:
+  """a [..., m, n] as [..., n, m], written out row-major. XLA folds a bare transpose into the dot that reads it
+  (a TN or NT dot); through a unit dimension it stays a copy."""
+  *lead, m, n = a.shape
+  r = len(lead)
+  return a.reshape(*lead, m, n, 1).transpose(*range(r), r + 2, r + 1, r).reshape(*lead, n, m)
 
 
 def _dot(a: jax.Array, b: jax.Array, out_dtype, *, b_transposed: bool = False) -> jax.Array:
@@ -123,7 +124,7 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype, *, b_transposed: bool = False) -
   dtype = jnp.result_type(a, b)
   a, b = a.astype(dtype), b.astype(dtype)
   if b_transposed and dtype != jnp.float32:
-    b, b_transposed = _transposed_copy(b), False
+    b, b_transposed = transposed_copy(b), False
   dims = (((1,), (1,) if b_transposed else (0,)), ((), ()))
   acc = jnp.promote_types(out_dtype, jnp.float32)
   return jax.lax.dot_general(a, b, dims, preferred_element_type=acc).astype(out_dtype)
@@ -168,10 +169,10 @@ def _matmul_row_major_bwd(kernel_first, out_dtype, residuals, dy2):
   cost_in_out = tokens * n_in + (0 if kernel_first else n_in * n_out)
   cost_out_in = tokens * n_out + (n_in * n_out if kernel_first else 0)
   if cost_in_out <= cost_out_in:
-    dw2 = _dot(_transposed_copy(x2), dy2, w2.dtype)
-    return dx, dw2 if kernel_first else _transposed_copy(dw2)
-  dw2 = _dot(_transposed_copy(dy2), x2, w2.dtype)
-  return dx, _transposed_copy(dw2) if kernel_first else dw2
+    dw2 = _dot(transposed_copy(x2), dy2, w2.dtype)
+    return dx, dw2 if kernel_first else transposed_copy(dw2)
+  dw2 = _dot(transposed_copy(dy2), x2, w2.dtype)
+  return dx, transposed_copy(dw2) if kernel_first else dw2
 
 
 _matmul_row_major.defvjp(_matmul_row_major_fwd, _matmul_row_major_bwd)
