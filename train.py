@@ -13,7 +13,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from trainer.config import ConfigError, check_overrides, validate
+from settings import ConfigError, check_overrides, validate
 
 
 def _env_int(name: str) -> int | None:
@@ -39,9 +39,9 @@ _TIMEOUT = flags.DEFINE_integer(
 
 def _user_errors() -> tuple[type[Exception], ...]:
   import data
-  from sharding.mesh import MeshError
+  from parallel.mesh import MeshError
   from storage import StorageError
-  from trainer.checkpoint import CheckpointError
+  from storage.checkpoint import CheckpointError
   from trainer.distributed import DistributedError
 
   return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError, StorageError)

@@ -6,7 +6,7 @@ The README's config reference documents each one.
 
 import ml_collections
 
-from sharding.rules import DEFAULT_RULES
+from parallel.rules import DEFAULT_RULES
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -22,8 +22,8 @@ from generation.sampling import Sampling, mask_padding, sample
 from model import ModelConfig
 from model.attend import resolve
 from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
-from sharding.partition import param_specs
-from sharding.rules import Rules, activate
+from parallel.partition import param_specs
+from parallel.rules import Rules, activate
 from trainer.state import abstract_model
 
 

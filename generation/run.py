@@ -18,11 +18,11 @@ from data.tokenizer import Tokenizer, run_tokenizer_path
 from generation.decoding import Decoder
 from model import ModelConfig
 from model.config import padded_vocab_size
-from sharding.mesh import MESH_AXES
-from sharding.rules import DEFAULT_RULES, parse_rules
+from parallel.mesh import MESH_AXES
+from parallel.rules import DEFAULT_RULES, parse_rules
+from settings import ConfigError
 from storage import as_path
-from trainer.checkpoint import CheckpointError, load_params
-from trainer.config import ConfigError
+from storage.checkpoint import CheckpointError, load_params
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ architecture from the model and refuses models that have no Hugging Face equival
 from typing import Any, NoReturn
 
 from model.config import ModelConfig
-from trainer.config import ConfigError
+from settings import ConfigError
 
 # Hugging Face architecture -> the family name used by `hf.weights` for parameter names.
 ARCHITECTURES = {

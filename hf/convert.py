@@ -20,8 +20,8 @@ from hf.config import architecture, export_family, hf_config, kiln_fields
 from hf.safetensors_io import open_weights, write_sharded
 from hf.weights import fill_params, hf_tensors, tensor_map
 from model.config import ModelConfig, padded_vocab_size
-from trainer.checkpoint import CheckpointError, load_params
-from trainer.config import ConfigError, validate
+from settings import ConfigError, validate
+from storage.checkpoint import CheckpointError, load_params
 from trainer.state import abstract_model
 
 TOKENIZER_FILES = (

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from model.layers import as_residual, from_residual, transposed_copy
-from sharding import rules as sharding_rules
+from parallel import rules as sharding_rules
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 AUTO_CHUNKED_ABOVE = 1024

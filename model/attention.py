@@ -9,7 +9,7 @@ from model.attend import attend
 from model.config import ModelConfig
 from model.kv_cache import LayerCache
 from model.layers import Norm, output_std, param, project, rope, zeros_param
-from sharding.rules import constrain
+from parallel.rules import constrain
 
 _Q_NAMES = ("batch", "length", "heads", "head_dim")
 _KV_NAMES = ("batch", "length", "kv_heads", "head_dim")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from sharding.rules import Rules, constrain, logical_to_spec
+from parallel.rules import Rules, constrain, logical_to_spec
 
 KV_NAMES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 SLOT_NAMES = ("batch", "cache_length")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from sharding.rules import constrain
+from parallel.rules import constrain
 
 # hook(name, x, kernel, default) -> y, where `default(x, kernel)` is the plain projection and `kernel` the stored
 # (master) weight. LoRA adds to default(x, kernel); quantization passes default a (fake-)quantized kernel.

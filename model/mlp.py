@@ -10,7 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from model import lora
 from model.config import ModelConfig
 from model.layers import as_residual, from_residual, output_std, param, project
-from sharding.rules import constrain
+from parallel.rules import constrain
 
 
 def activate(kind: str, gate: jax.Array | None, up: jax.Array) -> jax.Array:

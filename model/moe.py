@@ -41,9 +41,9 @@ from flax import nnx
 from model.config import ModelConfig
 from model.layers import cast_kernel, output_std, param, project
 from model.mlp import Mlp, activate
-from sharding import rules as sharding_rules
-from sharding.mesh import MeshError
-from sharding.rules import constrain, logical_to_spec
+from parallel import rules as sharding_rules
+from parallel.mesh import MeshError
+from parallel.rules import constrain, logical_to_spec
 
 # Expert weights as (gate or None, up, down): [E, D, F], [E, D, F], [E, F, D].
 Weights = tuple[jax.Array | None, jax.Array, jax.Array]

@@ -18,7 +18,7 @@ from model.layers import Norm, dropout, param, project, sinusoidal
 from model.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from model.mlp import Mlp
 from model.moe import Moe
-from sharding.rules import constrain
+from parallel.rules import constrain
 
 # `checkpoint_name`s of the activations the remat policies choose between. Projection outputs (`project`); the
 # score and probability tensors [B, K, G * L, S] of the xla attention; the other named activations of a layer.

@@ -24,8 +24,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from data.synthetic import packed_batch  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
-from trainer.config import ConfigError, check_overrides, validate  # noqa: E402
+from parallel.mesh import make_mesh  # noqa: E402
+from settings import ConfigError, check_overrides, validate  # noqa: E402
 from trainer.experiment import build  # noqa: E402
 from trainer.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 

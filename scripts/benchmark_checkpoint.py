@@ -24,8 +24,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from data.synthetic import packed_batch  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
-from trainer.checkpoint import Checkpointer  # noqa: E402
+from parallel.mesh import make_mesh  # noqa: E402
+from storage.checkpoint import Checkpointer  # noqa: E402
 from trainer.experiment import build  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")

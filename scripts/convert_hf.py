@@ -28,8 +28,8 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Export: largest safeten
 def convert(hf_dir: str | None, to_hf: str | None, out: str | None, dtype: str | None, max_shard_gb: float) -> int:
   """Runs one direction; prints a summary, or `error: ...` (one line) and returns 1."""
   from hf.convert import export_hf, import_hf
-  from trainer.checkpoint import CheckpointError
-  from trainer.config import ConfigError
+  from settings import ConfigError
+  from storage.checkpoint import CheckpointError
 
   if (hf_dir is None) == (to_hf is None) or not out:
     print("error: pass exactly one of --hf_dir DIR or --to_hf RUN, and --out", file=sys.stderr)

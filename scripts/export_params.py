@@ -128,7 +128,7 @@ def main(argv):
   if _ADAPTERS_ONLY.value and flags.FLAGS["merge"].present and _MERGE.value:
     sys.exit("error: --merge and --adapters_only exclude each other; pass one of them")
   from data.errors import DataError
-  from trainer.checkpoint import CheckpointError
+  from storage.checkpoint import CheckpointError
 
   try:
     export(_RUN.value, _OUT.value, _STEP.value, _DTYPE.value, adapters_only=_ADAPTERS_ONLY.value or not _MERGE.value)

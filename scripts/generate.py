@@ -63,8 +63,8 @@ def run() -> None:
   from generation import beam_search, generate
   from generation.run import load_run
   from generation.stream import TextStream
-  from trainer.checkpoint import CheckpointError
-  from trainer.config import ConfigError
+  from settings import ConfigError
+  from storage.checkpoint import CheckpointError
 
   try:
     if not _WORKDIR.value:

@@ -86,8 +86,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   from data import DataError
   from generation.run import load_run
-  from trainer.checkpoint import CheckpointError
-  from trainer.config import ConfigError
+  from settings import ConfigError
+  from storage.checkpoint import CheckpointError
 
   try:
     loaded = load_run(_WORKDIR.value, _CHECKPOINT.value, compute_dtype=_DTYPE.value)

@@ -128,8 +128,8 @@ def test_model_gives_the_same_logits_with_every_cpu_implementation():
 
 @pytest.mark.parametrize("impl,backend", [("cudnn", "GPU"), ("splash", "TPU")])
 def test_accelerator_kernels_on_cpu_are_a_one_line_config_error(impl, backend):
+  from settings import ConfigError
   from tests.helpers import VOCAB, mesh_for, small_config
-  from trainer.config import ConfigError
   from trainer.experiment import build
 
   cfg = small_config(**{"model.attention": impl})
@@ -148,7 +148,7 @@ def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length,
   import contextlib
 
   from model.attend import _splash
-  from sharding.rules import DEFAULT_RULES, activate, parse_rules
+  from parallel.rules import DEFAULT_RULES, activate, parse_rules
 
   q, k, v, dout, ids = _case(length, s, seed=s)
   context = contextlib.nullcontext()

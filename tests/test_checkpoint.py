@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from storage.checkpoint import Checkpointer, CheckpointError, check_writable, load_params
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
-from trainer.checkpoint import Checkpointer, CheckpointError, check_writable, load_params
 from trainer.experiment import build
 
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -286,7 +286,7 @@ def test_a_read_that_fails_once_is_retried_and_nothing_is_set_aside(saved_run, m
   workdir, _, _ = saved_run
   cfg = small_config(**{"optim.clip_norm": 1.0})
   exp = build(cfg, VOCAB, mesh_for(cfg))
-  monkeypatch.setattr("trainer.checkpoint._RETRY_PAUSE_S", 0.0)
+  monkeypatch.setattr("storage.checkpoint._RETRY_PAUSE_S", 0.0)
   checkpointer = Checkpointer(str(workdir), cfg.checkpoint)
   real_restore, failures = checkpointer._manager.restore, []
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from trainer.config import ConfigError, check_overrides, load_config_file, validate
+from settings import ConfigError, check_overrides, load_config_file, validate
 
 TINY = "configs/tiny.py"
 

@@ -22,8 +22,8 @@ from configs.base import base_config
 from hf.config import export_family
 from hf.convert import _params_dir, export_hf, import_hf, model_config
 from model.config import ModelConfig
-from trainer.checkpoint import CheckpointError, load_params
-from trainer.config import ConfigError
+from settings import ConfigError
+from storage.checkpoint import CheckpointError, load_params
 from trainer.state import abstract_model
 
 B, T, VOCAB = 2, 16, 256
@@ -149,7 +149,7 @@ def test_imported_config_is_a_full_kiln_config(imported):
   assert set(saved) >= set(base_config()), "config.json lacks config groups"
   assert saved["model"]["vocab_multiple"] == VOCAB  # no padded rows
   # RUN/config.py is that config for train.py, starting from the imported parameters.
-  from trainer.config import load_config_file, validate
+  from settings import load_config_file, validate
 
   cfg = load_config_file(os.path.join(run, "config.py"))
   validate(cfg)
@@ -369,7 +369,7 @@ def test_greedy_generation_equals_transformers_generate(imported):
   the tokens of transformers' own `generate(do_sample=False)`."""
   from generation import Decoder, Sampling, generate
   from generation.run import one_device_mesh
-  from sharding.rules import DEFAULT_RULES, parse_rules
+  from parallel.rules import DEFAULT_RULES, parse_rules
 
   family, _, model, run = imported
   model_cfg, params = _run_params(run)

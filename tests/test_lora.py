@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig, lora
+from settings import ConfigError
+from storage.checkpoint import CheckpointError, load_params
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
 from tests.test_checkpoint import ENV, RUN_STEPS, _losses, assert_sigkill_resume_is_exact
-from trainer.checkpoint import CheckpointError, load_params
-from trainer.config import ConfigError
 from trainer.experiment import build
 from trainer.loop import check_lora_base
 from trainer.plan import plan

@@ -284,8 +284,8 @@ def test_unrolled_layer_scan_gives_the_same_loss_and_gradients(scan_unroll, rema
 
 
 def test_host_offload_is_a_config_error_on_cpu():
+  from settings import ConfigError
   from tests.helpers import VOCAB, mesh_for, small_config
-  from trainer.config import ConfigError
   from trainer.experiment import build
 
   cfg = small_config(**{"model.remat": "offload_projections"})

@@ -24,10 +24,10 @@ from model.moe import (
   received_experts,
   resolve_dropless,
 )
-from sharding import rules as sharding_rules
-from sharding.rules import parse_rules
+from parallel import rules as sharding_rules
+from parallel.rules import parse_rules
+from settings import ConfigError, check_backend, load_config_file, validate
 from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
-from trainer.config import ConfigError, check_backend, load_config_file, validate
 from trainer.experiment import build
 from trainer.metrics import matmul_params_per_token
 from trainer.plan import count_collectives

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from sharding.mesh import make_mesh
+from parallel.mesh import make_mesh
+from storage.checkpoint import Checkpointer
 from tests.helpers import mini_run_args
-from trainer.checkpoint import Checkpointer
 from trainer.experiment import build
 
 LAYOUTS = {"fsdp8": {"mesh.fsdp": 8}, "data2_tensor4": {"mesh.data": 2, "mesh.tensor": 4}}

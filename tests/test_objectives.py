@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import objectives
 from data import chat
 from data.packing import to_model_inputs
 from data.preference import load_preferences
 from data.sft import load_conversations
-from trainer import objectives
 
 
 class ByteTokenizer:
@@ -400,9 +400,9 @@ def test_sft_run_resumes_exactly(tmp_path):
 
 
 def test_fine_tuning_takes_the_tokenizer_of_the_run_it_builds_on(tmp_path):
+  from objectives.frozen import tokenizer_data_cfg
+  from settings import ConfigError
   from tests.helpers import small_config
-  from trainer.config import ConfigError
-  from trainer.finetune import tokenizer_data_cfg
 
   teacher = tmp_path / "teacher"
   (teacher / "checkpoints" / "8").mkdir(parents=True)

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from parallel import pipeline
+from settings import ConfigError
+from storage.checkpoint import Checkpointer
 from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
-from trainer import pipeline
-from trainer.checkpoint import Checkpointer
-from trainer.config import ConfigError
 from trainer.experiment import build
 from trainer.plan import count_collectives
 

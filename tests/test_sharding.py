@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from sharding.mesh import MeshError, mesh_shape
-from sharding.partition import bytes_per_device
+from parallel.mesh import MeshError, mesh_shape
+from parallel.partition import bytes_per_device
 from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
 from trainer.experiment import build
 from trainer.plan import count_collectives

@@ -13,13 +13,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from model import ModelConfig, lora
 from model.config import padded_vocab_size
 from model.transformer import num_units
-from sharding.mesh import MeshError
-from sharding.partition import StateShardings, param_specs, state_shardings
-from sharding.rules import activate, entry_axes, logical_to_spec, parse_rules
-from trainer import pipeline
-from trainer.checkpoint import load_params
-from trainer.config import ConfigError, check_backend
-from trainer.finetune import frozen_loader, objective_setup
+from objectives.frozen import frozen_loader, objective_setup
+from parallel import pipeline
+from parallel.mesh import MeshError
+from parallel.partition import StateShardings, param_specs, state_shardings
+from parallel.rules import activate, entry_axes, logical_to_spec, parse_rules
+from settings import ConfigError, check_backend
+from storage.checkpoint import load_params
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, init_trainable, new_state
 from trainer.step import BATCH_AXES, LossFn, Pipelined, default_loss_fn, make_eval_step, make_train_step

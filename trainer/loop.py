@@ -12,11 +12,11 @@ import data
 from data.cache import cache_root
 from data.pipeline import load_source
 from model.config import ModelConfig
-from sharding.mesh import make_mesh
+from objectives.frozen import tokenizer_data_cfg
+from parallel.mesh import make_mesh
 from storage import as_path
-from trainer.checkpoint import Checkpointer, CheckpointError, load_params
+from storage.checkpoint import Checkpointer, CheckpointError, load_params
 from trainer.experiment import Experiment, build
-from trainer.finetune import tokenizer_data_cfg
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
 from trainer.optim import restart_schedule
 from trainer.preemption import PreemptionGuard

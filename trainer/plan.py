@@ -6,8 +6,8 @@ import re
 import jax
 
 from model.attend import resolve
-from sharding.mesh import make_mesh
-from sharding.partition import bytes_per_device
+from parallel.mesh import make_mesh
+from parallel.partition import bytes_per_device
 from storage import as_path
 from trainer.experiment import build
 from trainer.metrics import flops_per_token

@@ -13,9 +13,9 @@ from jax.sharding import Mesh
 from model import ModelConfig, cross_entropy_sums
 from model.loss import chunked_cross_entropy_sums
 from model.transformer import apply_units, num_units
-from sharding.rules import constrain
-from trainer import pipeline
-from trainer.objectives import SUM_PREFIX, token_count
+from objectives import SUM_PREFIX, token_count
+from parallel import pipeline
+from parallel.rules import constrain
 from trainer.state import TrainState, apply_loss
 
 BATCH_AXES = ("batch", "length")

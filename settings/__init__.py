@@ -17,8 +17,8 @@ from model.attend import backend_problem
 from model.config import field_problems
 from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
-from sharding.rules import DEFAULT_RULES
-from trainer.objectives import OBJECTIVES
+from objectives import OBJECTIVES
+from parallel.rules import DEFAULT_RULES
 
 
 class ConfigError(ValueError):

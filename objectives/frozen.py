@@ -11,15 +11,15 @@ import jax
 import ml_collections
 from etils import epath
 
+import objectives
 from configs.base import base_config
 from data.cache import file_sha256
 from data.tokenizer import run_tokenizer_path
 from model import ModelConfig
 from model.config import padded_vocab_size
+from settings import ConfigError
 from storage import as_path
-from trainer import objectives
-from trainer.checkpoint import CheckpointError, load_params
-from trainer.config import ConfigError
+from storage.checkpoint import CheckpointError, load_params
 from trainer.state import abstract_model
 
 _log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sharding.mesh import MeshError
-from sharding.rules import Rules, entry_axes, logical_to_spec
+from parallel.mesh import MeshError
+from parallel.rules import Rules, entry_axes, logical_to_spec
 
 
 def param_specs(abstract_params, logical_names, rules: Rules, mesh: Mesh, *, where: str = "parameter"):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sharding import rules as sharding_rules
+from parallel import rules as sharding_rules
 
 SCHEDULES = ("gpipe", "circular", "1f1b")
 IDLE, FORWARD, BACKWARD = 0, 1, 2
