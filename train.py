@@ -13,7 +13,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from settings import ConfigError, check_overrides, validate
+from settings import ConfigError
+from settings.load import check_overrides
+from settings.validate import validate
 
 
 def _env_int(name: str) -> int | None:

@@ -14,9 +14,9 @@ Every batch is a dict of global [B, L] arrays (L = data.seq_len), taken from pac
   loss_mask    float32  1.0 where the target is a real token of the input's document, else 0.0; fine-tuning
                         data multiplies in each target's loss weight (0 on prompts)
 
-The documents come from a source (`load_source`): the token cache of a text corpus (train.objective lm and
-distill), chat conversations (sft, data/sft.py) or preference pairs (dpo, data/preference.py, one pair per
-row). A source other than the token cache makes its own rows (`packed_rows`); everything else is shared.
+The documents come from the objective's source (`Objective.load_documents`, objectives/): the token cache of a
+text corpus (lm, distill), chat conversations (sft, data/sft.py) or preference pairs (dpo, data/preference.py,
+one pair per row). A source other than the token cache makes its own rows (`packed_rows`); the rest is shared.
 """
 
 import atexit
@@ -32,8 +32,6 @@ import numpy as np
 
 from data.errors import DataError
 from data.packing import PackedRows, empty_row, to_model_inputs
-from data.preference import load_preferences
-from data.sft import load_conversations
 from data.token_cache import TokenCache, load_token_cache
 from data.tokenizer import Tokenizer
 
@@ -41,15 +39,6 @@ _log = logging.getLogger(__name__)
 
 # Batches ready ahead of the train loop, besides the one being built: the next step never waits for the host.
 _PREFETCH_DEPTH = 1
-
-
-def load_source(data_cfg, tokenizer: Tokenizer, objective: str = "lm"):
-  """The documents `objective` trains on: the token cache, Conversations (sft) or PreferencePairs (dpo)."""
-  if objective == "sft":
-    return load_conversations(data_cfg, tokenizer)
-  if objective == "dpo":
-    return load_preferences(data_cfg, tokenizer)
-  return load_token_cache(data_cfg, tokenizer)
 
 
 def make_train_iterator(

@@ -22,7 +22,7 @@ from generation.sampling import Sampling, mask_padding, sample
 from model import ModelConfig
 from model.attend import resolve
 from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
-from parallel.partition import param_specs
+from parallel.partition import param_specs, with_shardings
 from parallel.rules import Rules, activate
 from trainer.state import abstract_model
 
@@ -52,10 +52,8 @@ class Decoder:
     self._jitted = {}
 
   def abstract_sharded_params(self):
-    """ShapeDtypeStructs with shardings: what `trainer.checkpoint.load_params` restores into."""
-    return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self.abstract_params, self.param_shardings
-    )
+    """ShapeDtypeStructs with shardings: what `storage.checkpoint.load_params` restores into."""
+    return with_shardings(self.abstract_params, self.param_shardings)
 
   def new_cache(self, batch: int, length: int) -> KVCache:
     cfg = self.model_cfg

@@ -19,9 +19,10 @@ from configs.base import base_config
 from hf.config import architecture, export_family, hf_config, kiln_fields
 from hf.safetensors_io import open_weights, write_sharded
 from hf.weights import fill_params, hf_tensors, tensor_map
-from model.config import ModelConfig, padded_vocab_size
-from settings import ConfigError, validate
+from parallel.partition import with_shardings
+from settings.validate import validate
 from storage.checkpoint import CheckpointError, load_params
+from storage.run import model_config, read_run_config
 from trainer.state import abstract_model
 
 TOKENIZER_FILES = (
@@ -63,13 +64,6 @@ def kiln_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   return cfg
 
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  try:
-    return ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab_size, max_len=cfg.data.seq_len)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
 def import_hf(hf_dir: str, out: str, dtype: str = "float32") -> dict[str, Any]:
   """Writes the kiln run directory `out` (config.json, params/, tokenizer files) of the Hugging Face model in
   `hf_dir`; returns a summary. ConfigError / CheckpointError (one line) for what cannot be converted."""
@@ -79,7 +73,7 @@ def import_hf(hf_dir: str, out: str, dtype: str = "float32") -> dict[str, Any]:
   if dtype != "float32":
     cfg.model.param_dtype, cfg.model.allow_low_precision_params = dtype, True
   validate(cfg)
-  model_cfg = model_config(cfg, padded_vocab_size(cfg.data.vocab_size, cfg.model.vocab_multiple))
+  model_cfg = model_config(cfg, cfg.data.vocab_size)
   family = architecture(hf)
   _, abstract, _ = abstract_model(model_cfg)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
@@ -155,11 +149,8 @@ def export_hf(run: str, out: str, dtype: str | None = None, max_shard_bytes: int
   """Writes the Hugging Face directory `out` (config.json, safetensors, tokenizer files) of the kiln run `run`;
   `dtype` None keeps the stored dtype. Returns a summary (with `notes` on what Hugging Face does differently)."""
   _check_new(out)
-  saved = _read_json(os.path.join(run, "config.json"), "pass --to_hf a kiln run directory")
-  cfg = base_config()
-  for group in ("model", "moe", "data"):
-    known = {k: v for k, v in saved.get(group, {}).items() if k in cfg[group]}
-    cfg[group].update(known)
+  _read_json(os.path.join(run, "config.json"), "pass --to_hf a kiln run directory")  # a readable config.json
+  cfg = read_run_config(run, "--to_hf")
   state_dir = _params_dir(run)
   try:
     stored = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree["params"]
@@ -170,7 +161,7 @@ def export_hf(run: str, out: str, dtype: str | None = None, max_shard_bytes: int
   family = export_family(model_cfg)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, abstract, _ = abstract_model(model_cfg)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  abstract = with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
   params, _ = load_params(run, abstract)  # the same choice of checkpoint as `_params_dir`
   params = jax.tree.map(np.asarray, params)
   out_dtype = np.dtype(jax.numpy.dtype(dtype)) if dtype else np.dtype(model_cfg.weight_dtype)

@@ -11,8 +11,22 @@ from model.lora import parse_targets
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
+# Config keys whose ModelConfig field has another name.
+_RENAMED = {
+  "moe.every": "moe_every",
+  "lora.rank": "lora_rank",
+  "lora.alpha": "lora_alpha",
+  "lora.dropout": "lora_dropout",
+  "lora.targets": "lora_targets",
+}
+# A group whose fields mean nothing while this key is 0 in both configs (a dense model's moe.*, lora.* without LoRA).
+_SWITCHES = {"moe": "num_experts", "lora": "rank"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Architecture:
+  """What a checkpoint's weights mean: sizes, variants, positions, experts, adapters. A resume must keep them."""
+
   vocab_size: int  # embedding rows, already padded (see `padded_vocab_size`)
   max_len: int  # longest sequence the positions support
   num_layers: int = 4
@@ -36,21 +50,13 @@ class ModelConfig:
   qk_norm: bool = False  # RMSNorm over head_dim of q and k (one weight per head_dim, shared by heads), before RoPE
   sliding_window: int = 0  # > 0: query at position p sees keys at positions > p - sliding_window
   tie_embeddings: bool = True
-  dropout_rate: float = 0.0
   init_std: float = 0.02
   param_dtype: str = "float32"
-  compute_dtype: str = "float32"
-  remat: str = "none"
-  scan_unroll: int = 1  # units (layers) per iteration of the layer scan; compile time grows with it
-  attention: str = "auto"  # model/attend.py: auto | xla | chunked | cudnn | splash
-  attention_block: int = 512  # keys per block of the chunked attention
-  loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (model/loss.py)
   # Mixture of experts (num_experts == 0: every MLP is dense).
   num_experts: int = 0
   top_k: int = 2
   capacity_factor: float = 1.25
   group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
-  dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
   moe_every: int = 1
   num_shared_experts: int = 0
   expert_mlp_dim: int = 0
@@ -59,8 +65,36 @@ class ModelConfig:
   # LoRA (lora_rank == 0: off): adapters on the projections named in lora_targets ("attn_q", "mlp_up", ...).
   lora_rank: int = 0
   lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Execution:
+  """How a step computes with those weights: any of these may change on any resume."""
+
+  compute_dtype: str = "float32"
+  remat: str = "none"
+  scan_unroll: int = 1  # units (layers) per iteration of the layer scan; compile time grows with it
+  attention: str = "auto"  # model/attend.py: auto | xla | chunked | cudnn | splash
+  attention_block: int = 512  # keys per block of the chunked attention
+  loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (model/loss.py)
+  dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
+  dropout_rate: float = 0.0  # training only: the weights mean the same with any rate
+  lora_dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(Architecture, Execution):
+  """The model's own view of the configuration, plain, frozen and validated: an Architecture and an Execution
+  in one namespace (`cfg.d_model`, `cfg.remat`); `architecture` and `execution` give the two parts apart."""
+
+  @property
+  def architecture(self) -> Architecture:
+    return Architecture(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)})
+
+  @property
+  def execution(self) -> Execution:
+    return Execution(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Execution)})
 
   def __post_init__(self):
     problems = field_problems(self)
@@ -105,6 +139,28 @@ class ModelConfig:
         lora_targets=parse_targets(lora_cfg.targets),
       )
     return cls(**kwargs)
+
+
+def _field_of(key: str) -> str:
+  """The ModelConfig field a config key (`group.name` of model, moe or lora) sets."""
+  return _RENAMED.get(key, key.split(".", 1)[1])
+
+
+def architecture_changes(saved: dict, current: dict) -> list[str]:
+  """`group.key: old -> new` for every config key of an Architecture field that differs between two resolved
+  configs (as dicts); a key absent from `saved` (written before it existed) is taken at its current value."""
+  architecture = {f.name for f in dataclasses.fields(Architecture)}
+  changes = []
+  for group in ("model", "moe", "lora"):
+    switch = _SWITCHES.get(group)
+    if switch and not saved.get(group, {}).get(switch, 0) and not current.get(group, {}).get(switch, 0):
+      continue
+    for name, value in current.get(group, {}).items():
+      key = f"{group}.{name}"
+      old = saved.get(group, {}).get(name, value)
+      if _field_of(key) in architecture and old != value:
+        changes.append(f"{key}: {old} -> {value}")
+  return changes
 
 
 def field_problems(cfg) -> list[str]:

@@ -1,12 +1,10 @@
 """Building blocks shared by attention, MLP and the Transformer: parameters, projections, norms, positions,
 dropout."""
 
-import contextlib
 import dataclasses
 import functools
 import math
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,6 @@ from parallel.rules import constrain
 
 # hook(name, x, kernel, default) -> y, where `default(x, kernel)` is the plain projection and `kernel` the stored
 # (master) weight. LoRA adds to default(x, kernel); quantization passes default a (fake-)quantized kernel.
-ProjectionHook = Callable[[str, jax.Array, jax.Array, Callable[[jax.Array, jax.Array], jax.Array]], jax.Array]
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], *, std: float, dtype) -> nnx.Param:
@@ -32,23 +29,6 @@ def ones_param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> 
 
 def zeros_param(shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, names)(None, shape, dtype))
-
-
-class _Hook(threading.local):
-  fn: ProjectionHook | None = None
-
-
-_hook = _Hook()
-
-
-@contextlib.contextmanager
-def projection_hook(hook: ProjectionHook | None) -> Iterator[None]:
-  """Every `project` traced within this context goes through `hook` (the one place LoRA and quantization wrap)."""
-  previous, _hook.fn = _hook.fn, hook
-  try:
-    yield
-  finally:
-    _hook.fn = previous
 
 
 def kernel_names(kernel: nnx.Param, ndim: int) -> tuple[str | None, ...]:
@@ -201,14 +181,12 @@ def project(
   projection; `adapter_key` is its dropout key (None: no dropout).
   """
 
-  def default(x, kernel_array):
-    names = kernel_names(kernel, kernel_array.ndim)
-    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
-      return _einsum_wide_out(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), names, x.astype(dtype), kernel_array)
-    return matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
-
-  hook = _hook.fn
-  y = default(x, kernel[...]) if hook is None else hook(name, x, kernel[...], default)
+  kernel_array = kernel[...]
+  names = kernel_names(kernel, kernel_array.ndim)
+  if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
+    y = _einsum_wide_out(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), names, x.astype(dtype), kernel_array)
+  else:
+    y = matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
   if adapter is not None:
     y = y + adapter(x, spec, dtype, adapter_key).astype(y.dtype)
   return checkpoint_name(constrain(y, out_names), name)
@@ -336,7 +314,6 @@ def output_std(init_std: float, num_layers: int) -> float:
 
 __all__ = [
   "Norm",
-  "ProjectionHook",
   "RopeScaling",
   "cast_kernel",
   "dropout",
@@ -345,7 +322,6 @@ __all__ = [
   "output_std",
   "param",
   "project",
-  "projection_hook",
   "rope",
   "rope_inv_freq",
   "sinusoidal",

@@ -1,117 +1,156 @@
-"""The training objectives of `config.train.objective`, as loss functions of the one train step (step.py).
+"""Training objectives, one module each, looked up by `config.train.objective`.
 
-A loss function maps (params, frozen, batch, dropout_key) to ((loss_sum, z_sum, count), aux): sums, so
-microbatches and shards combine exactly, and the step divides by the count of the whole batch (`count_fn`).
-  lm, sft   next-token cross-entropy over the loss mask (sft data weighs only assistant tokens); count: tokens
-  dpo       -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair (data/preference.py rows: segment 1 chosen,
-            2 rejected), p* the policy's and r* the frozen reference's summed log-probabilities of the
-            response; count: pairs
-  distill   alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy per target token, *_T the
-            softmax at temperature T of the frozen teacher's and the student's logits; count: tokens
-`frozen` holds the parameter trees that are inputs but never trained: {"reference": ...} for dpo,
-{"teacher": ...} for distill. The reported `loss` is the objective itself; dpo and distill add metrics.
+An objective is an `Objective`: the documents it trains on, its loss and the count that loss is divided by,
+the frozen models it reads (a DPO reference, a distillation teacher), where its tokenizer comes from and the
+static checks of the config keys it reads. The built-in ones are the modules of this package that define
+`OBJECTIVE` (`lm`, `sft`, `dpo`, `distill`): a new module here is a new objective, and no other file changes.
+`train.objective` also takes `module:attribute` or `path/to/file.py:attribute` naming an `Objective` of your
+own (examples/objectives/label_smoothing.py is a complete one).
+
+The loss function contract (`LossFn`): (params, frozen, batch, dropout_key) -> ((loss_sum, z_sum, count), aux),
+sums over the batch so microbatches and shards combine exactly; the step divides by `count_fn` of the whole
+batch. `frozen` holds the parameter trees the step reads but never trains, by the names of `Setup.frozen`.
 """
 
+import dataclasses
+import importlib
+import importlib.util
+import pkgutil
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from model import cross_entropy_sums
-
-OBJECTIVES = ("lm", "sft", "dpo", "distill")
-CHOSEN_SEGMENT, REJECTED_SEGMENT = 1, 2  # as data/preference.py lays out a pair's row
-SUM_PREFIX = "sum:"  # an aux entry "sum:<metric>" is a batch sum that the step reports as <metric> per count
+LossFn = Callable[[dict, dict, dict, jax.Array | None], tuple[tuple[jax.Array, jax.Array, jax.Array], dict]]
 
 
-def _logits(graphdef, params, batch: dict, dropout_key=None):
-  """fp32 logits [B, L, V] and the model's auxiliary outputs."""
-  model = nnx.merge(graphdef, nnx.State(params))
-  return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+  """A model the step reads but never trains: where its parameters come from, and their abstract tree."""
+
+  source: str  # a run / checkpoint / export; "" = this run's own initial parameters
+  model_cfg: object  # model.ModelConfig
+  abstract_params: dict  # ShapeDtypeStructs (no shardings)
+  logical_names: dict
 
 
-def token_logprobs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """log p(target) per position, in fp32."""
-  logits = logits_BxLxV.astype(jnp.float32)
-  target_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-  return target_BxL - jax.nn.logsumexp(logits, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """What an objective's `setup` may read about the run and the model it trains."""
+
+  cfg: object  # the run's resolved ml_collections config
+  model_cfg: object  # model.ModelConfig of the trained model
+  graphdef: object
+  abstract_params: dict  # the full model's parameters (LoRA adapters included), ShapeDtypeStructs
+  logical_names: dict
+  tokenizer_vocab: int  # the tokenizer's size; the embedding may be padded past it
+  tensor_parallelism: int  # mesh.tensor: a frozen model of another shape pads its vocabulary to it too
 
 
-def pair_logprobs(logp_BxL: jax.Array, loss_mask_BxL: jax.Array, segment_ids_BxL: jax.Array):
-  """(chosen [B], rejected [B]): the weighted log-probabilities summed over each side of a pair row."""
-  weighted_BxL = logp_BxL * loss_mask_BxL
-  chosen_B = jnp.sum(jnp.where(segment_ids_BxL == CHOSEN_SEGMENT, weighted_BxL, 0.0), axis=-1)
-  rejected_B = jnp.sum(jnp.where(segment_ids_BxL == REJECTED_SEGMENT, weighted_BxL, 0.0), axis=-1)
-  return chosen_B, rejected_B
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """An objective's computation for one model: `loss_fn` None is the next-token loss (the one a pipeline runs)."""
+
+  loss_fn: LossFn | None
+  count_fn: Callable[[dict], jax.Array]  # batch -> what the loss sums are divided by (target tokens, pairs, ...)
+  frozen: dict[str, FrozenModel] = dataclasses.field(default_factory=dict)
 
 
-def dpo_terms(policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_rejected_B, beta: float) -> dict:
-  """Per pair: the DPO loss, the implicit rewards beta * (policy - reference) of each side and their margin."""
-  chosen_reward_B = beta * (policy_chosen_B - reference_chosen_B)
-  rejected_reward_B = beta * (policy_rejected_B - reference_rejected_B)
-  margin_B = chosen_reward_B - rejected_reward_B
-  return {
-    "loss": -jax.nn.log_sigmoid(margin_B),
-    "margin": margin_B,
-    "chosen_reward": chosen_reward_B,
-    "rejected_reward": rejected_reward_B,
-  }
+def _no_problems(cfg) -> list[str]:
+  del cfg
+  return []
 
 
-def pair_count(batch: dict) -> jax.Array:
-  """Rows that hold a pair (any target weight); padding rows of an eval batch count for nothing."""
-  return jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=-1).astype(jnp.float32))
+def _no_runs(cfg) -> list[str]:
+  del cfg
+  return []
 
 
-def token_count(batch: dict) -> jax.Array:
-  return jnp.sum(batch["loss_mask"])
+def _token_cache(data_cfg, tokenizer):
+  from data.token_cache import load_token_cache
+
+  return load_token_cache(data_cfg, tokenizer)
 
 
-def distill_kl_sums(student_BxLxV, teacher_BxLxV, loss_mask_BxL, temperature: float) -> jax.Array:
-  """Sum over weighted targets of KL(softmax(teacher / T) || softmax(student / T))."""
-  log_q = jax.nn.log_softmax(student_BxLxV.astype(jnp.float32) / temperature, axis=-1)
-  log_p = jax.nn.log_softmax(teacher_BxLxV.astype(jnp.float32) / temperature, axis=-1)
-  kl_BxL = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-  return jnp.sum(kl_BxL * loss_mask_BxL)
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Everything one training objective brings to a run."""
+
+  name: str
+  setup: Callable[[TrainedModel], Setup]
+  # (data config, tokenizer) -> the documents: a TokenCache or a source with the same interface (data/pipeline.py)
+  load_documents: Callable = _token_cache
+  # config -> one line per problem with the keys this objective reads; run by settings.validate before the backend
+  config_problems: Callable[[object], list[str]] = _no_problems
+  # config -> runs (directories or checkpoints) whose tokenizer the run takes when data.tokenizer is empty
+  tokenizer_runs: Callable[[object], list[str]] = _no_runs
+  # data.files holds plain text a tokenizer can be trained on (chat or preference JSONL does not)
+  text_corpus: bool = True
+  # a data.tokenizer given anyway must be that of `tokenizer_runs` (distillation compares logits id by id)
+  same_tokenizer: bool = False
 
 
-def make_dpo_loss(graphdef, *, beta: float) -> Callable:
-  """DPO against frozen["reference"] (same model shape as the policy)."""
-
-  def loss_fn(params, frozen, batch, dropout_key):
-    logits, aux = _logits(graphdef, params, batch, dropout_key)
-    reference_logits, _ = _logits(graphdef, frozen["reference"], batch)
-    mask, segments = batch["loss_mask"], batch["segment_ids"]
-    policy = pair_logprobs(token_logprobs(logits, batch["targets"]), mask, segments)
-    reference = pair_logprobs(token_logprobs(jax.lax.stop_gradient(reference_logits), batch["targets"]), mask, segments)
-    terms = dpo_terms(*policy, *reference, beta)
-    valid_B = jnp.any(mask > 0, axis=-1).astype(jnp.float32)
-    count = jnp.sum(valid_B)
-    loss_sum = jnp.sum(terms["loss"] * valid_B)
-    stats = {f"dpo_{k}": jnp.sum(v * valid_B) for k, v in terms.items() if k != "loss"}
-    stats["dpo_accuracy"] = jnp.sum((terms["margin"] > 0).astype(jnp.float32) * valid_B)
-    return (loss_sum, jnp.zeros((), jnp.float32), count), {**aux, **_as_sums(stats)}
-
-  return loss_fn
+class ObjectiveError(ValueError):
+  """`train.objective` names no objective; the message says which exist."""
 
 
-def make_distill_loss(graphdef, teacher_graphdef, *, temperature: float, alpha: float, vocab_size: int) -> Callable:
-  """Distillation from frozen["teacher"] (any shape, same tokenizer: logits compared over its `vocab_size`)."""
-
-  def loss_fn(params, frozen, batch, dropout_key):
-    logits, aux = _logits(graphdef, params, batch, dropout_key)
-    teacher_logits, _ = _logits(teacher_graphdef, frozen["teacher"], batch)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits[..., :vocab_size])
-    mask = batch["loss_mask"]
-    nll_sum, z_sum, tokens = cross_entropy_sums(logits, batch["targets"], mask)
-    kl_sum = distill_kl_sums(logits[..., :vocab_size], teacher_logits, mask, temperature)
-    loss_sum = alpha * temperature**2 * kl_sum + (1.0 - alpha) * nll_sum
-    return (loss_sum, z_sum, tokens), {**aux, **_as_sums({"distill_kl": kl_sum, "distill_ce": nll_sum})}
-
-  return loss_fn
+def builtin_names() -> tuple[str, ...]:
+  """The modules of this package that define an `OBJECTIVE`."""
+  names = []
+  for info in pkgutil.iter_modules(__path__):
+    if not info.name.startswith("_") and hasattr(importlib.import_module(f"{__name__}.{info.name}"), "OBJECTIVE"):
+      names.append(info.name)
+  return tuple(sorted(names))
 
 
-def _as_sums(stats: dict) -> dict:
-  """Marks metrics that are sums over the batch: the step divides them by the batch's count, as the loss."""
-  return {SUM_PREFIX + name: value for name, value in stats.items()}
+def get(name: str) -> Objective:
+  """The objective `name`: a built-in one, `module:attribute` or `path/to/file.py:attribute`."""
+  if ":" in name:
+    return _user_objective(name)
+  if name in builtin_names():
+    return importlib.import_module(f"{__name__}.{name}").OBJECTIVE
+  raise ObjectiveError(
+    f"config.train.objective={name!r} is not one of {', '.join(builtin_names())}; pick one of them, or name your own "
+    "as module:attribute or path/to/file.py:attribute"
+  )
+
+
+def _user_objective(spec: str) -> Objective:
+  where, _, attribute = spec.rpartition(":")
+  try:
+    module = _load_file(where) if where.endswith(".py") else importlib.import_module(where)
+  except Exception as e:  # noqa: BLE001 (the user's module failed to import: say so in one line)
+    raise ObjectiveError(
+      f"config.train.objective={spec!r}: cannot import {where} ({type(e).__name__}: {_first_line(e)}); give an "
+      "importable module (on PYTHONPATH) or a path to a .py file"
+    ) from None
+  objective = getattr(module, attribute, None)
+  if not isinstance(objective, Objective):
+    raise ObjectiveError(
+      f"config.train.objective={spec!r}: {where} has no Objective named {attribute!r} "
+      f"(found {type(objective).__name__}); define {attribute} = objectives.Objective(...)"
+    )
+  return objective
+
+
+def _first_line(error: BaseException) -> str:
+  return str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+
+
+def _load_file(path: str):
+  """Imports a .py file once per process (a second lookup returns the same module and objects)."""
+  resolved = Path(path).resolve()
+  if not resolved.is_file():
+    raise FileNotFoundError(f"no such file {path}")
+  name = f"_kiln_objective_{abs(hash(str(resolved)))}"
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+      spec.loader.exec_module(module)
+    except BaseException:
+      del sys.modules[name]
+      raise
+  return sys.modules[name]

@@ -8,7 +8,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from parallel.mesh import MeshError
-from parallel.rules import Rules, entry_axes, logical_to_spec
+from parallel.rules import Rules, constrain, entry_axes, logical_to_spec
+
+BATCH_AXES = ("batch", "length")
 
 
 def param_specs(abstract_params, logical_names, rules: Rules, mesh: Mesh, *, where: str = "parameter"):
@@ -74,9 +76,27 @@ def state_shardings(
   return StateShardings(params, opt_state, sharded if zero_stage >= 2 else params, replicated)
 
 
+def with_shardings(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` (arrays or ShapeDtypeStructs) placed as `shardings`, a tree of the same
+  structure: what ahead-of-time compilation and checkpoint restores take."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def bytes_per_device(abstract_tree, shardings) -> int:
   """Bytes one device holds of a tree, read from the shardings (the largest over devices)."""
   total = 0
   for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
     total += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
   return total
+
+
+def microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
+  """[B, L, ...] -> [n, B/n, L, ...], microbatch m = rows m, m+n, ...: every data shard holds part of every
+  microbatch. `extra`: logical names of the dimensions after L."""
+
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, *BATCH_AXES, *extra))
+
+  return jax.tree.map(split, batch)

@@ -25,7 +25,9 @@ from ml_collections import config_flags  # noqa: E402
 
 from data.synthetic import packed_batch  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
-from settings import ConfigError, check_overrides, validate  # noqa: E402
+from settings import ConfigError  # noqa: E402
+from settings.load import check_overrides  # noqa: E402
+from settings.validate import validate  # noqa: E402
 from trainer.experiment import build  # noqa: E402
 from trainer.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 

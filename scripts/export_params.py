@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from data.tokenizer import copy_run_tokenizer  # noqa: E402
+from parallel.partition import with_shardings  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "Run directory (holds checkpoints/).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist).", required=True)
@@ -64,20 +65,17 @@ def _lora_on(run_cfg) -> bool:
 def _merge_lora(run: str, run_cfg, adapters: dict) -> dict:
   """Base (init_from or the seed's init) + adapters -> plain parameters with W + alpha / rank * A B."""
   import data
-  from model import ModelConfig, lora
-  from model.config import padded_vocab_size
+  from model import lora
+  from storage.run import model_config
   from trainer.experiment import lora_base
   from trainer.state import abstract_model
 
-  m = run_cfg.model
   # The embedding's rows as the run padded them; mesh.tensor=-1 (all remaining devices) counts as 1 here.
-  vocab = padded_vocab_size(data.load_tokenizer(run_cfg.data, run).vocab_size, m.vocab_multiple,
-                            max(run_cfg.mesh.tensor, 1))  # fmt: skip
-  model_cfg = ModelConfig.from_config(m, run_cfg.moe, vocab_size=vocab, max_len=run_cfg.data.seq_len,
-                                      lora_cfg=run_cfg.lora)  # fmt: skip
+  tokenizer_vocab = data.load_tokenizer(run_cfg.data, run).vocab_size
+  model_cfg = model_config(run_cfg, tokenizer_vocab, tensor=run_cfg.mesh.tensor, with_lora=True)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, abstract_base = lora.split(abstract_model(model_cfg)[1])
-  abstract_base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_base)
+  abstract_base = with_shardings(abstract_base, jax.tree.map(lambda _: device, abstract_base))
   base = lora_base(run_cfg.checkpoint.init_from, model_cfg, run_cfg.train.seed, abstract_base)
   return lora.merge(lora.combine(adapters, base), model_cfg.lora_alpha / model_cfg.lora_rank)
 

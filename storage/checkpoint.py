@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from model.config import architecture_changes
 from storage import as_path
 
 _log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Checkpointer:
       saved = self._read(step, lambda step=step: _leaf_shapes(self._state_metadata(step)))
       if saved is not None:
         self._check_fits(step, saved, abstract_state, config)
+        self._check_architecture(step, config)
       state = None
       if saved is not None:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -171,6 +173,19 @@ class Checkpointer:
       f"Resume with the config it was saved with ({path}/config/metadata), use a new --workdir, or start a "
       f"new run from its weights with --config.checkpoint.init_from={path}"
     )
+
+  def _check_architecture(self, step: int, config: dict | None) -> None:
+    """Weights mean what their architecture says (model/config.py: Architecture): resuming them under another
+    would train another model even where the shapes agree. Execution fields may change on any resume."""
+    saved = self._read_json(step, "config")
+    changes = architecture_changes(saved, config) if saved is not None and config is not None else []
+    if changes:
+      path = self.directory / str(step)
+      raise CheckpointError(
+        f"checkpoint {path} was saved with another architecture: {', '.join(changes[:4])}. Nothing was changed on "
+        f"disk. Resume with the config it was saved with ({path}/config/metadata), use a new --workdir, or start a "
+        f"new run from its weights with --config.checkpoint.init_from={path}"
+      )
 
   def _set_aside(self, step: int) -> None:
     """Renames an unreadable checkpoint to `<step>.corrupt`, once every process has stopped reading it."""

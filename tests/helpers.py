@@ -69,7 +69,7 @@ def mini_run_args(workdir, cache_dir, *, steps: int = 12, every: int = 4) -> lis
 
 def mini_run_config(cache_dir, **overrides):
   """configs/tiny.py with the overrides of `mini_run_args` (and `overrides`), for an in-process run."""
-  from settings import load_config_file
+  from settings.load import load_config_file
 
   cfg = load_config_file("configs/tiny.py")
   for key, value in {**mini_run_overrides(cache_dir), **overrides}.items():

@@ -241,6 +241,9 @@ def saved_run(tmp_path_factory):
     {"optim.warmup_steps": 7, "train.steps": 50, "train.log_every": 3, "checkpoint.every_steps": 5},
     {"optim.weight_decay": 0.0, "optim.b2": 0.99, "train.grad_accum": 2},
     {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optim.zero_stage": 1},  # another layout
+    # Execution (model/config.py): how the step computes, never what the weights mean.
+    {"model.remat": "full", "model.scan_unroll": 2, "model.attention": "chunked", "model.attention_block": 8},
+    {"model.loss_chunk": 8, "model.compute_dtype": "bfloat16", "model.dropout_rate": 0.1},
   ],
 )
 def test_a_change_that_keeps_the_state_structure_resumes_at_the_saved_step(saved_run, change):
@@ -280,6 +283,21 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_and_changes_nothing(saved_
   assert re.search(changed_keys, message), message
   assert "checkpoint.init_from=" in message and "new --workdir" in message
   assert _tree_snapshot(workdir) == before  # names and bytes: no checkpoint renamed, skipped over or touched
+
+
+@pytest.mark.parametrize("change", [{"model.rope_theta": 500_000.0}, {"model.norm_eps": 1e-5, "model.qk_norm": False}])
+def test_an_architecture_change_with_the_same_shapes_stops_the_run(saved_run, change):
+  workdir, _, _ = saved_run
+  cfg = small_config(**{"optim.clip_norm": 1.0, **change})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  before = _tree_snapshot(workdir)
+  with pytest.raises(CheckpointError) as error:
+    Checkpointer(str(workdir), cfg.checkpoint).restore_latest(exp.abstract_state(), json.loads(cfg.to_json()))
+  message = str(error.value)
+  assert "\n" not in message and "was saved with another architecture" in message
+  key, value = next((k, v) for k, v in change.items() if small_config()[k.split(".")[0]][k.split(".")[1]] != v)
+  assert f"{key}: " in message and f"-> {value}" in message, message
+  assert _tree_snapshot(workdir) == before
 
 
 def test_a_read_that_fails_once_is_retried_and_nothing_is_set_aside(saved_run, monkeypatch, caplog):

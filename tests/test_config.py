@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from settings import ConfigError, check_overrides, load_config_file, validate
+from settings import ConfigError
+from settings.load import check_overrides, load_config_file
+from settings.validate import validate
 
 TINY = "configs/tiny.py"
 

@@ -20,10 +20,12 @@ from safetensors import safe_open
 
 from configs.base import base_config
 from hf.config import export_family
-from hf.convert import _params_dir, export_hf, import_hf, model_config
+from hf.convert import _params_dir, export_hf, import_hf
 from model.config import ModelConfig
+from parallel.partition import with_shardings
 from settings import ConfigError
 from storage.checkpoint import CheckpointError, load_params
+from storage.run import model_config
 from trainer.state import abstract_model
 
 B, T, VOCAB = 2, 16, 256
@@ -81,7 +83,7 @@ def _run_params(run: str) -> tuple[ModelConfig, dict]:
   vocab = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree["params"]["embed_VxD"].shape[0]
   model_cfg = model_config(cfg, vocab)
   _, abstract, _ = abstract_model(model_cfg)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+  abstract = with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
   params, _ = load_params(run, abstract)
   return model_cfg, params
 
@@ -149,7 +151,8 @@ def test_imported_config_is_a_full_kiln_config(imported):
   assert set(saved) >= set(base_config()), "config.json lacks config groups"
   assert saved["model"]["vocab_multiple"] == VOCAB  # no padded rows
   # RUN/config.py is that config for train.py, starting from the imported parameters.
-  from settings import load_config_file, validate
+  from settings.load import load_config_file
+  from settings.validate import validate
 
   cfg = load_config_file(os.path.join(run, "config.py"))
   validate(cfg)

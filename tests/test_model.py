@@ -158,37 +158,6 @@ def test_cross_entropy_matches_formula_with_mask_and_z_loss():
   assert float(n) == mask.sum()
 
 
-def test_every_projection_goes_through_the_hook():
-  """The hook sees each projection by name (the one place LoRA or quantization wraps); what it returns is used."""
-  from model.layers import projection_hook
-
-  model = make_model(tie_embeddings=False)
-  tokens = np.random.default_rng(6).integers(0, 128, 12)
-  seen = []
-
-  def record(name, x, kernel, default):
-    seen.append(name)
-    return default(x, kernel)
-
-  with projection_hook(record):
-    plain = logits_of(model, tokens)
-  # The layer scan traces its body once: one call per projection kind.
-  assert sorted(seen) == sorted(["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "head"])
-  np.testing.assert_allclose(plain, logits_of(model, tokens), rtol=1e-6)
-
-  def drop_attention(name, x, kernel, default):
-    return default(x, jnp.zeros_like(kernel) if name == "attn_o" else kernel)
-
-  with projection_hook(drop_attention):
-    hooked = logits_of(model, tokens)
-  _, state = nnx.split(model)
-  pure = state.to_pure_dict()
-  pure["blocks"]["attn"]["wo_NxHxD"] = jnp.zeros_like(pure["blocks"]["attn"]["wo_NxHxD"])
-  without_attention = nnx.merge(nnx.graphdef(model), nnx.State(pure))
-  np.testing.assert_allclose(hooked, logits_of(without_attention, tokens), rtol=1e-6)
-  assert np.abs(hooked - plain).max() > 1e-3
-
-
 def test_chunked_loss_equals_plain_loss_in_value_and_gradient():
   """loss_chunk=5 over 12 positions (the last chunk padded): the same sums and the same parameter gradients, the
   tied embedding's included (it gets gradients from both the lookup and the chunked head)."""

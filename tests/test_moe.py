@@ -26,7 +26,9 @@ from model.moe import (
 )
 from parallel import rules as sharding_rules
 from parallel.rules import parse_rules
-from settings import ConfigError, check_backend, load_config_file, validate
+from settings import ConfigError
+from settings.load import load_config_file
+from settings.validate import check_backend, validate
 from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
 from trainer.experiment import build
 from trainer.metrics import matmul_params_per_token

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import objectives
 from data import chat
 from data.packing import to_model_inputs
 from data.preference import load_preferences
 from data.sft import load_conversations
+from objectives import distill, dpo
+from objectives.losses import model_logits
 
 
 class ByteTokenizer:
@@ -163,7 +164,7 @@ def test_dpo_loss_is_its_formula_on_hand_made_logprobs():
   rng = np.random.default_rng(0)
   pc, pr, rc, rr = (rng.normal(-20, 5, size=6) for _ in range(4))
   beta = 0.3
-  terms = objectives.dpo_terms(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta)
+  terms = dpo.dpo_terms(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta)
   for i in range(6):
     z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))
     assert float(terms["loss"][i]) == pytest.approx(-math.log(1 / (1 + math.exp(-z))), rel=1e-5)
@@ -173,7 +174,7 @@ def test_dpo_loss_is_its_formula_on_hand_made_logprobs():
   logp = jnp.asarray([[-1.0, -2.0, -3.0, -4.0, -5.0, 0.0]])
   mask = jnp.asarray([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0]])
   segments = jnp.asarray([[1, 1, 1, 2, 2, 0]])
-  chosen, rejected = objectives.pair_logprobs(logp, mask, segments)
+  chosen, rejected = dpo.pair_logprobs(logp, mask, segments)
   assert float(chosen[0]) == -5.0 and float(rejected[0]) == -5.0
 
 
@@ -188,9 +189,9 @@ def test_distill_kl_is_the_kl_divergence():
       p = np.exp(teacher[b, i] / t) / np.exp(teacher[b, i] / t).sum()
       q = np.exp(student[b, i] / t) / np.exp(student[b, i] / t).sum()
       want += mask[b, i] * float(np.sum(p * np.log(p / q)))
-  got = objectives.distill_kl_sums(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask), t)
+  got = distill.distill_kl_sums(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(mask), t)
   assert float(got) == pytest.approx(want, rel=1e-5)
-  assert float(objectives.distill_kl_sums(jnp.asarray(student), jnp.asarray(student), jnp.asarray(mask), t)) == (
+  assert float(distill.distill_kl_sums(jnp.asarray(student), jnp.asarray(student), jnp.asarray(mask), t)) == (
     pytest.approx(0.0, abs=1e-6)
   )
 
@@ -290,7 +291,7 @@ def test_dpo_steps_raise_the_chosen_over_rejected_margin(single_device_runs):
   # targets of segment 1 (chosen) and 2 (rejected), then the DPO formula, summed over the 8 pairs.
   batch = batches[0]
   loss_sum, pairs = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding), frozen)
-  logits_of = jax.jit(lambda params: objectives._logits(exp.graphdef, params, batch)[0])
+  logits_of = jax.jit(lambda params: model_logits(exp.graphdef, params, batch)[0])
   policy, reference = np.asarray(logits_of(state.params), np.float64), np.asarray(logits_of(frozen["reference"]))
   want = 0.0
   for b in range(8):
@@ -314,7 +315,7 @@ def test_distill_loss_is_zero_against_itself_and_falls(single_device_runs):
   assert history[-1]["loss"] < history[0]["loss"] * 0.95
   assert history[-1]["distill_kl"] == pytest.approx(history[-1]["loss"] / 2.0**2, rel=1e-5)  # alpha 1, T 2
   # The student as its own teacher: the same distribution, zero KL.
-  loss_fn = objectives.make_distill_loss(exp.graphdef, exp.graphdef, temperature=2.0, alpha=1.0, vocab_size=260)
+  loss_fn = distill.make_distill_loss(exp.graphdef, exp.graphdef, temperature=2.0, alpha=1.0, vocab_size=260)
   batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
   params = jax.device_get(state.params)
   (loss_sum, _, tokens), _ = jax.jit(loss_fn)(params, {"teacher": params}, batch, None)
@@ -339,7 +340,7 @@ def test_packed_row_logits_equal_each_conversation_alone(single_device_runs, tmp
   row = conversations.packed_rows(np.arange(2), 64, TOKENIZER, seed=0, shuffle=False)[0]
   assert row["segment_ids"].max() == 2, "the test needs a row with both conversations"
   params = jax.device_get(state.params)
-  logits_of = jax.jit(lambda params, batch: objectives._logits(exp.graphdef, params, batch)[0])
+  logits_of = jax.jit(lambda params, batch: model_logits(exp.graphdef, params, batch)[0])
   packed = to_model_inputs({k: v[None] for k, v in row.items()})
   logits = logits_of(params, packed)
   for segment in (1, 2):
@@ -419,3 +420,50 @@ def test_fine_tuning_takes_the_tokenizer_of_the_run_it_builds_on(tmp_path):
   assert tokenizer_data_cfg(sft).files == "" and sft.data.files == "examples/sft.jsonl"
   sft.checkpoint.init_from = str(teacher)
   assert tokenizer_data_cfg(sft).tokenizer == str(teacher / "tokenizer.model")
+
+
+def test_label_smoothing_example_is_its_formula():
+  """examples/objectives/label_smoothing.py against a numpy computation of the same loss on random logits."""
+  from examples.objectives.label_smoothing import smoothed_cross_entropy_sums
+
+  rng = np.random.default_rng(0)
+  logits, targets = rng.normal(size=(2, 5, 12)).astype(np.float32), rng.integers(0, 10, size=(2, 5))
+  mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  logp = logits[..., :10] - np.log(np.exp(logits[..., :10]).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  expected = np.sum((0.9 * nll - 0.1 * logp.mean(-1)) * mask)
+  loss_sum, nll_sum = smoothed_cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), 0.1, 10)
+  assert float(loss_sum) == pytest.approx(expected, rel=1e-5)
+  assert float(nll_sum) == pytest.approx(np.sum(nll * mask), rel=1e-5)
+
+
+def test_a_user_objective_from_a_file_outside_the_package_trains(tmp_path, monkeypatch):
+  """train.objective=module:attribute, the module a copy of the example outside the repository: the run trains,
+  and its step-1 cross-entropy (reported as `nll`) is the `lm` objective's step-1 loss on the same batch."""
+  import shutil
+
+  from settings import ConfigError
+  from settings.validate import validate
+  from tests.helpers import mini_run_config
+  from trainer.loop import train
+
+  shutil.copy("examples/objectives/label_smoothing.py", tmp_path / "my_objective.py")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  overrides = {"train.steps": 3, "checkpoint.every_steps": 3, "checkpoint.async_save": False}
+  records = {}
+  for objective in ("my_objective:OBJECTIVE", "lm"):
+    cfg = mini_run_config(tmp_path / "cache", **overrides, **{"train.objective": objective})
+    validate(cfg)
+    workdir = tmp_path / objective.split(":")[0]
+    train(cfg, str(workdir))
+    records[objective] = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
+  mine, lm = records["my_objective:OBJECTIVE"], records["lm"]
+  assert [r["step"] for r in mine] == [1, 2, 3]
+  assert mine[0]["nll"] == pytest.approx(lm[0]["loss"], rel=1e-5)
+  assert mine[0]["loss"] != pytest.approx(mine[0]["nll"], rel=1e-3)  # the smoothing term is in the loss
+  cfg = mini_run_config(tmp_path / "cache", **{"train.objective": "my_objective:NOTHING"})
+  with pytest.raises(ConfigError, match=r"has no Objective named 'NOTHING'"):
+    validate(cfg)
+  cfg.train.objective = str(tmp_path / "absent.py") + ":OBJECTIVE"
+  with pytest.raises(ConfigError, match=r"cannot import .*absent\.py \(FileNotFoundError"):
+    validate(cfg)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import pipeline
+from parallel import schedules
 from settings import ConfigError
 from storage.checkpoint import Checkpointer
 from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
@@ -111,17 +111,17 @@ def test_stacked_layers_are_split_over_stages_and_initialise_as_one_stage(runs):
 @pytest.mark.parametrize("stages,microbatches,repeats", [(2, 2, 2), (4, 4, 2), (4, 16, 3), (3, 7, 2)])
 def test_table_bubble_is_the_formula(schedule, stages, microbatches, repeats):
   repeats = repeats if schedule == "circular" else 1
-  table = pipeline.make_schedule(schedule, stages, microbatches, repeats)
-  assert table.bubble_fraction == pytest.approx(pipeline.bubble_formula(schedule, stages, microbatches, repeats))
+  table = schedules.make_schedule(schedule, stages, microbatches, repeats)
+  assert table.bubble_fraction == pytest.approx(schedules.bubble_formula(schedule, stages, microbatches, repeats))
   # Each stage runs every chunk forward and backward once for every microbatch.
-  busy = (table.table["op"] != pipeline.IDLE).sum(axis=0)
+  busy = (table.table["op"] != schedules.IDLE).sum(axis=0)
   assert (busy == 2 * microbatches * repeats).all()
 
 
 def test_1f1b_stashes_at_most_stages_activations_gpipe_all_microbatches():
   for stages, microbatches in [(2, 8), (4, 16)]:
-    assert pipeline.make_schedule("1f1b", stages, microbatches).stash_slots == stages
-    assert pipeline.make_schedule("gpipe", stages, microbatches).stash_slots == microbatches
+    assert schedules.make_schedule("1f1b", stages, microbatches).stash_slots == stages
+    assert schedules.make_schedule("gpipe", stages, microbatches).stash_slots == microbatches
 
 
 def _compiled(schedule: str, microbatches: int):

@@ -3,26 +3,28 @@
 import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+import objectives
 from model import ModelConfig, lora
-from model.config import padded_vocab_size
-from model.transformer import num_units
-from objectives.frozen import frozen_loader, objective_setup
+from objectives import LossFn, TrainedModel
+from objectives.frozen import frozen_loader
+from objectives.losses import next_token_loss
 from parallel import pipeline
-from parallel.mesh import MeshError
-from parallel.partition import StateShardings, param_specs, state_shardings
-from parallel.rules import activate, entry_axes, logical_to_spec, parse_rules
-from settings import ConfigError, check_backend
+from parallel.partition import BATCH_AXES, StateShardings, param_specs, state_shardings, with_shardings
+from parallel.pipeline import Pipelined
+from parallel.rules import activate, logical_to_spec, parse_rules
+from settings import ConfigError
+from settings.validate import validate_layout
 from storage.checkpoint import load_params
+from storage.run import model_config
 from trainer.optim import make_optimizer
 from trainer.state import TrainState, abstract_model, init_params, init_trainable, new_state
-from trainer.step import BATCH_AXES, LossFn, Pipelined, default_loss_fn, make_eval_step, make_train_step
+from trainer.step import make_eval_step, make_train_step
 
 _log = logging.getLogger(__name__)
 
@@ -69,13 +71,11 @@ class Experiment:
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: for ahead-of-time compilation and for restoring checkpoints."""
-    shapes = jax.eval_shape(self.init_state)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+    return with_shardings(jax.eval_shape(self.init_state), self.state_sharding)
 
   def abstract_frozen(self) -> dict:
     """The `frozen` input as ShapeDtypeStructs with shardings, for ahead-of-time compilation."""
-    to_struct = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)  # noqa: E731
-    return jax.tree.map(to_struct, self.frozen_shapes, self.frozen_sharding)
+    return with_shardings(self.frozen_shapes, self.frozen_sharding)
 
   def load_frozen(self) -> dict:
     """The `frozen` input of every step, loaded once at start ({} when the objective reads no frozen model)."""
@@ -86,108 +86,29 @@ class Experiment:
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in BATCH_FIELDS.items()}
 
 
-def _check_batch_divides(cfg, mesh: Mesh, batch_spec: PartitionSpec) -> None:
-  axes = entry_axes(batch_spec[0])
-  shards = math.prod(mesh.shape[a] for a in axes)
-  pipeline_micro = cfg.pipeline.microbatches if mesh.shape["stage"] > 1 else 1
-  micro = cfg.train.global_batch_size // (cfg.train.grad_accum * pipeline_micro)
-  if cfg.train.global_batch_size % (cfg.train.grad_accum * pipeline_micro):
-    raise ConfigError(
-      f"config.train.global_batch_size={cfg.train.global_batch_size} does not split into grad_accum="
-      f"{cfg.train.grad_accum} x pipeline.microbatches={pipeline_micro} microbatches; make it a multiple of "
-      f"{cfg.train.grad_accum * pipeline_micro}"
-    )
-  if micro % shards:
-    split = f"grad_accum={cfg.train.grad_accum}"
-    if pipeline_micro > 1:
-      split += f" / pipeline.microbatches={pipeline_micro}"
-    raise MeshError(
-      f"the batch of {micro} sequences per microbatch (config.train.global_batch_size="
-      f"{cfg.train.global_batch_size} / {split}) does not split over the "
-      f"{shards} devices of mesh axes {axes}; make it a multiple of {shards}"
-    )
-  if cfg.train.global_batch_size % jax.process_count():
-    raise MeshError(
-      f"config.train.global_batch_size={cfg.train.global_batch_size} does not split over "
-      f"{jax.process_count()} processes; make it a multiple of the process count"
-    )
-
-
-def _check_zero_has_data_axis(zero_stage: int, mesh: Mesh) -> None:
-  if zero_stage > 0 and mesh.shape["data"] == 1:
-    raise ConfigError(
-      f"config.optim.zero_stage={zero_stage} shards optimizer state over the data axis, which has 1 device in "
-      f"this mesh {dict(mesh.shape)}; give mesh.data more devices or set config.optim.zero_stage=0"
-    )
-
-
-def _check_stages_divide(units: int, stages: int, repeats: int, moe_every: int) -> None:
-  if units % (stages * repeats):
-    what = f"{units} layer units (num_layers / moe.every={moe_every})" if moe_every > 1 else f"{units} layers"
-    raise ConfigError(
-      f"{what} do not split into mesh.stage={stages} stages x pipeline.repeats={repeats} chunks; "
-      f"make config.model.num_layers a multiple of {stages * repeats * moe_every}"
-    )
-
-
-def _pipeline_plan(cfg, mesh: Mesh, batch_spec: PartitionSpec, model_cfg: ModelConfig):
-  """The schedule of a pipelined run and its plan entry; (None, None) when mesh.stage is 1."""
-  stages, p = mesh.shape["stage"], cfg.pipeline
-  if stages == 1:
-    return None, None
-  if p.microbatches < stages:
-    raise ConfigError(
-      f"config.pipeline.microbatches={p.microbatches} is fewer than the {stages} stages: most stages would idle; "
-      f"use at least {stages} (4 x stages keeps the bubble near 20% or less)"
-    )
-  moe_every = model_cfg.moe_every if model_cfg.num_experts > 0 else 1
-  _check_stages_divide(num_units(model_cfg), stages, p.repeats, moe_every)
-  schedule = pipeline.make_schedule(p.schedule, stages, p.microbatches, p.repeats)
-  # One microbatch's [B, L, D] activation on one device: B split over the batch's mesh axes.
-  shards = math.prod(mesh.shape[a] for a in entry_axes(batch_spec[0]))
-  rows = cfg.train.global_batch_size // (cfg.train.grad_accum * p.microbatches * shards)
-  activation = rows * cfg.data.seq_len * model_cfg.d_model * jnp.dtype(model_cfg.dtype).itemsize
-  plan = {
-    "schedule": p.schedule,
-    "stages": stages,
-    "microbatches": p.microbatches,
-    "repeats": p.repeats,
-    "bubble_fraction": schedule.bubble_fraction,
-    # The pipeline's own buffers: stashed chunk inputs and gradients in flight (peak counts from the table).
-    "activation_bytes_per_device": (schedule.stash_slots + schedule.grad_slots) * activation,
-  }
-  return schedule, plan
-
-
-def _objective(cfg, model_cfg, graphdef, abstract_params, logical_names, params_sharding, vocab: int, mesh, rules):
+def _objective(cfg, model: TrainedModel, params_sharding, mesh: Mesh, rules):
   """train.objective's loss_fn and count_fn, and its frozen models' shapes, shardings (by the same rules as the
-  trained model) and loaders (trainer/finetune.py)."""
+  trained model) and loaders."""
   seed = cfg.train.seed
-  initial_params = jax.jit(lambda: init_params(model_cfg, seed), out_shardings=params_sharding)
-  setup = objective_setup(cfg, model_cfg, abstract_params, logical_names, graphdef, vocab, mesh.shape["tensor"])
+  setup = objectives.get(cfg.train.objective).setup(model)
+  initial_params = jax.jit(lambda: init_params(model.model_cfg, seed), out_shardings=params_sharding)
   shapes, shardings, loaders = {}, {}, {}
-  for name, model in setup.frozen.items():
-    specs = param_specs(model.abstract_params, model.logical_names, rules, mesh, where=f"{name} parameter")
-    shapes[name] = model.abstract_params
+  for name, frozen in setup.frozen.items():
+    specs = param_specs(frozen.abstract_params, frozen.logical_names, rules, mesh, where=f"{name} parameter")
+    shapes[name] = frozen.abstract_params
     shardings[name] = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
-    loaders[name] = frozen_loader(name, model, shapes[name], shardings[name], initial_params)
+    loaders[name] = frozen_loader(name, frozen, with_shardings(shapes[name], shardings[name]), initial_params)
   return setup.loss_fn, setup.count_fn, shapes, shardings, loaders
 
 
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
-  check_backend(cfg, jax.default_backend())
-  _check_zero_has_data_axis(cfg.optim.zero_stage, mesh)
-  rules = parse_rules(cfg.mesh.rules)
-  if mesh.shape["stage"] > 1:
-    # The stacked layer axis is split over stages; the parameter tree stays that of stage=1.
-    rules["layers"] = ("stage", *(a for a in rules["layers"] if a != "stage"))
+  rules = pipeline.stage_rules(parse_rules(cfg.mesh.rules), mesh.shape["stage"])
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
-  _check_batch_divides(cfg, mesh, batch_spec)
-  vocab = padded_vocab_size(tokenizer_vocab_size, cfg.model.vocab_multiple, mesh.shape["tensor"])
-  model_cfg = ModelConfig.from_config(cfg.model, cfg.moe, vocab_size=vocab, max_len=cfg.data.seq_len, lora_cfg=cfg.lora)
-  stage_schedule, pipeline_plan = _pipeline_plan(cfg, mesh, batch_spec, model_cfg)
+  validate_layout(cfg, dict(mesh.shape), batch_spec, jax.process_count(), jax.default_backend())
+  model_cfg = model_config(cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True)
+  stage_schedule, pipeline_plan = pipeline.plan_entry(cfg, dict(mesh.shape), batch_spec, model_cfg)
   if pipeline_plan is not None:
     _log.info(
       "pipeline: %s schedule, %d stages x %d microbatches x %d repeats, bubble %.1f%%, %.3g MiB of pipeline "
@@ -199,11 +120,9 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
       100 * stage_schedule.bubble_fraction,
       pipeline_plan["activation_bytes_per_device"] / 2**20,
     )
-  graphdef, abstract_params, logical_names = abstract_model(model_cfg)
+  graphdef, full_params, full_names = abstract_model(model_cfg)
   # LoRA: the state (and so the optimizer and the checkpoints) holds the adapters only; the base is frozen.
-  (abstract_params, logical_names), lora_frozen_base = lora_split(
-    cfg, model_cfg, abstract_params, logical_names, mesh.shape["stage"]
-  )
+  (abstract_params, logical_names), lora_frozen_base = lora_split(model_cfg, full_params, full_names)
   optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps, logical_names)
   shardings = state_shardings(abstract_params, logical_names, optimizer, rules, mesh, cfg.optim.zero_stage)
   replicated = shardings.replicated
@@ -211,17 +130,21 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   batch_sharding = NamedSharding(mesh, batch_spec)
 
   # What the steps compute and which frozen trees they read: fine-tuning objectives set these here.
-  # loss_fn None: default_loss_fn, the next-token loss (the only one a pipeline runs).
+  # loss_fn None: the next-token loss (the only one a pipeline runs).
+  trained = TrainedModel(cfg, model_cfg, graphdef, full_params, full_names, tokenizer_vocab_size, mesh.shape["tensor"])
   loss_fn, count_fn, frozen_shapes, frozen_sharding, frozen_loaders = _objective(
-    cfg, model_cfg, graphdef, abstract_params, logical_names, shardings.params, tokenizer_vocab_size, mesh, rules
+    cfg, trained, shardings.params, mesh, rules
   )
   if lora_frozen_base is not None:  # LoRA: the objective's loss of the adapters merged with the frozen base
     loss_fn, frozen_shapes["base"], frozen_sharding["base"], frozen_loaders["base"] = lora_frozen(
       cfg, model_cfg, graphdef, lora_frozen_base, rules, mesh, loss_fn
     )
   if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
-    raise ConfigError("pipeline parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1")
-  loss_fn = loss_fn or default_loss_fn(graphdef)
+    raise ConfigError(
+      f"config.train.objective={cfg.train.objective} computes its own loss or reads frozen models, and pipeline "
+      "parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1"
+    )
+  loss_fn = loss_fn or next_token_loss(graphdef)
 
   aux_weights = {}
   if cfg.moe.num_experts > 0:
@@ -278,38 +201,19 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
 # base, an input of every step that is neither trained nor checkpointed.
 
 
-def lora_split(cfg, model_cfg: ModelConfig, abstract_params: dict, logical_names: dict, stages: int):
+def lora_split(model_cfg: ModelConfig, abstract_params: dict, logical_names: dict):
   """((trainable params, their logical names), (frozen base, its logical names) or None), as abstract trees.
 
   Without LoRA everything is trainable and there is no base. With it the trainable part is the adapters.
   """
-  lc = cfg.lora
-  problem = lora.config_problem(lc.rank, lc.alpha, lc.dropout, lc.targets, cfg.moe.num_experts)
-  if problem is not None:
-    raise ConfigError(problem)
-  if lc.rank == 0:
+  if model_cfg.lora_rank == 0:
     return (abstract_params, logical_names), None
-  if cfg.train.objective == "dpo":
-    raise ConfigError(
-      f"config.lora.rank={lc.rank} with config.train.objective=dpo: the DPO reference would need the adapters "
-      "switched off, which is not supported yet; use LoRA with lm, sft or distill, or set config.lora.rank=0"
-    )
-  if cfg.checkpoint.init_optimizer_state:
-    raise ConfigError(
-      "config.checkpoint.init_optimizer_state=True with LoRA: the base run's optimizer state is the full model's, "
-      "not the adapters'; set it False (checkpoint.init_from still names the base)"
-    )
-  if stages > 1:
-    raise ConfigError(
-      f"config.lora.rank={lc.rank} with mesh.stage={stages}: LoRA does not run under the pipeline; set "
-      "mesh.stage=1 (the base can be sharded with mesh.fsdp and mesh.tensor)"
-    )
   adapters, base = lora.split(abstract_params)
   adapter_names, base_names = lora.split(logical_names)
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   _log.info(
     "LoRA rank %d (alpha %g) on %s: %d trainable adapter parameters, %d frozen in the base",
-    lc.rank, lc.alpha, ",".join(model_cfg.lora_targets), count(adapters), count(base),
+    model_cfg.lora_rank, model_cfg.lora_alpha, ",".join(model_cfg.lora_targets), count(adapters), count(base),
   )  # fmt: skip
   return (adapters, adapter_names), (base, base_names)
 
@@ -335,8 +239,8 @@ def lora_frozen(
   rules as a full model's parameters (fsdp, tensor) and loaded once per run (`lora_base`)."""
   base_shapes, base_names = frozen_base
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(base_shapes, base_names, rules, mesh))
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), base_shapes, shardings)
-  objective = loss_fn or default_loss_fn(graphdef)
+  abstract = with_shardings(base_shapes, shardings)
+  objective = loss_fn or next_token_loss(graphdef)
 
   def lora_loss_fn(params, frozen, batch, dropout_key):
     return objective(lora.combine(params, frozen["base"]), frozen, batch, dropout_key)

@@ -9,8 +9,8 @@ import numpy as np
 from tqdm import tqdm
 
 import data
+import objectives
 from data.cache import cache_root
-from data.pipeline import load_source
 from model.config import ModelConfig
 from objectives.frozen import tokenizer_data_cfg
 from parallel.mesh import make_mesh
@@ -132,7 +132,7 @@ def train(cfg, workdir: str) -> dict:
   # change of batch size. Checkpoints without one were written at a constant batch size.
   start_row = next_row if next_row is not None else start_step * batch_rows
   # Once, for the train and the eval batches: the corpus's token cache, or the sft / dpo examples.
-  token_cache = load_source(cfg.data, tokenizer, cfg.train.objective)
+  token_cache = objectives.get(cfg.train.objective).load_documents(cfg.data, tokenizer)
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
     start_row=start_row, token_cache=token_cache,

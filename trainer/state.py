@@ -42,13 +42,6 @@ def init_trainable(model_cfg: ModelConfig, seed: int) -> dict:
   return lora.split(params)[0] if model_cfg.lora_rank > 0 else params
 
 
-def apply_loss(graphdef, params: dict, batch: dict, dropout_key=None):
-  """The model's loss sums on a batch dict (`Transformer.loss_sums`): ((nll_sum, z_sum, tokens), aux)."""
-  model = nnx.merge(graphdef, nnx.State(params))
-  inputs = (batch[k] for k in ("inputs", "positions", "segment_ids", "targets", "loss_mask"))
-  return model.loss_sums(*inputs, dropout_key=dropout_key)
-
-
 def new_state(params: dict, optimizer, seed: int) -> TrainState:
   return TrainState(
     step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed)

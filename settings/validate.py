@@ -1,0 +1,217 @@
+"""Every static check of a config, run before the backend starts: one line per problem, naming the key and the fix."""
+
+import math
+from collections.abc import Sequence
+
+import ml_collections
+
+import objectives
+from model import lora
+from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from model.attend import backend_problem
+from model.config import field_problems
+from model.moe import dropless_problem
+from model.transformer import REMAT_POLICIES, remat_problem
+from parallel.mesh import MeshError
+from parallel.rules import DEFAULT_RULES, entry_axes
+from settings import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _one_of(cfg, key: str, choices: Sequence[str]) -> None:
+  group, name = key.split(".")
+  value = cfg[group][name]
+  _require(value in choices, f"config.{key}={value!r} is not one of {', '.join(choices)}; pick one of them")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks values and their combinations; raises ConfigError with one line naming the key and the fix."""
+  m, moe, t, o, d = cfg.model, cfg.moe, cfg.train, cfg.optim, cfg.data
+  for key in (
+    "model.num_layers",
+    "model.d_model",
+    "model.num_heads",
+    "model.num_kv_heads",
+    "model.mlp_dim",
+    "data.seq_len",
+    "data.vocab_size",
+    "train.steps",
+    "train.global_batch_size",
+    "train.grad_accum",
+    "train.log_every",
+    "train.eval_every",
+    "checkpoint.every_steps",
+  ):
+    group, name = key.split(".")
+    _require(cfg[group][name] > 0, f"config.{key}={cfg[group][name]} must be positive")
+  _one_of(cfg, "model.mlp_type", ("swiglu", "gelu"))
+  _one_of(cfg, "model.norm_type", ("rmsnorm", "layernorm"))
+  _one_of(cfg, "model.position_type", ("rope", "learned", "sinusoidal"))
+  _one_of(cfg, "model.compute_dtype", ("float32", "bfloat16"))
+  _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
+  _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
+  _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
+  _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
+  for problem in field_problems(m):  # RoPE scaling and sliding window
+    _require(False, problem)
+  _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
+  _one_of(cfg, "data.tokenizer_type", ("bpe", "unigram"))
+  _one_of(cfg, "data.invalid_utf8", ("replace", "skip"))
+  _require(
+    m.d_model % m.num_heads == 0 or m.head_dim > 0,
+    f"config.model.d_model={m.d_model} is not divisible by config.model.num_heads={m.num_heads}; "
+    "change one of them or set config.model.head_dim",
+  )
+  _require(
+    m.num_heads % m.num_kv_heads == 0,
+    f"config.model.num_heads={m.num_heads} is not a multiple of config.model.num_kv_heads={m.num_kv_heads}; "
+    "pick num_kv_heads that divides num_heads (num_heads: MHA, 1: MQA)",
+  )
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  _require(
+    m.position_type != "rope" or head_dim % 2 == 0,
+    f"rope needs an even head dim, got {head_dim}; change config.model.head_dim or config.model.num_heads",
+  )
+  _require(
+    m.position_type != "sinusoidal" or m.d_model % 2 == 0,
+    f"sinusoidal positions need an even config.model.d_model, got {m.d_model}",
+  )
+  _require(0.0 <= m.dropout_rate < 1.0, f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  _require(
+    o.warmup_steps < t.steps,
+    f"config.optim.warmup_steps={o.warmup_steps} leaves no step after warmup (config.train.steps={t.steps}); "
+    "make warmup_steps smaller than steps",
+  )
+  _require(o.warmup_steps >= 0, f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
+  _require(o.peak_lr > 0, f"config.optim.peak_lr={o.peak_lr} must be positive")
+  _require(
+    0 <= o.final_lr <= o.peak_lr,
+    f"config.optim.final_lr={o.final_lr} must be between 0 and config.optim.peak_lr={o.peak_lr}",
+  )
+  _require(o.zero_stage in (0, 1, 2), f"config.optim.zero_stage={o.zero_stage} must be 0, 1 or 2 (fsdp is ZeRO-3)")
+  _require(
+    m.param_dtype == "float32" or m.allow_low_precision_params,
+    f"config.model.param_dtype={m.param_dtype} keeps the master weights in {m.param_dtype}, where small updates "
+    "round away; keep float32 (config.model.compute_dtype=bfloat16 gives bf16 speed), or set "
+    "config.model.allow_low_precision_params=True if you mean it",
+  )
+  pipe = cfg.pipeline
+  _one_of(cfg, "pipeline.schedule", ("gpipe", "circular", "1f1b"))
+  _require(pipe.microbatches > 0, f"config.pipeline.microbatches={pipe.microbatches} must be positive")
+  _require(
+    (pipe.repeats > 1) == (pipe.schedule == "circular"),
+    f"config.pipeline.repeats={pipe.repeats} with schedule {pipe.schedule!r}: circular needs repeats > 1 "
+    "(layer chunks per stage), gpipe and 1f1b take repeats=1",
+  )
+  _require(
+    t.global_batch_size % t.grad_accum == 0,
+    f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
+    f"config.train.grad_accum={t.grad_accum}; make the batch a multiple of grad_accum",
+  )
+  if moe.num_experts > 0:
+    _require(
+      0 < moe.top_k <= moe.num_experts,
+      f"config.moe.top_k={moe.top_k} must be between 1 and config.moe.num_experts={moe.num_experts}",
+    )
+    _require(
+      moe.every > 0 and m.num_layers % moe.every == 0,
+      f"config.model.num_layers={m.num_layers} is not divisible by config.moe.every={moe.every}",
+    )
+    _require(moe.group_size > 0, f"config.moe.group_size={moe.group_size} must be positive (tokens per routing group)")
+  unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
+  _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
+  _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
+  _validate_lora(cfg)
+  _validate_objective(cfg)
+
+
+def _validate_objective(cfg: ml_collections.ConfigDict) -> None:
+  """train.objective names an objective, and the keys it reads hold values it can use."""
+  try:
+    objective = objectives.get(cfg.train.objective)
+  except objectives.ObjectiveError as e:
+    raise ConfigError(str(e)) from None
+  for problem in objective.config_problems(cfg):
+    _require(False, problem)
+
+
+def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
+  lc = cfg.lora
+  problem = lora.config_problem(lc.rank, lc.alpha, lc.dropout, lc.targets, cfg.moe.num_experts)
+  _require(problem is None, problem or "")
+  _require(
+    lc.rank == 0 or not cfg.checkpoint.init_optimizer_state,
+    "config.checkpoint.init_optimizer_state=True with LoRA: the base run's optimizer state is the full model's, "
+    "not the adapters'; set it False (checkpoint.init_from still names the base)",
+  )
+
+
+def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
+  """What only the running backend ("cpu", "gpu", "tpu") can tell: called once it is up, not by `validate`
+  (which runs before `jax.distributed.initialize`, when the backend must not be touched yet)."""
+  for problem in (
+    backend_problem(cfg.model.attention, backend),
+    remat_problem(cfg.model.remat, backend),
+    dropless_problem(cfg.moe.dropless_impl, backend),
+  ):
+    _require(problem is None, problem or "")
+
+
+def validate_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int], batch_spec, processes: int, backend: str):
+  """What the mesh (`{axis: size}`), the process count and the backend decide: checked once they are known and
+  before anything is traced. `batch_spec` is the batch's PartitionSpec under the run's rules."""
+  check_backend(cfg, backend)
+  t, stages = cfg.train, mesh["stage"]
+  _require(
+    cfg.optim.zero_stage == 0 or mesh["data"] > 1,
+    f"config.optim.zero_stage={cfg.optim.zero_stage} shards optimizer state over the data axis, which has 1 device "
+    f"in this mesh {mesh}; give mesh.data more devices or set config.optim.zero_stage=0",
+  )
+  _require(
+    cfg.lora.rank == 0 or stages == 1,
+    f"config.lora.rank={cfg.lora.rank} with mesh.stage={stages}: LoRA does not run under the pipeline; set "
+    "mesh.stage=1 (the base can be sharded with mesh.fsdp and mesh.tensor)",
+  )
+  pipeline_micro = cfg.pipeline.microbatches if stages > 1 else 1
+  _require(  # validate() checked grad_accum alone; a pipeline splits each of its microbatches again
+    t.global_batch_size % (t.grad_accum * pipeline_micro) == 0,
+    f"config.train.global_batch_size={t.global_batch_size} does not split into grad_accum={t.grad_accum} x "
+    f"pipeline.microbatches={pipeline_micro} microbatches; make it a multiple of {t.grad_accum * pipeline_micro}",
+  )
+  axes = entry_axes(batch_spec[0])
+  shards = math.prod(mesh[a] for a in axes)
+  micro = t.global_batch_size // (t.grad_accum * pipeline_micro)
+  if micro % shards:
+    split = f"grad_accum={t.grad_accum}" + (f" / pipeline.microbatches={pipeline_micro}" if pipeline_micro > 1 else "")
+    raise MeshError(
+      f"the batch of {micro} sequences per microbatch (config.train.global_batch_size={t.global_batch_size} / "
+      f"{split}) does not split over the {shards} devices of mesh axes {axes}; make it a multiple of {shards}"
+    )
+  if t.global_batch_size % processes:
+    raise MeshError(
+      f"config.train.global_batch_size={t.global_batch_size} does not split over {processes} processes; make it a "
+      "multiple of the process count"
+    )
+  if stages > 1:
+    _validate_stages(cfg, stages)
+
+
+def _validate_stages(cfg: ml_collections.ConfigDict, stages: int) -> None:
+  p, m = cfg.pipeline, cfg.model
+  _require(
+    p.microbatches >= stages,
+    f"config.pipeline.microbatches={p.microbatches} is fewer than the {stages} stages: most stages would idle; "
+    f"use at least {stages} (4 x stages keeps the bubble near 20% or less)",
+  )
+  moe_every = cfg.moe.every if cfg.moe.num_experts > 0 else 1
+  units = m.num_layers // moe_every
+  what = f"{units} layer units (num_layers / moe.every={moe_every})" if moe_every > 1 else f"{units} layers"
+  _require(
+    units % (stages * p.repeats) == 0,
+    f"{what} do not split into mesh.stage={stages} stages x pipeline.repeats={p.repeats} chunks; "
+    f"make config.model.num_layers a multiple of {stages * p.repeats * moe_every}",
+  )
