@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import tracemalloc
 
 import jax
 import numpy as np
@@ -308,6 +309,31 @@ def test_one_index_at_a_time_agrees_with_an_array_of_them(n):
   assert one_by_one == order.tolist()
   grid = np.arange(n - n % 2).reshape(-1, 2) if n > 1 else np.zeros((1, 1), dtype=np.int64)
   np.testing.assert_array_equal(permute(grid, n, key), order[grid])
+
+
+def test_serving_a_whole_document_row_does_not_hold_the_epoch_order():
+  num_documents = 200_000
+  rows = PackedRows(
+    lambda d, lo, hi: np.full(hi - lo, 7, dtype=np.int32),
+    np.full(num_documents, 2),
+    row_len=4,  # each document fills its own row: [BOS 7 7 EOS]
+    bos_id=2,
+    eos_id=3,
+    pad_id=0,
+    seed=0,
+    shuffle=True,
+    whole_documents=True,
+  )
+  assert rows.rows_per_epoch == num_documents
+  tracemalloc.start()
+  try:
+    row = rows[3 * rows.rows_per_epoch + 12345]
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  np.testing.assert_array_equal(row["tokens"], [2, 7, 7, 3])
+  table_bytes = 8 * rows.rows_per_epoch  # what an int64 visiting order of one epoch would take
+  assert peak < table_bytes / 100, f"serving one row peaked at {peak} bytes; an epoch's order takes {table_bytes}"
 
 
 # The global batch: one stream, whatever the processes and devices
