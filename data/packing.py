@@ -3,7 +3,8 @@
 An epoch orders the documents (shuffled from the seed, or in corpus order), joins them into one stream
 [BOS doc EOS][BOS doc EOS]..., and cuts the stream into rows of `row_len` tokens; the last row of an epoch is
 padded. A document longer than a row continues in the next row of the stream, never dropped. Rows of an epoch
-are then visited in a shuffled order. Within a row, segment ids number the document fragments 1, 2, ... (0 is
+are then visited in a shuffled order, computed row by row (data/permutation.py), so serving a row costs the
+same whatever the number of rows. Within a row, segment ids number the document fragments 1, 2, ... (0 is
 padding) and positions count from 0 at the start of each fragment, also for a fragment continued from the
 previous row. Because a row depends on nothing but its index, resuming at any row is exact and costs nothing.
 
@@ -22,10 +23,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from data.permutation import permutation_key, permute
+
 # Global row indices run through epoch after epoch; "endless" is whatever fits a Python sequence length.
 _ENDLESS = sys.maxsize
-_SHUFFLE_SALT = 0x6B696C6E  # "kiln": keeps these streams apart from other users of the same seed
-_PACKING_EPOCH = -1  # the seed stream that orders documents for whole-document packing (epochs are >= 0)
+_SHUFFLE_SALT = 0x6B696C6E  # "kiln": keeps these orders apart from other users of the same seed
+_PACKING_EPOCH = -1  # the key that orders documents for whole-document packing (epochs are >= 0)
+# Within an epoch, documents and rows are ordered by two unrelated keys (else equal counts would share an order).
+_DOCUMENT_ORDER, _ROW_ORDER = 0, 1
 
 
 class PackedRows:
@@ -77,11 +82,11 @@ class PackedRows:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     epoch, row = divmod(int(index), self.rows_per_epoch)
+    if self._shuffle:
+      row = shuffled_row(row, self.rows_per_epoch, seed=self._seed, epoch=epoch)
     if self._whole_plan is not None:
-      return self._whole_row(epoch, row)
-    document_order, stream_ends, row_order = self._epoch_plan(epoch)
-    if row_order is not None:
-      row = int(row_order[row])
+      return self._whole_row(row)
+    document_order, stream_ends = self._epoch_plan(epoch)
     start = row * self._row_len
     end = min(start + self._row_len, self.stream_len)
     out = self._empty()
@@ -131,11 +136,7 @@ class PackedRows:
 
   def _plan_whole_rows(self) -> tuple[np.ndarray, np.ndarray]:
     """(document order, row starts): row r holds documents order[starts[r]:starts[r + 1]], packed next-fit."""
-    if self._shuffle:
-      rng = np.random.default_rng([_SHUFFLE_SALT, self._seed, 2**32 + _PACKING_EPOCH])
-      order = _permutation(rng, len(self._lengths))
-    else:
-      order = np.arange(len(self._lengths))
+    order = self._document_order(_PACKING_EPOCH)
     starts, used = [], self._row_len
     for i, span in enumerate((self._lengths[order] + 2).tolist()):
       if used + span > self._row_len:
@@ -145,11 +146,9 @@ class PackedRows:
     starts.append(len(order))
     return order, np.asarray(starts, dtype=np.int64)
 
-  def _whole_row(self, epoch: int, row: int) -> dict[str, np.ndarray]:
+  def _whole_row(self, row: int) -> dict[str, np.ndarray]:
+    """Row `row` of the fixed packing (the epoch's visiting order is already applied)."""
     order, starts = self._whole_plan
-    if self._shuffle:
-      rng = np.random.default_rng([_SHUFFLE_SALT, self._seed, epoch])
-      row = int(_permutation(rng, self.rows_per_epoch)[row])
     out = self._empty()
     written = 0
     for segment, doc in enumerate(order[starts[row] : starts[row + 1]].tolist(), start=1):
@@ -160,23 +159,27 @@ class PackedRows:
       written += length + 2
     return out
 
-  def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(document order, cumulative stream ends in that order, row visiting order or None)."""
-    if self._shuffle:
-      rng = np.random.default_rng([_SHUFFLE_SALT, self._seed, epoch])
-      document_order = _permutation(rng, len(self._lengths))
-      row_order = _permutation(rng, self.rows_per_epoch)
-    else:
-      document_order, row_order = np.arange(len(self._lengths)), None
-    stream_ends = np.cumsum(self._lengths[document_order] + 2)
-    return document_order, stream_ends, row_order
+  def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document order, cumulative stream ends in that order)."""
+    document_order = self._document_order(epoch)
+    return document_order, np.cumsum(self._lengths[document_order] + 2)
+
+  def _document_order(self, epoch: int) -> np.ndarray:
+    """Documents in the order of `epoch` (or of the whole-document packing): shuffled, or in corpus order."""
+    num_documents = len(self._lengths)
+    if not self._shuffle:
+      return np.arange(num_documents)
+    # The stream ends that follow need a pass over every document anyway, so the whole order is built here from
+    # the same per-index permutation that orders rows: one shuffling mechanism for all of packing.
+    return permute(
+      np.arange(num_documents), num_documents, permutation_key(_SHUFFLE_SALT, self._seed, epoch, _DOCUMENT_ORDER)
+    )
 
 
-def _permutation(rng: np.random.Generator, size: int) -> np.ndarray:
-  # int32 where it fits: a row order is the largest array of an epoch plan (4 bytes per row, not 8).
-  order = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
-  rng.shuffle(order)
-  return order
+def shuffled_row(row: int, rows_per_epoch: int, *, seed: int, epoch: int) -> int:
+  """The row of an epoch visited at position `row` when rows are shuffled: a pure function of its arguments,
+  costing O(1) time and memory whatever rows_per_epoch."""
+  return permute(row, rows_per_epoch, permutation_key(_SHUFFLE_SALT, seed, epoch, _ROW_ORDER))
 
 
 def empty_row(row_len: int, pad_id: int, *, weighted: bool = False) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from data import chat
 from data.errors import DataError
-from data.packing import _SHUFFLE_SALT, _permutation, empty_row
+from data.packing import empty_row, shuffled_row
 from data.sft import conversation_messages, encode_conversation, held_out_split, jsonl_records
 from data.sources import eval_hash
 from data.tokenizer import Tokenizer
@@ -101,7 +101,7 @@ class PairRows:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     epoch, row = divmod(int(index), self.rows_per_epoch)
     if self._shuffle:
-      row = int(_permutation(np.random.default_rng([_SHUFFLE_SALT, self._seed, epoch]), self.rows_per_epoch)[row])
+      row = shuffled_row(row, self.rows_per_epoch, seed=self._seed, epoch=epoch)
     out = empty_row(self._row_len, self._pad_id, weighted=True)
     at = 0
     for segment, (tokens, weights) in zip((CHOSEN_SEGMENT, REJECTED_SEGMENT), self._pairs[row]):

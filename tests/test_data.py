@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import tracemalloc
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ import storage
 from configs.base import base_config
 from data import cache, pipeline, sources, token_cache
 from data.packing import PackedRows, to_model_inputs
+from data.permutation import permutation_key, permute
 from data.sources import Corpus
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -260,6 +262,78 @@ def test_an_epoch_holds_every_training_token_once(tokenizer, tmp_path):
   # Two seeds, two orders.
   other = take_rows(train_iterator(cfg, tokenizer, 8, seed=4), num_rows)
   assert not np.array_equal(other, rows[:num_rows])
+
+
+# The per-index shuffle (data/permutation.py)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 64, 1000, 1023, 1025, 10007])
+def test_the_permutation_is_a_bijection_of_every_range(n):
+  for seed in range(4):
+    order = permute(np.arange(n), n, permutation_key(11, seed, 0))
+    assert sorted(order.tolist()) == list(range(n)), f"n={n} seed={seed}"
+
+
+def test_a_range_too_large_for_a_table_still_sends_distinct_indices_to_distinct_positions():
+  huge = 2**40 + 3
+  indices = np.arange(huge - 5000, huge)
+  positions = permute(indices, huge, permutation_key(11, 0, 0))
+  assert len(set(positions.tolist())) == len(indices) and positions.min() >= 0 and positions.max() < huge
+
+
+def test_seeds_and_epochs_give_different_orders_each_position_equally_likely():
+  for n in (10, 64, 1025):
+    orders = {
+      tuple(permute(np.arange(n), n, permutation_key(11, seed, epoch)).tolist())
+      for seed in range(3)
+      for epoch in range(3)
+    }
+    assert len(orders) == 9, f"n={n}: 9 (seed, epoch) pairs, {len(orders)} orders"
+  # Over many keys, index i lands at each position j about equally often: Pearson's chi-square of the counts
+  # against keys / n each, per degree of freedom, is about 1 for a uniform shuffle.
+  for n in (5, 6):
+    keys = 3000
+    counts = np.zeros((n, n))
+    for key in range(keys):  # one index at a time: the cheaper path for so few
+      counts[np.arange(n), [permute(i, n, permutation_key(11, key)) for i in range(n)]] += 1
+    chi_square = np.sum((counts - keys / n) ** 2 / (keys / n)) / (n - 1) ** 2
+    assert chi_square < 3, f"n={n}: chi-square per degree of freedom {chi_square:.2f}\n{counts}"
+
+
+@pytest.mark.parametrize("n", [1, 3, 1000, 10007])
+def test_one_index_at_a_time_agrees_with_an_array_of_them(n):
+  key = permutation_key(11, 5, 2)
+  order = permute(np.arange(n), n, key)
+  one_by_one = [permute(i, n, key) for i in range(n)]
+  assert all(type(position) is int for position in one_by_one)
+  assert one_by_one == order.tolist()
+  grid = np.arange(n - n % 2).reshape(-1, 2) if n > 1 else np.zeros((1, 1), dtype=np.int64)
+  np.testing.assert_array_equal(permute(grid, n, key), order[grid])
+
+
+def test_serving_a_whole_document_row_does_not_hold_the_epoch_order():
+  num_documents = 200_000
+  rows = PackedRows(
+    lambda d, lo, hi: np.full(hi - lo, 7, dtype=np.int32),
+    np.full(num_documents, 2),
+    row_len=4,  # each document fills its own row: [BOS 7 7 EOS]
+    bos_id=2,
+    eos_id=3,
+    pad_id=0,
+    seed=0,
+    shuffle=True,
+    whole_documents=True,
+  )
+  assert rows.rows_per_epoch == num_documents
+  tracemalloc.start()
+  try:
+    row = rows[3 * rows.rows_per_epoch + 12345]
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  np.testing.assert_array_equal(row["tokens"], [2, 7, 7, 3])
+  table_bytes = 8 * rows.rows_per_epoch  # what an int64 visiting order of one epoch would take
+  assert peak < table_bytes / 100, f"serving one row peaked at {peak} bytes; an epoch's order takes {table_bytes}"
 
 
 # The global batch: one stream, whatever the processes and devices
