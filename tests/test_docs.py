@@ -1,4 +1,5 @@
-"""docs/config.md, the config reference, is generated from configs/base.py and documents every config key."""
+"""docs/: the config reference is generated from configs/base.py and documents every config key, and every
+relative link in the README and docs/ leads to a file (and heading) that exists."""
 
 import re
 from pathlib import Path
@@ -65,3 +66,40 @@ def base_config():
     "g.n_y": "",
     "g.rules": "every key under it",
   }
+
+
+def _pages():
+  return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _prose(text: str) -> str:
+  """The text without fenced code blocks and code spans, where brackets are not links."""
+  return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+
+
+def relative_links(page: Path) -> list[str]:
+  targets = re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", _prose(page.read_text()))
+  return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]  # http:, https:, mailto: ...
+
+
+def _anchors(page: Path) -> set[str]:
+  """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, -1, -2 for repeats."""
+  seen, anchors = {}, set()
+  for heading in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S), re.M):
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+    anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+    seen[slug] = seen.get(slug, 0) + 1
+  return anchors
+
+
+def test_relative_links_resolve():
+  broken = []
+  for page in _pages():
+    for target in relative_links(page):
+      path, _, anchor = target.partition("#")
+      dest = (page.parent / path).resolve() if path else page
+      if not dest.exists():
+        broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+      elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+        broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+  assert not broken, "broken links:\n" + "\n".join(broken)
