@@ -53,8 +53,8 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   holds its contracted dimensions all first or all last ("BLD,DF->BLF", "BLNH,NHD->BLD", "BLD,VD->BLV").
   Autodiff of the 2-D form takes the weight gradient as one [in, tokens] x [tokens, out] matmul. Of the einsum it
   contracts two dimensions (batch and length), and XLA:CPU then writes a transposed copy of the output gradient
-  first, with the elementwise backward before it fused into that strided write: bench_peer's fp32 step went from
-  2.69 to 2.25 s with the 2-D form. Any other spec is a plain einsum.
+  first, with the elementwise backward before it fused into that strided write: a slow extra pass over one of the
+  step's largest arrays per projection, which the 2-D form does not make. Any other spec is a plain einsum.
   """
   inputs, out = spec.split("->")
   xs, ws = inputs.split(",")
@@ -78,8 +78,8 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
 def as_residual(x: jax.Array) -> jax.Array:
   """`x` as a custom backward keeps it: on the CPU backend a bf16 array as its uint16 bits. XLA:CPU's bf16
   normalization computes every update and read of a layer scan's stacked bf16 residuals in fp32 and converts
-  whole stacks ahead of the backward loop: on bench_peer in bf16, about 100 ms of a 1.2 s step and fp32 copies of
-  the saved activations. A uint16 stack it leaves alone. `from_residual` undoes this."""
+  whole stacks ahead of the backward loop, which costs step time and holds fp32 copies of the saved activations.
+  A uint16 stack it leaves alone. `from_residual` undoes this."""
   if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
     return jax.lax.bitcast_convert_type(x, jnp.uint16)
   return x
@@ -117,9 +117,9 @@ def _matmul_row_major(kernel_first: bool, out_dtype, x: jax.Array, w2: jax.Array
   at full rate; for the CPU backend.
 
   XLA:CPU runs a dot on XNNPACK in NN form, and in NT form for fp32. It runs a bf16 dot with bf16 arithmetic
-  only in NN form with an fp32 result, at twice the fp32 rate (2048 x 512 x 2048: 860 GFLOP/s against 430 in
-  fp32 on a 2-core EPYC); any other bf16 dot (a bf16 result, a transposed operand) it converts to fp32 first. A
-  TN dot (the weight gradient x^T dy that autodiff writes) runs on Eigen, at 330 to 460 GFLOP/s in fp32. So the
+  only in NN form with an fp32 result, at about twice the fp32 rate (docs/performance.md has the measured peaks);
+  any other bf16 dot (a bf16 result, a transposed operand) it converts to fp32 first. A TN dot (the weight
+  gradient x^T dy that autodiff writes) runs on Eigen, below the rate of an fp32 NN dot. So the
   weight gradient (and in bf16 every dot with a transposed operand) reads a transposed copy, which costs one
   pass over the smaller operand.
 

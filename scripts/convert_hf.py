@@ -5,8 +5,8 @@
 
 Import writes RUN/config.json, RUN/params (start a run from it with --config.checkpoint.init_from=RUN) and the
 tokenizer files; export writes config.json, safetensors and the tokenizer files that
-`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads. `--out` must not exist. See README,
-"Hugging Face import/export".
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads. `--out` must not exist. See
+docs/generation-and-hf.md.
 """
 
 import os

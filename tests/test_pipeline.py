@@ -205,7 +205,7 @@ def test_pipeline_config_errors_name_the_numbers(changes, error, message):
 
 @pytest.mark.slow
 def test_dry_run_plans_llama_7b_over_four_slices(tmp_path):
-  """The README's worked example: 4 stages over DCN x fsdp=16 on 64 emulated devices, compiled, not run."""
+  """docs/parallelism.md's worked example: 4 stages over DCN x fsdp=16 on 64 emulated devices, compiled, not run."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=64", "JAX_PLATFORMS": "cpu"}
   args = ["--config.mesh.dcn_stage=4", "--config.mesh.fsdp=16", "--config.pipeline.microbatches=16"]
   proc = subprocess.run(

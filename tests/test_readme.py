@@ -1,29 +1,32 @@
-"""The README stays the reference: every config key appears in it, and CI runs its own install and test lines."""
+"""The README is the entry: CI runs exactly its install and test commands, and it links every page of docs/."""
 
 import re
+from pathlib import Path
 
-from configs.base import base_config
+from tests.test_docs import relative_links
 
-
-def _keys(cfg, prefix=""):
-  for key, value in cfg.items():
-    if hasattr(value, "items"):
-      yield from _keys(value, f"{prefix}{key}.")
-    else:
-      yield prefix + key
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_every_config_key_is_documented():
-  # Backticked names in the README; `<...>` stands for any word, as in `mesh.dcn_<axis>`.
-  spans = set(re.findall(r"`([a-z_]+\.[a-z0-9_<>. ]+)`", open("README.md").read()))
-  patterns = [re.compile(re.escape(re.sub(r"<[a-z ]+>", "@", s)).replace("@", r"\w+")) for s in spans]
-  missing = [key for key in _keys(base_config()) if not any(p.fullmatch(key) for p in patterns)]
-  assert not missing, f"README.md's config reference lacks {missing}"
+def _commands(text: str) -> list[str]:
+  """Command lines of a shell text: no blank lines, comments, shebang."""
+  return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def test_ci_runs_the_readme_commands():
-  readme = open("README.md").read()
-  ci = open(".ci/run").read()
-  blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
-  install, test = blocks[0].strip(), blocks[2].strip()
-  assert install in ci and test in ci
+  readme = (ROOT / "README.md").read_text()
+  blocks = re.findall(r"^```bash\n(.*?)^```", readme, re.M | re.S)
+  install = [b for b in blocks if "python3 -m venv" in b and "pip install" in b]
+  test = [b for b in blocks if any(c.startswith("python -m pytest") for c in _commands(b))]
+  assert len(install) == 1, f"README needs one bash block that creates the venv and installs, found {len(install)}"
+  assert len(test) == 1, f"README needs one bash block that runs pytest, found {len(test)}"
+  readme_commands = _commands(install[0]) + _commands(test[0])
+  # .ci/run: set -euo pipefail and cd to the repository, then exactly the README's commands, in order.
+  ci = [c for c in _commands((ROOT / ".ci" / "run").read_text()) if not c.startswith(("set ", "cd "))]
+  assert ci == readme_commands, f".ci/run runs {ci}, the README says {readme_commands}"
+
+
+def test_readme_links_every_docs_page():
+  linked = {(ROOT / t.partition("#")[0]).resolve() for t in relative_links(ROOT / "README.md")}
+  unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked]
+  assert not unlinked, f"README.md links no {unlinked}"

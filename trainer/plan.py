@@ -45,7 +45,7 @@ def plan(cfg, workdir: str | None = None) -> dict:
     + bytes_per_device(exp.frozen_shapes, exp.frozen_sharding),
     "opt_state_bytes_per_device": bytes_per_device(abstract_state.opt_state, exp.shardings.opt_state),
     "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", 0)),
-    # The model's FLOPs (README formula), all devices together. XLA's cost analysis is no substitute: it counts
+    # The model's FLOPs (docs/performance.md), all devices together. XLA's cost analysis is no substitute: it counts
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
     "collectives": count_collectives(compiled.as_text()),
