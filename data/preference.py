@@ -39,7 +39,7 @@ def _pair_messages(record: dict, where: str) -> tuple[list[dict], list[dict]]:
   else:
     raise DataError(
       f"{where}: a preference line needs a string 'prompt' (or 'messages') and 'chosen' and 'rejected'; "
-      "see the README's fine-tuning formats"
+      "see docs/fine-tuning.md for the formats"
     )
 
   def reply(name: str) -> list[dict]:
@@ -48,7 +48,9 @@ def _pair_messages(record: dict, where: str) -> tuple[list[dict], list[dict]]:
       return [{"role": "assistant", "content": value}]
     if isinstance(value, list):
       return chat.check_messages(value, f"{where} ({name})")
-    raise DataError(f"{where}: {name!r} must be a string or a list of messages; see the README's fine-tuning formats")
+    raise DataError(
+      f"{where}: {name!r} must be a string or a list of messages; see docs/fine-tuning.md for the formats"
+    )
 
   return prompt + reply("chosen"), prompt + reply("rejected")
 
@@ -125,5 +127,7 @@ def load_preferences(data_cfg, tokenizer: Tokenizer) -> PreferencePairs:
     pairs.append((encode_conversation(tokenizer, chosen, fmt), encode_conversation(tokenizer, rejected, fmt)))
     keys.append(key)
   if not pairs:
-    raise DataError(f"data.files={data_cfg.files!r} holds no preference pair; add JSONL lines (README: fine-tuning)")
+    raise DataError(
+      f"data.files={data_cfg.files!r} holds no preference pair; add JSONL lines (formats: docs/fine-tuning.md)"
+    )
   return PreferencePairs(pairs, keys, f"data.files={data_cfg.files!r} (preference pairs, {data_cfg.chat_template!r})")

@@ -42,7 +42,7 @@ def jsonl_records(files: str) -> Iterator[tuple[str, str, dict]]:
           except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: not valid JSON ({e}); fix or remove the line") from None
           if not isinstance(record, dict):
-            raise DataError(f"{where}: a line must be a JSON object; see the README's fine-tuning formats")
+            raise DataError(f"{where}: a line must be a JSON object; see docs/fine-tuning.md for the formats")
           yield f"{source.key}@{offset}", where, record
         offset += len(raw)
 
@@ -57,7 +57,7 @@ def conversation_messages(record: dict, where: str) -> list[dict]:
     return head + [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
   raise DataError(
     f"{where}: an SFT line needs string 'prompt' and 'response' fields, or 'messages'; "
-    "see the README's fine-tuning formats"
+    "see docs/fine-tuning.md for the formats"
   )
 
 
@@ -141,7 +141,9 @@ def load_conversations(data_cfg, tokenizer: Tokenizer) -> Conversations:
     weights.append(w)
     keys.append(key)
   if not tokens:
-    raise DataError(f"data.files={data_cfg.files!r} holds no conversation; add JSONL lines (README: fine-tuning)")
+    raise DataError(
+      f"data.files={data_cfg.files!r} holds no conversation; add JSONL lines (formats: docs/fine-tuning.md)"
+    )
   if untrained:
     _log.warning("%d conversation(s) have no assistant turn: they train on nothing", untrained)
   return Conversations(tokens, weights, keys, f"data.files={data_cfg.files!r} (chat, {data_cfg.chat_template!r})")

@@ -72,7 +72,7 @@ def check_overrides(argv: Sequence[str], config_flag: str = "config") -> None:
     for depth, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         close = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.5)
-        hint = f"; did you mean config.{close[0]}?" if close else "; see the config reference in README.md"
+        hint = f"; did you mean config.{close[0]}?" if close else "; see docs/config.md"
         raise ConfigError(f"unknown config key config.{key}{hint}")
       node = node[part]
       if depth == len(parts) - 1 and isinstance(node, ml_collections.ConfigDict):
