@@ -23,16 +23,17 @@ from model import ModelConfig
 from model.attend import resolve
 from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
 from parallel.partition import param_specs, with_shardings
-from parallel.rules import Rules, activate
+from parallel.rules import Rules, freeze, traced_under
 from trainer.state import abstract_model
 
 
-def decode_config(model_cfg: ModelConfig) -> ModelConfig:
-  """The model configuration decoding runs (module docstring): same parameters, dropless MoE, no dropout."""
+def decode_config(model_cfg: ModelConfig, rules: Rules) -> ModelConfig:
+  """The model configuration decoding runs (module docstring): same parameters, dropless MoE, no dropout, and
+  `rules` for laying activations out on the decoder's mesh."""
   attention = model_cfg.attention
   if resolve(attention, jax.default_backend(), 1 << 20, model_cfg.dtype) == "splash":
     attention = "xla"
-  changes = dict(dropout_rate=0.0, remat="none", attention=attention)
+  changes = dict(dropout_rate=0.0, remat="none", attention=attention, rules=freeze(rules))
   if model_cfg.num_experts > 0:
     changes["capacity_factor"] = 0.0
   return dataclasses.replace(model_cfg, **changes)
@@ -42,7 +43,7 @@ class Decoder:
   """A model's jitted prefill, decode step, beam step and full forward on a mesh (one device: all sizes 1)."""
 
   def __init__(self, model_cfg: ModelConfig, vocab_size: int, mesh: Mesh, rules: Rules):
-    self.model_cfg = decode_config(model_cfg)
+    self.model_cfg = decode_config(model_cfg, rules)
     self.vocab_size = vocab_size  # the tokenizer's: ids past it are embedding padding, never chosen
     self.mesh, self.rules = mesh, rules
     self.graphdef, self.abstract_params, self.logical_names = abstract_model(self.model_cfg)
@@ -60,14 +61,9 @@ class Decoder:
     return init_cache(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, self.mesh, self.rules)
 
   def _jit(self, name: str, fn, *, donate: tuple[int, ...] = (), static: tuple[int, ...] = ()):
-    """`fn` jitted once, traced with the mesh and rules active (so the cache and activations are annotated)."""
+    """`fn` jitted once, traced under the decoder's mesh (so the cache and activations are laid out on it)."""
     if name not in self._jitted:
-
-      def traced(*args):
-        with activate(self.mesh, self.rules):
-          return fn(*args)
-
-      self._jitted[name] = jax.jit(traced, donate_argnums=donate, static_argnums=static)
+      self._jitted[name] = jax.jit(traced_under(self.mesh, fn), donate_argnums=donate, static_argnums=static)
     return self._jitted[name]
 
   def _model(self, params):
@@ -178,7 +174,7 @@ def _beam_step_fn(decoder: Decoder):
     tokens_BxWxT = jnp.take_along_axis(beams.tokens_BxWxT, parent_BxW[..., None], axis=1)
     tokens_BxWxT = jax.lax.dynamic_update_slice(tokens_BxWxT, token_BxW[..., None], (0, 0, beams.t))
     rows_R = (jnp.arange(b)[:, None] * w + parent_BxW).reshape(-1)
-    cache = select_rows(cache, rows_R)
+    cache = select_rows(cache, rows_R, decoder.rules)
     logits_RxV, cache = decoder._step_logits(params, token_BxW.reshape(-1), lengths_R + beams.t, cache)
     logprobs_RxV = jax.nn.log_softmax(mask_padding(logits_RxV, decoder.vocab_size), axis=-1)
     return Beams(scores_BxW, finished_BxW, tokens_BxWxT, beams.t + 1), logprobs_RxV, cache

@@ -72,9 +72,11 @@ def attend(
   impl: str = "auto",
   block: int = 512,
   sliding_window: int = 0,
+  rules=None,
 ) -> jax.Array:
   """Softmax(q k^T / sqrt(H)) v over the keys each query may see (module docstring); GQA when K < N.
-  `sliding_window` > 0 limits each query to keys less than that many positions behind it."""
+  `sliding_window` > 0 limits each query to keys less than that many positions behind it. `rules`: the
+  logical-axis rules a kernel under `shard_map` (splash) splits its inputs by, on the mesh of JAX's context."""
   n, k = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
   assert n % k == 0, f"{n} query heads do not group over {k} kv heads"
   impl = resolve(impl, jax.default_backend(), k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
@@ -87,7 +89,14 @@ def attend(
     return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, min(block, k_BxSxKxH.shape[1]), scale, sliding_window)
   if impl == "splash":
     return _splash(
-      q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, q_segment_ids_BxL, kv_segment_ids_BxS, scale, sliding_window=sliding_window
+      q_BxLxNxH,
+      k_BxSxKxH,
+      v_BxSxKxH,
+      q_segment_ids_BxL,
+      kv_segment_ids_BxS,
+      scale,
+      sliding_window=sliding_window,
+      rules=rules,
     )
   allowed_BxLxS = _allowed(*ids, sliding_window)
   if impl == "cudnn":
@@ -330,8 +339,9 @@ def _splash(
   *,
   sliding_window: int = 0,
   interpret: bool = False,
+  rules=None,
 ) -> jax.Array:
-  """Pallas splash attention (TPU): one kernel per batch row, under `shard_map` when a mesh is active.
+  """Pallas splash attention (TPU): one kernel per batch row, under `shard_map` on the mesh of JAX's context.
 
   `interpret` runs the kernel in the Pallas interpreter, on any backend: how the tests check it on CPU."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -353,8 +363,9 @@ def _splash(
     # The kernel lets segment 0 see segment 0; padding rows must give zeros.
     return jnp.where((q_seg_BxL != 0)[:, None, :, None], out_BxNxLxH, 0).astype(q_BxNxLxH.dtype)
 
-  mesh, rules = sharding_rules.active_mesh(), sharding_rules.active_rules()
-  if mesh is not None:
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    rules = sharding_rules.parse_rules(sharding_rules.DEFAULT_RULES) if rules is None else rules
     q_spec = sharding_rules.logical_to_spec(("batch", "heads", None, None), rules, mesh)
     kv_spec = sharding_rules.logical_to_spec(("batch", "kv_heads", None, None), rules, mesh)
     ids_spec = sharding_rules.logical_to_spec(("batch", None), rules, mesh)

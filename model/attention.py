@@ -53,15 +53,39 @@ class Attention(nnx.Module):
     """The attention output [B, L, D]; with a `cache`, (output, the cache with this call's keys and values).
     `dropout_key` (training only) drives the LoRA adapters' dropout."""
     cfg = self.cfg
-    dt, n, k, h, key = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dropout_key
+    dt, n, k, h, key, r = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dropout_key, cfg.rules
     q_BxLxNxH = project(
-      x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", dtype=dt, adapter=self.lora_q, adapter_key=key
+      x_BxLxD,
+      self.wq_DxNxH,
+      "BLD,DNH->BLNH",
+      _Q_NAMES,
+      name="attn_q",
+      dtype=dt,
+      rules=r,
+      adapter=self.lora_q,
+      adapter_key=key,
     )
     k_BxSxKxH = project(
-      x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", dtype=dt, adapter=self.lora_k, adapter_key=key
+      x_BxLxD,
+      self.wk_DxKxH,
+      "BSD,DKH->BSKH",
+      _KV_NAMES,
+      name="attn_k",
+      dtype=dt,
+      rules=r,
+      adapter=self.lora_k,
+      adapter_key=key,
     )
     v_BxSxKxH = project(
-      x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", dtype=dt, adapter=self.lora_v, adapter_key=key
+      x_BxLxD,
+      self.wv_DxKxH,
+      "BSD,DKH->BSKH",
+      _KV_NAMES,
+      name="attn_v",
+      dtype=dt,
+      rules=r,
+      adapter=self.lora_v,
+      adapter_key=key,
     )
     if cfg.attention_bias:
       q_BxLxNxH = q_BxLxNxH + self.bq_NH[...].reshape(n, h).astype(dt)
@@ -76,7 +100,7 @@ class Attention(nnx.Module):
     # KV cache (decoding): the new keys and values go into their slots, and the queries attend the whole cache.
     kv_segment_ids_BxS, kv_positions_BxS = segment_ids_BxL, positions_BxL
     if cache is not None:
-      cache = cache.write(k_BxSxKxH, v_BxSxKxH)
+      cache = cache.write(k_BxSxKxH, v_BxSxKxH, r)
       k_BxSxKxH, v_BxSxKxH = cache.k_BxSxKxH, cache.v_BxSxKxH
       kv_segment_ids_BxS, kv_positions_BxS = cache.segment_ids_BxS, cache.positions_BxS
 
@@ -91,8 +115,9 @@ class Attention(nnx.Module):
       impl=cfg.attention,
       block=cfg.attention_block,
       sliding_window=cfg.sliding_window,
+      rules=r,
     )
-    out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES), "attn_context")
+    out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES, r), "attn_context")
     out_names = ("batch", "length", "embed")
     out_BxLxD = project(
       out_BxLxNxH,
@@ -101,6 +126,7 @@ class Attention(nnx.Module):
       out_names,
       name="attn_o",
       dtype=dt,
+      rules=r,
       adapter=self.lora_o,
       adapter_key=key,
     )

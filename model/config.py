@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from model.layers import RopeScaling
 from model.lora import parse_targets
+from parallel.rules import DEFAULT_RULES, freeze, parse_rules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -81,6 +82,9 @@ class Execution:
   dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
   dropout_rate: float = 0.0  # training only: the weights mean the same with any rate
   lora_dropout: float = 0.0
+  # Logical axis -> mesh axes (parallel/rules.py, `freeze`d): where activations are pinned on the mesh the step
+  # is traced under. The rules are passed to every layer through this field, never read from a global.
+  rules: tuple[tuple[str, tuple[str, ...]], ...] = freeze(parse_rules(DEFAULT_RULES))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,9 +126,11 @@ class ModelConfig(Architecture, Execution):
     return _DTYPES[self.param_dtype]
 
   @classmethod
-  def from_config(cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int, lora_cfg=None) -> "ModelConfig":
+  def from_config(
+    cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int, lora_cfg=None, rules=None
+  ) -> "ModelConfig":
     """Builds from `config.model` and `config.moe` (and `config.lora`, when given: a model with adapters);
-    `vocab_size` must already be padded."""
+    `vocab_size` must already be padded. `rules`: the run's logical-axis rules (a mapping), default the defaults."""
     head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in model_cfg.items() if k in fields}
@@ -138,6 +144,8 @@ class ModelConfig(Architecture, Execution):
         lora_dropout=float(lora_cfg.dropout),
         lora_targets=parse_targets(lora_cfg.targets),
       )
+    if rules is not None:
+      kwargs["rules"] = freeze(rules)
     return cls(**kwargs)
 
 

@@ -43,13 +43,13 @@ class LayerCache:
   positions_BxS: jax.Array
   index: jax.Array
 
-  def write(self, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array) -> "LayerCache":
+  def write(self, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, rules) -> "LayerCache":
     """This layer's cache with the new keys and values at slots [index, index + L)."""
     at = (0, self.index, 0, 0)
     k = jax.lax.dynamic_update_slice(self.k_BxSxKxH, k_BxLxKxH.astype(self.k_BxSxKxH.dtype), at)
     v = jax.lax.dynamic_update_slice(self.v_BxSxKxH, v_BxLxKxH.astype(self.v_BxSxKxH.dtype), at)
     names = KV_NAMES[1:]
-    return self.replace(k_BxSxKxH=constrain(k, names), v_BxSxKxH=constrain(v, names))
+    return self.replace(k_BxSxKxH=constrain(k, names, rules), v_BxSxKxH=constrain(v, names, rules))
 
 
 def init_cache(
@@ -74,19 +74,21 @@ def cache_shardings(mesh: Mesh, rules: Rules) -> KVCache:
   return KVCache(kv, kv, slots, slots, NamedSharding(mesh, logical_to_spec((), rules, mesh)))
 
 
-def advance(cache: KVCache, positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> KVCache:
+def advance(cache: KVCache, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, rules) -> KVCache:
   """The slot bookkeeping after writing L tokens at `cache.index` (keys and values are written per layer)."""
   at = (0, cache.index)
   segments = jax.lax.dynamic_update_slice(cache.segment_ids_BxS, segment_ids_BxL.astype(jnp.int32), at)
   positions = jax.lax.dynamic_update_slice(cache.positions_BxS, positions_BxL.astype(jnp.int32), at)
-  return cache.replace(segment_ids_BxS=constrain(segments, SLOT_NAMES), positions_BxS=constrain(positions, SLOT_NAMES))
+  return cache.replace(
+    segment_ids_BxS=constrain(segments, SLOT_NAMES, rules), positions_BxS=constrain(positions, SLOT_NAMES, rules)
+  )
 
 
-def select_rows(cache: KVCache, rows_B: jax.Array) -> KVCache:
+def select_rows(cache: KVCache, rows_B: jax.Array, rules) -> KVCache:
   """The cache with row b taken from row rows_B[b] (beam search reorders its beams so)."""
   return cache.replace(
-    k_XxBxSxKxH=constrain(jnp.take(cache.k_XxBxSxKxH, rows_B, axis=1), KV_NAMES),
-    v_XxBxSxKxH=constrain(jnp.take(cache.v_XxBxSxKxH, rows_B, axis=1), KV_NAMES),
-    segment_ids_BxS=constrain(jnp.take(cache.segment_ids_BxS, rows_B, axis=0), SLOT_NAMES),
-    positions_BxS=constrain(jnp.take(cache.positions_BxS, rows_B, axis=0), SLOT_NAMES),
+    k_XxBxSxKxH=constrain(jnp.take(cache.k_XxBxSxKxH, rows_B, axis=1), KV_NAMES, rules),
+    v_XxBxSxKxH=constrain(jnp.take(cache.v_XxBxSxKxH, rows_B, axis=1), KV_NAMES, rules),
+    segment_ids_BxS=constrain(jnp.take(cache.segment_ids_BxS, rows_B, axis=0), SLOT_NAMES, rules),
+    positions_BxS=constrain(jnp.take(cache.positions_BxS, rows_B, axis=0), SLOT_NAMES, rules),
   )

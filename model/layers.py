@@ -39,11 +39,11 @@ def kernel_names(kernel: nnx.Param, ndim: int) -> tuple[str | None, ...]:
   return names[len(names) - ndim :]
 
 
-def cast_kernel(kernel: nnx.Param, dtype) -> jax.Array:
+def cast_kernel(kernel: nnx.Param, dtype, rules) -> jax.Array:
   """The weight in `dtype`, pinned to its stored sharding: the cast happens on each device's shard, so the
   all-gather that FSDP needs afterwards moves `dtype` (bf16) bytes, not fp32."""
   w = kernel[...]
-  return constrain(w.astype(dtype), kernel_names(kernel, w.ndim))
+  return constrain(w.astype(dtype), kernel_names(kernel, w.ndim), rules)
 
 
 def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
@@ -166,6 +166,7 @@ def project(
   *,
   name: str,
   dtype,
+  rules,
   out_dtype=None,
   adapter: Callable[[jax.Array, str, object, jax.Array | None], jax.Array] | None = None,
   adapter_key: jax.Array | None = None,
@@ -184,26 +185,27 @@ def project(
   kernel_array = kernel[...]
   names = kernel_names(kernel, kernel_array.ndim)
   if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
-    y = _einsum_wide_out(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), names, x.astype(dtype), kernel_array)
+    wide = (jnp.dtype(dtype), jnp.dtype(out_dtype))
+    y = _einsum_wide_out(spec, *wide, names, rules, x.astype(dtype), kernel_array)
   else:
-    y = matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names))
+    y = matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names, rules))
   if adapter is not None:
     y = y + adapter(x, spec, dtype, adapter_key).astype(y.dtype)
-  return checkpoint_name(constrain(y, out_names), name)
+  return checkpoint_name(constrain(y, out_names, rules), name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _einsum_wide_out(spec: str, dtype, out_dtype, names, x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _einsum_wide_out(spec: str, dtype, out_dtype, names, rules, x, kernel):
   """einsum(x, kernel cast to `dtype`) accumulated and returned in `out_dtype` (fp32 logits from bf16)."""
-  return _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel)[0]
+  return _einsum_wide_out_fwd(spec, dtype, out_dtype, names, rules, x, kernel)[0]
 
 
-def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, x, kernel):
-  w = constrain(kernel.astype(dtype), names)
+def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, rules, x, kernel):
+  w = constrain(kernel.astype(dtype), names, rules)
   return matmul_einsum(spec, x, w, preferred_element_type=out_dtype), (x, w, kernel)
 
 
-def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, residuals, dy):
+def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, rules, residuals, dy):
   x, w, kernel = residuals
   # dx needs the gathered weight: dy goes down to `dtype` first, or autodiff would widen the weight and gather
   # the wide copy (twice the bytes).
@@ -213,7 +215,7 @@ def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, residuals, dy):
   # the batch shards, as plain autodiff of the wide einsum had it.
   _, vjp_w = jax.vjp(lambda w: matmul_einsum(spec, x.astype(out_dtype), w), w.astype(out_dtype))
   (dw,) = vjp_w(dy)
-  return dx, constrain(dw.astype(kernel.dtype), names)
+  return dx, constrain(dw.astype(kernel.dtype), names, rules)
 
 
 _einsum_wide_out.defvjp(_einsum_wide_out_fwd, _einsum_wide_out_bwd)

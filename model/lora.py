@@ -81,6 +81,7 @@ class Adapter(nnx.Module):
     alpha: float,
     dropout_rate: float,
     dtype,
+    rules,
   ):
     n_in = len(in_shape)
     # Kaiming: x A keeps the scale of x whatever the fan-in; B = 0 makes the adapter start as a no-op.
@@ -92,6 +93,7 @@ class Adapter(nnx.Module):
     self.b = zeros_param((rank, *out_shape), (None, *names[n_in:]), dtype)
     self.scale = alpha / rank
     self.dropout_rate = dropout_rate
+    self.rules = rules
     self.key_index = 1 + sorted(t[0] for t in TARGETS.values()).index(name)
 
   def __call__(self, x: jax.Array, spec: str, dtype, key: jax.Array | None) -> jax.Array:
@@ -101,8 +103,8 @@ class Adapter(nnx.Module):
     if key is not None:
       key = jax.random.fold_in(key, self.key_index)
     x = dropout(x.astype(dtype), self.dropout_rate, key)
-    h = jnp.einsum(a_spec, x, cast_kernel(self.a, dtype))
-    return jnp.einsum(b_spec, h, cast_kernel(self.b, dtype)) * jnp.asarray(self.scale, dtype)
+    h = jnp.einsum(a_spec, x, cast_kernel(self.a, dtype, self.rules))
+    return jnp.einsum(b_spec, h, cast_kernel(self.b, dtype, self.rules)) * jnp.asarray(self.scale, dtype)
 
 
 def _adapter_specs(spec: str) -> tuple[str, str]:
@@ -133,6 +135,7 @@ def make(cfg, rngs: nnx.Rngs, name: str, kernel: nnx.Param, n_in: int) -> Adapte
     alpha=cfg.lora_alpha,
     dropout_rate=cfg.lora_dropout,
     dtype=cfg.weight_dtype,
+    rules=cfg.rules,
   )
 
 

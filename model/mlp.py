@@ -61,9 +61,17 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """`dropout_key` (training only) drives the LoRA adapters' dropout."""
-    dt, names, key = self.cfg.dtype, ("batch", "length", "mlp"), dropout_key
+    dt, names, key, r = self.cfg.dtype, ("batch", "length", "mlp"), dropout_key, self.cfg.rules
     up_BxLxF = project(
-      x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", dtype=dt, adapter=self.lora_up, adapter_key=key
+      x_BxLxD,
+      self.w_up_DxF,
+      "BLD,DF->BLF",
+      names,
+      name="mlp_up",
+      dtype=dt,
+      rules=r,
+      adapter=self.lora_up,
+      adapter_key=key,
     )
     gate_BxLxF = None
     if self.cfg.mlp_type == "swiglu":
@@ -74,10 +82,11 @@ class Mlp(nnx.Module):
         names,
         name="mlp_gate",
         dtype=dt,
+        rules=r,
         adapter=self.lora_gate,
         adapter_key=key,
       )
-    h_BxLxF = checkpoint_name(constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names), "mlp_hidden")
+    h_BxLxF = checkpoint_name(constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names, r), "mlp_hidden")
     out_names = ("batch", "length", "embed")
     return project(
       h_BxLxF,
@@ -86,6 +95,7 @@ class Mlp(nnx.Module):
       out_names,
       name="mlp_down",
       dtype=dt,
+      rules=r,
       adapter=self.lora_down,
       adapter_key=key,
     )

@@ -42,7 +42,6 @@ from model.config import ModelConfig
 from model.layers import cast_kernel, output_std, param, project
 from model.mlp import Mlp, activate
 from parallel import rules as sharding_rules
-from parallel.mesh import MeshError
 from parallel.rules import constrain, logical_to_spec
 
 # Expert weights as (gate or None, up, down): [E, D, F], [E, D, F], [E, F, D].
@@ -139,18 +138,20 @@ class Moe(nnx.Module):
     dt = cfg.dtype
     # The router stays in fp32 whatever the compute dtype: routing and its z-loss are sensitive to rounding.
     names = ("batch", "length", None)
-    logits_BxLxE = project(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names, name="router", dtype=jnp.float32)
+    r = cfg.rules
+    logits_BxLxE = project(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names, name="router", dtype=jnp.float32, rules=r)
     experts_BxLxK, gates_BxLxK, probs_BxLxE = _route(logits_BxLxE, cfg.top_k, cfg.router_score, cfg.renormalize_gates)
-    gate = cast_kernel(self.w_gate_ExDxF, dt) if cfg.mlp_type == "swiglu" else None
-    weights = (gate, cast_kernel(self.w_up_ExDxF, dt), cast_kernel(self.w_down_ExFxD, dt))
+    gate = cast_kernel(self.w_gate_ExDxF, dt, r) if cfg.mlp_type == "swiglu" else None
+    weights = (gate, cast_kernel(self.w_up_ExDxF, dt, r), cast_kernel(self.w_down_ExFxD, dt, r))
     if cfg.capacity_factor > 0:
       group = min(cfg.group_size, x_BxLxD.shape[1])
       capacity = expert_capacity(cfg.capacity_factor, group, cfg.top_k, cfg.num_experts)
-      y_BxLxD, kept = _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, group, capacity)
+      routed = (x_BxLxD, experts_BxLxK, gates_BxLxK, weights)
+      y_BxLxD, kept = _capacity_moe(*routed, cfg.mlp_type, group, capacity, r)
       dropped_fraction = 1.0 - kept / experts_BxLxK.size
     else:
       impl = resolve_dropless(cfg.dropless_impl, jax.default_backend())
-      y_BxLxD = _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, impl)
+      y_BxLxD = _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, r, impl)
       dropped_fraction = jnp.zeros((), jnp.float32)
     if cfg.num_shared_experts > 0:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
@@ -163,7 +164,9 @@ class Moe(nnx.Module):
     return y_BxLxD, aux
 
 
-def _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_type: str, group: int, capacity: int):
+def _capacity_moe(
+  x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_type: str, group: int, capacity: int, rules
+):
   """GShard dispatch/combine in groups of `group` consecutive tokens of a sequence, `capacity` slots per expert
   and group; -> (output [B, L, D], number of kept assignments)."""
   b, length, k = experts_BxLxK.shape
@@ -180,12 +183,12 @@ def _capacity_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_typ
   x_GxSxD = x_BxLxD.reshape(b * groups, group, d)
   experts_GxSxK = experts_BxLxK.reshape(b * groups, group, k)
   gates_GxSxK = gates_BxLxK.reshape(b * groups, group, k)
-  y_GxSxD, kept = _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights, mlp_type, capacity)
+  y_GxSxD, kept = _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights, mlp_type, capacity, rules)
   y_BxLxD = y_GxSxD.reshape(b, groups * group, d)[:, :length]
-  return constrain(y_BxLxD, ("batch", "length", "embed")), kept
+  return constrain(y_BxLxD, ("batch", "length", "embed"), rules), kept
 
 
-def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, mlp_type: str, capacity: int):
+def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, mlp_type: str, capacity: int, rules):
   """The capacity MoE of each group (row of G) on its own; expert ids >= E are padding that takes no slot."""
   g, size, k = experts_GxSxK.shape
   num_experts = weights[1].shape[0]
@@ -206,12 +209,12 @@ def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, m
     dispatch_GxSxExC = dispatch_GxSxExC + selected_GxSxExC
     combine_GxSxExC = combine_GxSxExC + selected_GxSxExC * gates_GxSxK[:, :, choice, None, None]
   names = ("experts", "batch", None, "embed")
-  x_ExGxCxD = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch_GxSxExC.astype(dt), x_GxSxD), names)
+  x_ExGxCxD = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch_GxSxExC.astype(dt), x_GxSxD), names, rules)
   gate_ExDxF, up_ExDxF, down_ExFxD = weights
   up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, up_ExDxF)
   gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, gate_ExDxF) if gate_ExDxF is not None else None
-  h_ExGxCxF = constrain(activate(mlp_type, gate_ExGxCxF, up_ExGxCxF), ("experts", "batch", None, "mlp"))
-  y_ExGxCxD = constrain(jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, down_ExFxD), names)
+  h_ExGxCxF = constrain(activate(mlp_type, gate_ExGxCxF, up_ExGxCxF), ("experts", "batch", None, "mlp"), rules)
+  y_ExGxCxD = constrain(jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, down_ExFxD), names, rules)
   return jnp.einsum("GSEC,EGCD->GSD", combine_GxSxExC.astype(dt), y_ExGxCxD), kept
 
 
@@ -221,27 +224,25 @@ def _dropless_moe(
   gates_BxLxK,
   weights: Weights,
   mlp_type: str,
+  rules,
   impl: str = "buffer",
   collective=jax.lax.ragged_all_to_all,
 ) -> jax.Array:
   """`impl`: "buffer" | "ragged", how tokens travel between expert-parallel devices. `collective`: the
-  function with `jax.lax.ragged_all_to_all`'s signature and meaning that the ragged exchange calls."""
+  function with `jax.lax.ragged_all_to_all`'s signature and meaning that the ragged exchange calls. Under the
+  mesh of JAX's context, tokens and experts are split as `rules` say (an exchange when both share axes); with
+  no mesh, every token meets every expert on the one device."""
   assert impl in ("buffer", "ragged"), impl
-  mesh = sharding_rules.active_mesh()
-  if mesh is None:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return _dropless_shard(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, mlp_type=mlp_type)
-  rules = sharding_rules.active_rules()
   token_spec = logical_to_spec(("batch", "length", None), rules, mesh)
   up_spec = logical_to_spec(("experts", None, "mlp"), rules, mesh)
   down_spec = logical_to_spec(("experts", "mlp", None), rules, mesh)
   token_axes = sharding_rules.entry_axes(token_spec[0]) + sharding_rules.entry_axes(token_spec[1])
   expert_axes, mlp_axes = sharding_rules.entry_axes(up_spec[0]), sharding_rules.entry_axes(up_spec[2])
   exchange = bool(expert_axes) and set(expert_axes) <= set(token_axes)
-  if expert_axes and not exchange and set(expert_axes) & set(token_axes):
-    raise MeshError(
-      f"experts are split over mesh axes {expert_axes} but tokens only over {token_axes}: the dropless MoE "
-      "needs the batch split over all of the experts' axes or none; change config.mesh.rules"
-    )
+  assert exchange or not set(expert_axes) & set(token_axes), "settings.validate.validate_layout checks this"
   if not exchange:
     exchange_fn = None
   elif impl == "ragged":

@@ -74,13 +74,13 @@ class Block(nnx.Module):
       h_BxLxD = self.attn(normed_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=attn_key)
     else:
       h_BxLxD, cache = self.attn(normed_BxLxD, positions_BxL, segment_ids_BxL, cache)
-    x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"))
+    x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, attn_key), ("batch", "length", "embed"), self.cfg.rules)
     normed_BxLxD = checkpoint_name(self.mlp_norm(x_BxLxD), "mlp_norm")
     if isinstance(self.mlp, Moe):
       h_BxLxD, aux = self.mlp(normed_BxLxD)
     else:
       h_BxLxD, aux = self.mlp(normed_BxLxD, dropout_key=mlp_key), {}
-    x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"))
+    x_BxLxD = constrain(x_BxLxD + dropout(h_BxLxD, rate, mlp_key), ("batch", "length", "embed"), self.cfg.rules)
     return (x_BxLxD, aux) if cache is None else (x_BxLxD, aux, cache)
 
 
@@ -190,11 +190,14 @@ class Transformer(nnx.Module):
     """`cross_entropy_sums` of the logits, and the auxiliary outputs; with `loss_chunk` > 0 the logits exist
     only `loss_chunk` positions at a time (`chunked_cross_entropy_sums`)."""
     x_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key=dropout_key)
+    return self.head_sums(x_BxLxD, targets_BxL, loss_mask_BxL), aux
+
+  def head_sums(self, x_BxLxD: jax.Array, targets_BxL: jax.Array, loss_mask_BxL: jax.Array):
+    """`cross_entropy_sums` of the LM head on the final-normed residual stream; with `loss_chunk` > 0 the logits
+    exist only `loss_chunk` positions at a time (`chunked_cross_entropy_sums`)."""
     if self.cfg.loss_chunk > 0:
-      sums = chunked_cross_entropy_sums(x_BxLxD, self.logits, targets_BxL, loss_mask_BxL, chunk=self.cfg.loss_chunk)
-    else:
-      sums = cross_entropy_sums(self.logits(x_BxLxD), targets_BxL, loss_mask_BxL)
-    return sums, aux
+      return chunked_cross_entropy_sums(x_BxLxD, self.logits, targets_BxL, loss_mask_BxL, chunk=self.cfg.loss_chunk)
+    return cross_entropy_sums(self.logits(x_BxLxD), targets_BxL, loss_mask_BxL)
 
   def hidden(self, tokens_BxL, positions_BxL, segment_ids_BxL, *, dropout_key=None):
     """The final-normed residual stream [B, L, D] (the LM head's input) and the auxiliary outputs."""
@@ -215,7 +218,7 @@ class Transformer(nnx.Module):
     segment 0 marks padding, which no query attends. Returns the final-normed residual stream [B, L, D] (the
     LM head's input, `logits`) and the updated cache. Deterministic (no dropout)."""
     cfg = self.cfg
-    cache = advance(cache, positions_BxL, segment_ids_BxL)
+    cache = advance(cache, positions_BxL, segment_ids_BxL, cfg.rules)
     x_BxLxD = self.embed(tokens_BxL, positions_BxL, None)
     x_BxLxD, cache = apply_units_cached(cfg, self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, cache)
     length = tokens_BxL.shape[1]
@@ -230,13 +233,15 @@ class Transformer(nnx.Module):
       x_BxLxD = x_BxLxD + jnp.take(self.pos_embed_LxD[...], positions_BxL, axis=0).astype(dt)
     elif cfg.position_type == "sinusoidal":
       x_BxLxD = x_BxLxD + sinusoidal(positions_BxL, cfg.d_model).astype(dt)
-    return constrain(dropout(x_BxLxD, cfg.dropout_rate, dropout_key), ("batch", "length", "embed"))
+    return constrain(dropout(x_BxLxD, cfg.dropout_rate, dropout_key), ("batch", "length", "embed"), cfg.rules)
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
     """The LM head: fp32 logits [B, L, V] of the final-normed residual stream."""
     head, spec = (self.embed_VxD, "BLD,VD->BLV") if self.cfg.tie_embeddings else (self.head_DxV, "BLD,DV->BLV")
     names = ("batch", "length", "vocab")
-    return project(x_BxLxD, head, spec, names, name="head", dtype=self.cfg.dtype, out_dtype=jnp.float32)
+    return project(
+      x_BxLxD, head, spec, names, name="head", dtype=self.cfg.dtype, rules=self.cfg.rules, out_dtype=jnp.float32
+    )
 
 
 def num_units(cfg: ModelConfig) -> int:

@@ -62,15 +62,15 @@ def make_dpo_loss(graphdef, *, beta: float) -> LossFn:
 
 
 def _problems(cfg) -> list[str]:
-  problems = chat_data_problems(cfg)
-  if cfg.dpo.beta <= 0:
-    problems.append(f"config.dpo.beta={cfg.dpo.beta} must be positive (0.1 is usual)")
+  problems = []
   if cfg.lora.rank > 0:
     problems.append(
       f"config.lora.rank={cfg.lora.rank} with config.train.objective=dpo: the DPO reference would need the adapters "
       "switched off, which is not supported yet; use LoRA with lm, sft or distill, or set config.lora.rank=0"
     )
-  return problems
+  if cfg.dpo.beta <= 0:
+    problems.append(f"config.dpo.beta={cfg.dpo.beta} must be positive (0.1 is usual)")
+  return problems + chat_data_problems(cfg)
 
 
 def _setup(model: TrainedModel) -> Setup:

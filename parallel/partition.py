@@ -90,13 +90,13 @@ def bytes_per_device(abstract_tree, shardings) -> int:
   return total
 
 
-def microbatches(batch: dict, n: int, extra: tuple[str, ...] = ()) -> dict:
+def microbatches(batch: dict, n: int, rules, extra: tuple[str, ...] = ()) -> dict:
   """[B, L, ...] -> [n, B/n, L, ...], microbatch m = rows m, m+n, ...: every data shard holds part of every
-  microbatch. `extra`: logical names of the dimensions after L."""
+  microbatch (laid out by `rules`). `extra`: logical names of the dimensions after L."""
 
   def split(x):
     b = x.shape[0]
     x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
-    return constrain(x, (None, *BATCH_AXES, *extra))
+    return constrain(x, (None, *BATCH_AXES, *extra), rules)
 
   return jax.tree.map(split, batch)

@@ -20,18 +20,17 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from model import ModelConfig, cross_entropy_sums
-from model.loss import chunked_cross_entropy_sums
+from model import ModelConfig
 from model.transformer import apply_units, num_units
-from parallel import rules as sharding_rules
 from parallel.partition import microbatches
 from parallel.rules import entry_axes
 from parallel.schedules import FORWARD, IDLE, Schedule, from_stage_major, make_schedule, to_stage_major
 
-# Inside the stages the logits keep their whole vocabulary: XLA's SPMD partitioner (jax 0.10.2) aborts on the
-# loss's target-logit gather over a vocab-sharded axis inside a partly manual shard_map (a CHECK failure in
-# ExpandDeviceGroupsWithIota). With tensor > 1 this costs one all-gather of each microbatch's logits.
-_RULES_INSIDE = {"vocab": ()}
+# The rules the stages' model runs with, over the run's own (`stage_body_rules`): inside the stages the logits
+# keep their whole vocabulary. XLA's SPMD partitioner (jax 0.10.2) aborts on the loss's target-logit gather over
+# a vocab-sharded axis inside a partly manual shard_map (a CHECK failure in ExpandDeviceGroupsWithIota). With
+# tensor > 1 this costs one all-gather of each microbatch's logits.
+STAGE_BODY_RULES = {"vocab": ()}
 
 
 def run(schedule: Schedule, mesh, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys):
@@ -53,12 +52,10 @@ def run(schedule: Schedule, mesh, chunk_fn, head_fn, chunks, head_params, x_MxBx
   sched = schedule
   spec_stage, spec_rep = jax.sharding.PartitionSpec("stage"), jax.sharding.PartitionSpec()
   keys_spec = jax.sharding.PartitionSpec(None, "stage") if keys is not None else None
-  rules = sharding_rules.active_rules()
 
   def body(chunks, head_params, x_MxBxLxD, side, keys):
-    # Inside, `stage` is manual: activation constraints must name the mesh as the tracer sees it.
-    with sharding_rules.activate(jax.sharding.get_abstract_mesh(), {**rules, **_RULES_INSIDE}):
-      return _run_local(sched, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys)
+    # Inside, `stage` is manual; the constraints of chunk_fn and head_fn see that mesh through JAX's context.
+    return _run_local(sched, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys)
 
   out_specs = (spec_stage, spec_rep, spec_rep, spec_stage, spec_rep)
   return jax.shard_map(
@@ -191,6 +188,11 @@ def _zero_head(head_fn):
   return zero
 
 
+def stage_body_rules(rules: dict) -> dict:
+  """The rules of the model inside the pipeline's stages (`STAGE_BODY_RULES` over the run's)."""
+  return {**rules, **STAGE_BODY_RULES}
+
+
 def stage_rules(rules: dict, stages: int) -> dict:
   """The rules of a mesh with `stages` pipeline stages: the stacked layer axis is split over `stage` (the
   parameter tree stays that of stage=1)."""
@@ -229,6 +231,7 @@ class Pipelined:
   schedule: Schedule
   mesh: Mesh
   model_cfg: ModelConfig
+  stage_graphdef: object  # the model as the stages run it: its config's rules are `stage_body_rules`
 
 
 def pipeline_grads(
@@ -255,9 +258,10 @@ def pipeline_grads(
   stages, repeats, m_count = sched.stages, sched.repeats, sched.microbatches
   units = num_units(cfg)
   rest = {name: value for name, value in params.items() if name != "blocks"}
-  side = microbatches({k: batch[k] for k in ("positions", "segment_ids", "targets", "loss_mask")}, m_count)
+  side_fields = {k: batch[k] for k in ("positions", "segment_ids", "targets", "loss_mask")}
+  side = microbatches(side_fields, m_count, cfg.rules)
 
-  def assemble(rest, blocks):
+  def assemble(rest, blocks, graphdef=pipelined.stage_graphdef):
     return nnx.merge(graphdef, nnx.State({**rest, "blocks": blocks}))
 
   embed_key, unit_keys_MxX = None, None
@@ -267,25 +271,21 @@ def pipeline_grads(
     unit_keys_MxX = jax.vmap(lambda k: to_stage_major(k, stages, repeats))(unit_keys_MxX)
 
   def embed(rest):
-    x_BxLxD = assemble(rest, params["blocks"]).embed(batch["inputs"], batch["positions"], embed_key)
-    return microbatches({"x": x_BxLxD}, m_count, extra=("embed",))["x"]
+    x_BxLxD = assemble(rest, params["blocks"], graphdef).embed(batch["inputs"], batch["positions"], embed_key)
+    return microbatches({"x": x_BxLxD}, m_count, cfg.rules, extra=("embed",))["x"]
 
   x_MxBxLxD, embed_pullback = jax.vjp(embed, rest)
 
   def chunk_fn(blocks, rest, x_BxLxD, side, keys):
     model = assemble(rest, blocks)
-    y_BxLxD, aux_C = apply_units(cfg, model.blocks, x_BxLxD, side["positions"], side["segment_ids"], keys)
+    y_BxLxD, aux_C = apply_units(model.cfg, model.blocks, x_BxLxD, side["positions"], side["segment_ids"], keys)
     # Each MoE layer's share of the step's auxiliary loss: stage=1 averages over layers and microbatches.
     loss = sum((w * jnp.sum(aux_C[name]) for name, w in aux_loss_weights.items()), jnp.zeros((), jnp.float32))
     return y_BxLxD, loss / (units * microbatches_per_step), aux_C
 
   def head_fn(blocks, rest, y_BxLxD, side):
     model = assemble(rest, blocks)
-    x_BxLxD, targets, mask = model.final_norm(y_BxLxD), side["targets"], side["loss_mask"]
-    if cfg.loss_chunk > 0:  # as Transformer.loss_sums: logits only loss_chunk positions at a time
-      nll_sum, z_sum, _ = chunked_cross_entropy_sums(x_BxLxD, model.logits, targets, mask, chunk=cfg.loss_chunk)
-    else:
-      nll_sum, z_sum, _ = cross_entropy_sums(model.logits(x_BxLxD), targets, mask)
+    nll_sum, z_sum, _ = model.head_sums(model.final_norm(y_BxLxD), side["targets"], side["loss_mask"])
     return (nll_sum + z_loss_weight * z_sum) / total_tokens, {"nll_sum": nll_sum, "z_sum": z_sum}
 
   chunks = to_stage_major(params["blocks"], stages, repeats)

@@ -7,9 +7,8 @@ with `batch -> data,fsdp` and `embed -> fsdp`, a weight ("embed", "mlp") is shar
 activation ("batch", "length", "embed") is sharded over fsdp on its batch dimension only.
 """
 
-import contextlib
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -39,8 +38,11 @@ def parse_rules(rules_cfg: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
   return {name: tuple(a.strip() for a in axes.split(",") if a.strip()) for name, axes in rules_cfg.items()}
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
-  """Maps logical names to a PartitionSpec, skipping mesh axes already used and (given a mesh) size-1 axes."""
+def logical_to_spec(names: Sequence[str | None], rules, mesh=None) -> PartitionSpec:
+  """Maps logical names to a PartitionSpec, skipping mesh axes already used and (given a mesh: concrete,
+  abstract, or its {axis: size}) size-1 axes. `rules`: a mapping or `freeze`d pairs."""
+  rules = dict(rules)
+  sizes = None if mesh is None else (mesh if isinstance(mesh, Mapping) else mesh.shape)
   used: set[str] = set()
   spec = []
   for name in names:
@@ -48,7 +50,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
       spec.append(None)
       continue
     assert name in rules, f"logical axis {name!r} has no rule; add it to config.mesh.rules"
-    axes = tuple(a for a in rules[name] if a not in used and (mesh is None or mesh.shape[a] > 1))
+    axes = tuple(a for a in rules[name] if a not in used and (sizes is None or sizes[a] > 1))
     used.update(axes)
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
   return PartitionSpec(*spec)
@@ -61,37 +63,28 @@ def entry_axes(entry) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-class _Active(threading.local):
-  mesh: Mesh | None = None
-  rules: Rules | None = None
+def freeze(rules: Mapping[str, Sequence[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Rules as sorted (name, axes) pairs: hashable, so they can live in the model's static config."""
+  return tuple(sorted((name, tuple(axes)) for name, axes in rules.items()))
 
 
-_active = _Active()
-
-
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
-  """Within this context, `constrain` pins activations to shardings on `mesh`; outside, it does nothing."""
-  previous = (_active.mesh, _active.rules)
-  _active.mesh, _active.rules = mesh, rules
-  try:
-    yield
-  finally:
-    _active.mesh, _active.rules = previous
-
-
-def active_mesh() -> Mesh | None:
-  return _active.mesh
-
-
-def active_rules() -> Rules | None:
-  return _active.rules
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint on an activation by logical names (identity when no mesh is active)."""
-  if _active.mesh is None:
+def constrain(x: jax.Array, names: Sequence[str | None], rules) -> jax.Array:
+  """Pins an activation to the sharding its logical `names` map to under `rules` (a mapping or `freeze`d pairs),
+  on the mesh of JAX's own context (`jax.sharding.get_abstract_mesh()`), which whoever traces a step sets
+  (trainer/experiment.py, generation/decoding.py). A call with no mesh there runs on one device: nothing to pin."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
   assert x.ndim == len(names), f"{names} for shape {x.shape}"
-  spec = logical_to_spec(names, _active.rules, _active.mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(_active.mesh, spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+
+
+def traced_under(mesh: Mesh, fn):
+  """`fn` traced with `mesh` as JAX's mesh context, so `constrain` and the shard_maps inside see it."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped

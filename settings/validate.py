@@ -13,7 +13,8 @@ from model.config import field_problems
 from model.moe import dropless_problem
 from model.transformer import REMAT_POLICIES, remat_problem
 from parallel.mesh import MeshError
-from parallel.rules import DEFAULT_RULES, entry_axes
+from parallel.partition import BATCH_AXES
+from parallel.rules import DEFAULT_RULES, entry_axes, logical_to_spec
 from settings import ConfigError
 
 
@@ -161,10 +162,11 @@ def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:
     _require(problem is None, problem or "")
 
 
-def validate_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int], batch_spec, processes: int, backend: str):
-  """What the mesh (`{axis: size}`), the process count and the backend decide: checked once they are known and
-  before anything is traced. `batch_spec` is the batch's PartitionSpec under the run's rules."""
+def validate_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int], rules: dict, processes: int, backend: str):
+  """What the mesh (`{axis: size}`), the run's logical-axis rules, the process count and the backend decide:
+  checked once they are known and before anything is traced."""
   check_backend(cfg, backend)
+  batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   t, stages = cfg.train, mesh["stage"]
   _require(
     cfg.optim.zero_stage == 0 or mesh["data"] > 1,
@@ -198,6 +200,20 @@ def validate_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int], batch_
     )
   if stages > 1:
     _validate_stages(cfg, stages)
+  if cfg.moe.num_experts > 0 and cfg.moe.capacity_factor <= 0:
+    _validate_dropless_layout(mesh, rules)
+
+
+def _validate_dropless_layout(mesh: dict[str, int], rules: dict) -> None:
+  """The dropless MoE exchanges tokens between the devices of the experts' axes: those must all split tokens."""
+  tokens = logical_to_spec(("batch", "length", None), rules, mesh)
+  token_axes = entry_axes(tokens[0]) + entry_axes(tokens[1])
+  expert_axes = entry_axes(logical_to_spec(("experts", None, "mlp"), rules, mesh)[0])
+  if not set(expert_axes) <= set(token_axes) and set(expert_axes) & set(token_axes):
+    raise MeshError(
+      f"experts are split over mesh axes {expert_axes} but tokens only over {token_axes}: the dropless MoE "
+      "needs the batch split over all of the experts' axes or none; change config.mesh.rules"
+    )
 
 
 def _validate_stages(cfg: ml_collections.ConfigDict, stages: int) -> None:

@@ -177,8 +177,10 @@ class Checkpointer:
   def _check_architecture(self, step: int, config: dict | None) -> None:
     """Weights mean what their architecture says (model/config.py: Architecture): resuming them under another
     would train another model even where the shapes agree. Execution fields may change on any resume."""
+    if config is None:
+      return
     saved = self._read_json(step, "config")
-    changes = architecture_changes(saved, config) if saved is not None and config is not None else []
+    changes = architecture_changes(saved, config) if saved is not None else []
     if changes:
       path = self.directory / str(step)
       raise CheckpointError(

@@ -148,26 +148,28 @@ def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length,
   import contextlib
 
   from model.attend import _splash
-  from parallel.rules import DEFAULT_RULES, activate, parse_rules
+  from parallel.rules import DEFAULT_RULES, parse_rules
 
   q, k, v, dout, ids = _case(length, s, seed=s)
   context = contextlib.nullcontext()
-  if mesh:
+  if mesh:  # JAX's mesh context: the kernel runs under shard_map over it
     axes = ("stage", "data", "fsdp", "expert", "tensor")
     devices = jax.devices()[:4]
     layout = jax.make_mesh((1, 2, 1, 1, 2), axes, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 5)
-    context = activate(layout, parse_rules(DEFAULT_RULES))
+    context = jax.set_mesh(layout)
 
   def naive(q, k, v):
     return _naive(q, k, v, ids["q_seg"], ids["kv_seg"], ids["q_pos"], ids["kv_pos"], window)
 
   def splash(q, k, v):
     q_seg, kv_seg = jnp.asarray(ids["q_seg"]), jnp.asarray(ids["kv_seg"])
-    with context:
-      return _splash(q, k, v, q_seg, kv_seg, q.shape[-1] ** -0.5, sliding_window=window, interpret=True)
+    scale = q.shape[-1] ** -0.5
+    rules = parse_rules(DEFAULT_RULES)
+    return _splash(q, k, v, q_seg, kv_seg, scale, sliding_window=window, interpret=True, rules=rules)
 
   want_out, want_grads = _value_and_grads(naive, q, k, v, dout)
-  out, grads = _value_and_grads(jax.jit(splash), q, k, v, dout)
+  with context:
+    out, grads = _value_and_grads(jax.jit(splash), q, k, v, dout)
   np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
   for name, got, want in zip("qkv", grads, want_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")

@@ -14,6 +14,7 @@ from flax import nnx
 
 from model import ModelConfig, lora
 from settings import ConfigError
+from settings.validate import validate
 from storage.checkpoint import CheckpointError, load_params
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
 from tests.test_checkpoint import ENV, RUN_STEPS, _losses, assert_sigkill_resume_is_exact
@@ -248,9 +249,11 @@ def test_plan_reports_trainable_parameters_and_their_optimizer_state():
     ({"train.objective": "dpo"}, "with config.train.objective=dpo"),
   ],
 )
-def test_lora_config_errors_at_build(change, fragment):
+def test_lora_config_errors_before_anything_is_built(change, fragment):
+  """Static problems stop `validate` (before the backend starts), layout ones `build`, before any tracing."""
   cfg = small_config(**{**_LORA_RUN, **change})
   with pytest.raises(ConfigError, match=fragment):
+    validate(cfg)
     build(cfg, VOCAB, mesh_for(cfg))
 
 

@@ -24,8 +24,7 @@ from model.moe import (
   received_experts,
   resolve_dropless,
 )
-from parallel import rules as sharding_rules
-from parallel.rules import parse_rules
+from parallel.rules import DEFAULT_RULES, parse_rules
 from settings import ConfigError
 from settings.load import load_config_file
 from settings.validate import check_backend, validate
@@ -273,6 +272,7 @@ def test_dense_model_keeps_the_dense_tree():
 # ---------------------------------------------------------------------------------------------------------
 # Expert parallelism: every layout trains like one device.
 
+RULES = parse_rules(DEFAULT_RULES)  # the layouts below change mesh sizes, not rules
 LAYOUTS = {
   "expert4_data2": {"mesh.expert": 4, "mesh.data": 2},
   "expert2_data2_tensor2": {"mesh.expert": 2, "mesh.data": 2, "mesh.tensor": 2},
@@ -462,7 +462,7 @@ def _dropless_inputs(seed: int = 0):
 
 
 def _dropless_value_and_grads(impl: str, layout: dict | None, collective=_emulated_ragged_all_to_all):
-  moe = functools.partial(_dropless_moe, mlp_type="swiglu", impl=impl, collective=collective)
+  moe = functools.partial(_dropless_moe, mlp_type="swiglu", rules=RULES, impl=impl, collective=collective)
   return _layer_value_and_grads(moe, layout)
 
 
@@ -481,7 +481,7 @@ def _layer_value_and_grads(moe, layout: dict | None):
   if layout is None:
     return fn(x, gates, weights)
   cfg = small_config(**layout)
-  with sharding_rules.activate(mesh_for(cfg), parse_rules(cfg.mesh.rules)):
+  with jax.set_mesh(mesh_for(cfg)):
     return fn(x, gates, weights)
 
 
@@ -503,7 +503,7 @@ def test_dropless_exchange_values_and_gradients_equal_one_device(impl, layout, d
 @pytest.mark.parametrize("layout", ["expert4_data2", "expert2_data2_tensor2"])
 def test_grouped_capacity_path_under_expert_parallelism_equals_one_device(layout):
   # Groups of 2 in sequences of 4, one slot per expert and group: tokens are dropped, so placement matters.
-  moe = functools.partial(_capacity_moe, mlp_type="swiglu", group=2, capacity=1)
+  moe = functools.partial(_capacity_moe, mlp_type="swiglu", group=2, capacity=1, rules=RULES)
   x, experts, gates, weights, _ = _dropless_inputs()
   assert 0 < int(moe(x, experts, gates, weights)[1]) < experts.size
   (_, want_y), want_grads = jax.device_get(_layer_value_and_grads(moe, None))
@@ -518,9 +518,9 @@ def test_ragged_path_lowers_to_ragged_all_to_all_forward_and_backward():
   cfg = small_config(**LAYOUTS["expert4_data2"])
 
   def loss(x, weights):
-    return jnp.sum(_dropless_moe(x, experts, gates, weights, "swiglu", "ragged") * cotangent)
+    return jnp.sum(_dropless_moe(x, experts, gates, weights, "swiglu", RULES, "ragged") * cotangent)
 
-  with sharding_rules.activate(mesh_for(cfg), parse_rules(cfg.mesh.rules)):
+  with jax.set_mesh(mesh_for(cfg)):
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, weights).as_text()
   # Tokens there and back in the forward pass, and the transposes of both in the backward pass.
   assert text.count("custom_call @ragged_all_to_all") == 4

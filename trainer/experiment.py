@@ -1,7 +1,6 @@
 """Everything the loop, the dry run and the tests need, built from a config and a mesh, before any data."""
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable
 
@@ -17,7 +16,7 @@ from objectives.losses import next_token_loss
 from parallel import pipeline
 from parallel.partition import BATCH_AXES, StateShardings, param_specs, state_shardings, with_shardings
 from parallel.pipeline import Pipelined
-from parallel.rules import activate, logical_to_spec, parse_rules
+from parallel.rules import freeze, logical_to_spec, parse_rules, traced_under
 from settings import ConfigError
 from settings.validate import validate_layout
 from storage.checkpoint import load_params
@@ -35,17 +34,6 @@ BATCH_FIELDS = {
   "positions": jnp.int32,
   "loss_mask": jnp.float32,
 }
-
-
-def _with_rules(fn, mesh, rules):
-  """Traces `fn` with the mesh and rules active, so activation constraints apply whenever jit traces."""
-
-  @functools.wraps(fn)
-  def wrapped(*args):
-    with activate(mesh, rules):
-      return fn(*args)
-
-  return wrapped
 
 
 @dataclasses.dataclass
@@ -101,13 +89,21 @@ def _objective(cfg, model: TrainedModel, params_sharding, mesh: Mesh, rules):
   return setup.loss_fn, setup.count_fn, shapes, shardings, loaders
 
 
+def _pipelined(schedule, mesh: Mesh, model_cfg: ModelConfig, rules: dict) -> Pipelined | None:
+  """What the step needs to run a pipelined stack (None without stages): the stages' model has its own rules."""
+  if schedule is None:
+    return None
+  stage_cfg = dataclasses.replace(model_cfg, rules=freeze(pipeline.stage_body_rules(rules)))
+  return Pipelined(schedule, mesh, model_cfg, stage_graphdef=abstract_model(stage_cfg)[0])
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
   rules = pipeline.stage_rules(parse_rules(cfg.mesh.rules), mesh.shape["stage"])
+  validate_layout(cfg, dict(mesh.shape), rules, jax.process_count(), jax.default_backend())
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
-  validate_layout(cfg, dict(mesh.shape), batch_spec, jax.process_count(), jax.default_backend())
-  model_cfg = model_config(cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True)
+  model_cfg = model_config(cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True, rules=rules)
   stage_schedule, pipeline_plan = pipeline.plan_entry(cfg, dict(mesh.shape), batch_spec, model_cfg)
   if pipeline_plan is not None:
     _log.info(
@@ -156,20 +152,21 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     grad_accum=cfg.train.grad_accum,
     z_loss_weight=cfg.train.z_loss_weight,
     dropout=cfg.model.dropout_rate > 0 or model_cfg.lora_dropout > 0,
+    rules=rules,
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
-    pipelined=Pipelined(stage_schedule, mesh, model_cfg) if stage_schedule is not None else None,
+    pipelined=_pipelined(stage_schedule, mesh, model_cfg, rules),
     loss_fn=loss_fn,
     count_fn=count_fn,
   )
   train_step = jax.jit(
-    _with_rules(step_fn, mesh, rules),
+    traced_under(mesh, step_fn),
     in_shardings=(state_sharding, batch_sharding, frozen_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    _with_rules(make_eval_step(loss_fn), mesh, rules),
+    traced_under(mesh, make_eval_step(loss_fn)),
     in_shardings=(shardings.params, batch_sharding, frozen_sharding),
     out_shardings=replicated,
   )

@@ -22,6 +22,7 @@ def make_train_step(
   grad_accum: int,
   z_loss_weight: float,
   dropout: bool,
+  rules,
   aux_loss_weights: dict[str, float] | None = None,
   grad_shardings=None,
   pipelined: Pipelined | None = None,
@@ -64,7 +65,7 @@ def make_train_step(
         microbatches_per_step=grad_accum * pipelined.schedule.microbatches,
         dropout=dropout,
       )
-    micro = microbatches(batch, grad_accum)
+    micro = microbatches(batch, grad_accum, rules)
     keys = jax.random.split(step_key, grad_accum)
 
     def accumulate(grads, xs):
