@@ -346,3 +346,28 @@ def test_train_py_resumes_after_clipping_is_turned_off_and_refuses_another_model
   assert lines[-1].startswith(f"error: checkpoint {workdir}/checkpoints/12 does not fit this config: params."), lines
   assert "model.mlp_dim: 64 -> 96" in lines[-1] and "train.steps: 12 -> 20" in lines[-1]
   assert _tree_snapshot(workdir) == before  # every checkpoint, config.json and metrics.jsonl as they were
+
+
+@pytest.mark.parametrize("torn", ['{"step": 3, "lo', '{"step": 3, "loss": 2.5}'])
+def test_metric_writer_keeps_one_line_per_step_and_mends_a_torn_last_line(tmp_path, torn):
+  """A kill mid-write leaves part of a line: cut off unless it is a whole record, which gets its newline."""
+  from trainer.metrics import MetricWriter, read_metrics
+
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 0, "eval_loss": 5.0, "eval_ppl": 148.4}\n{"step": 2, "loss": 3.0}\n' + torn
+  )
+  writer = MetricWriter(str(tmp_path), enabled=True)
+  for record in ({"step": 2, "loss": 9.0}, {"step": 3, "loss": 2.5}, {"step": 3, "eval_loss": 2.6, "eval_ppl": 13.5}):
+    writer.write(record)
+  writer.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert (
+    [json.loads(line) for line in lines]
+    == read_metrics(str(tmp_path))
+    == [
+      {"step": 0, "eval_loss": 5.0, "eval_ppl": 148.4},
+      {"step": 2, "loss": 3.0},
+      {"step": 3, "loss": 2.5},
+      {"step": 3, "eval_loss": 2.6, "eval_ppl": 13.5},
+    ]
+  )
