@@ -364,3 +364,135 @@ def test_train_py_resumes_after_clipping_is_turned_off_and_refuses_another_model
   assert lines[-1].startswith(f"error: checkpoint {workdir}/checkpoints/12 does not fit this config: params."), lines
   assert "model.mlp_dim: 64 -> 96" in lines[-1] and "train.steps: 12 -> 20" in lines[-1]
   assert _tree_snapshot(workdir) == before  # every checkpoint, config.json and metrics.jsonl as they were
+
+
+def _logged_steps(steps: int, log_every: int, eval_every: int) -> tuple[list[int], list[int]]:
+  """(train, eval) steps a run logs, from the schedule: train every `log_every` steps, at eval steps and at the
+  last; eval before the first step, every `eval_every` steps and at the last."""
+  evals = sorted({0, steps, *range(eval_every, steps + 1, eval_every)})
+  train = sorted({steps, *range(log_every, steps + 1, log_every), *evals} - {0})
+  return train, evals
+
+
+def _steps_by_kind(workdir) -> tuple[list[int], list[int]]:
+  """(train, eval) steps of metrics.jsonl's lines, in file order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return [r["step"] for r in records if "loss" in r], [r["step"] for r in records if "eval_loss" in r]
+
+
+@pytest.mark.parametrize("torn", ['{"step": 3, "lo', '{"step": 3, "loss": 2.5}'])
+def test_metric_writer_keeps_one_line_per_step_and_mends_a_torn_last_line(tmp_path, torn):
+  """A kill mid-write leaves part of a line: cut off unless it is a whole record, which gets its newline."""
+  from trainer.metrics import MetricWriter, read_metrics
+
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 0, "eval_loss": 5.0, "eval_ppl": 148.4}\n{"step": 2, "loss": 3.0}\n' + torn
+  )
+  writer = MetricWriter(str(tmp_path), enabled=True)
+  for record in ({"step": 2, "loss": 9.0}, {"step": 3, "loss": 2.5}, {"step": 3, "eval_loss": 2.6, "eval_ppl": 13.5}):
+    writer.write(record)
+  writer.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert (
+    [json.loads(line) for line in lines]
+    == read_metrics(str(tmp_path))
+    == [
+      {"step": 0, "eval_loss": 5.0, "eval_ppl": 148.4},
+      {"step": 2, "loss": 3.0},
+      {"step": 3, "loss": 2.5},
+      {"step": 3, "eval_loss": 2.6, "eval_ppl": 13.5},
+    ]
+  )
+
+
+class _Killed(Exception):
+  """Stands for a SIGKILL in an in-process run."""
+
+
+_KILLED_RUN = {"train.steps": 12, "train.log_every": 2, "train.eval_every": 5, "checkpoint.every_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def killed_after_checkpoint_8(tmp_path_factory):
+  """An in-process run of `_KILLED_RUN` that dies the moment its checkpoint at step 8 has committed (a logged
+  step, not an eval step); returns (its run directory, its config)."""
+  from tests.helpers import mini_run_config
+  from trainer.loop import train
+
+  root = tmp_path_factory.mktemp("killed")
+  cfg = mini_run_config(root / "cache", **{"mesh.data": -1, "train.global_batch_size": 8, **_KILLED_RUN})
+  real_save = Checkpointer.save
+
+  def save_then_die(self, step, *args, **kwargs):
+    real_save(self, step, *args, **kwargs)
+    if step == 8:
+      self.wait()
+      raise _Killed
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(_Killed):
+      train(cfg, str(root / "run"))
+  return root / "run", cfg
+
+
+@pytest.mark.parametrize("resume_at", [8, 4])
+def test_a_run_killed_after_a_checkpoint_logs_every_step_once_when_resumed(killed_after_checkpoint_8, tmp_path,
+                                                                          resume_at):  # fmt: skip
+  """Resumed at 8, the checkpoint that had just committed: step 8's line must already be there. Resumed at 4 (as
+  when the kill lands before checkpoint 8 commits): steps 5..8 run again and must not be logged twice."""
+  import shutil
+
+  from trainer.loop import train
+
+  killed, cfg = killed_after_checkpoint_8
+  workdir = tmp_path / "run"
+  shutil.copytree(killed, workdir)
+  if resume_at == 4:
+    shutil.rmtree(workdir / "checkpoints" / "8")
+  result = train(cfg, str(workdir))
+  assert result["train"]["step"] == 12
+  assert _steps_by_kind(workdir) == _logged_steps(12, log_every=2, eval_every=5)
+
+
+def _committed_checkpoints(workdir) -> list[str]:
+  """Checkpoint directories that have committed (orbax writes into a temporary name and renames on commit)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return [name for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_a_checkpoint_then_resume_logs_each_step_once_at_real_throughput(uninterrupted, tmp_path):
+  _, cache = uninterrupted
+  workdir, steps, eval_every = tmp_path / "run", 40, 15
+  # Steps long against the host's work per line, so that a step timed over no device work would read far too fast.
+  args = mini_run_args(workdir, cache, steps=steps, every=10) + [
+    f"--config.train.eval_every={eval_every}",
+    "--config.train.global_batch_size=16",
+    "--config.data.seq_len=128",
+  ]
+  proc = _start(args)
+  deadline = time.time() + 120
+  while not _committed_checkpoints(workdir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.001)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _committed_checkpoints(workdir) and max(_losses(workdir)) < steps, "the kill did not land mid-run"
+  with open(workdir / "metrics.jsonl") as f:
+    typical = float(np.median([json.loads(line)["tokens_per_sec"] for line in f if '"loss"' in line]))
+
+  resumed = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(r"resuming at step (10|20|30)\b", resumed.stderr)
+  assert _steps_by_kind(workdir) == _logged_steps(steps, log_every=1, eval_every=eval_every)
+  # The intervals next to a (re)start and the end are of the same order as the killed run's: the first line (the
+  # first interval of a new run), the first and last figures of the resumed run's progress bar (the first one's
+  # line was written before the kill), and their median.
+  with open(workdir / "metrics.jsonl") as f:
+    first_line = next(json.loads(line)["tokens_per_sec"] for line in f if '"loss"' in line)
+  shown = [float(x) for x in re.findall(r"tok_s=(\d+)", resumed.stderr)]
+  assert shown, resumed.stderr[-3000:]
+  for name, rate in [("step 1", first_line), ("first after the restart", shown[0]), ("last", shown[-1]),
+                     ("median after the restart", float(np.median(shown)))]:  # fmt: skip
+    assert typical / 10 < rate < typical * 10, f"{name}: {rate:.0f} tokens/s against {typical:.0f} before the kill"

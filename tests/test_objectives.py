@@ -390,8 +390,10 @@ def test_sft_run_resumes_exactly(tmp_path):
   workdir = tmp_path / "run"
   train(cfg, str(workdir))
   shutil.rmtree(workdir / "checkpoints" / "4")
+  # Moved aside, so the resumed run writes its own lines for steps 3 and 4 rather than keep the recorded ones.
+  (workdir / "metrics.jsonl").rename(tmp_path / "first.jsonl")
   train(cfg, str(workdir))
-  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  records = [json.loads(line) for name in (tmp_path / "first.jsonl", workdir / "metrics.jsonl") for line in open(name)]
   losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
   assert [step for step, _ in losses] == [1, 2, 3, 4, 3, 4]
   np.testing.assert_allclose([loss for _, loss in losses[4:]], [loss for _, loss in losses[2:4]], rtol=1e-6)

@@ -1,5 +1,18 @@
-"""The training loop: build, initialise or resume, step, log, evaluate, write the run directory."""
+"""The training loop: build, initialise or resume, step, log, evaluate, write the run directory.
 
+A train line is logged every `train.log_every` steps, at eval steps, at the last step and at a preempted one.
+Each step's metrics stay on the device until the next step has been dispatched, so the device has work while the
+host reads them. A step followed by a pause (an eval, a checkpoint, the end of the profile, the run or a
+preemption) is read at once instead: its train line, and its eval line, are in metrics.jsonl before a checkpoint
+that holds the step is started. A resumed run repeats the steps between its checkpoint and the moment the last run
+stopped, bit-exactly; the MetricWriter does not write a line again for a step metrics.jsonl already records, so the
+file ends up with one train line per logged step and one eval line per eval step, appended only.
+
+Throughput is the tokens of the steps the device has finished between two host timestamps over the time between
+them; compilation and the pauses fall in no interval (`_Throughput`).
+"""
+
+import dataclasses
 import json
 import logging
 import time
@@ -35,29 +48,110 @@ def evaluate(exp: Experiment, params, eval_batches: list[dict], frozen: dict) ->
 
 
 class _Throughput:
-  """Tokens/s and MFU between two completed steps, timed on the host when their metrics arrive."""
+  """Tokens/s and MFU over intervals between host timestamps, each taken when the device had finished a known
+  number of steps: the tokens of the steps completed in between over the time in between.
+
+  `restart` opens a new interval without measuring one: at the first step after compilation and after each pause
+  (eval, checkpoint, profile), so that none of them is counted as training time."""
 
   def __init__(self, model_cfg: ModelConfig, tokens_per_step: int, seq_len: int, compute_dtype):
     self.tokens_per_step = tokens_per_step
     self.flops_per_token = flops_per_token(model_cfg, seq_len)
     peak, self.peak_source = peak_flops_per_device(compute_dtype)
     self.peak_total = peak * jax.device_count()
-    self.step, self.time = None, None
+    self._mark: tuple[int, float] | None = None  # (steps completed, host time)
+    self._latest: dict = {}
 
-  def mark(self, step: int) -> None:
-    """Step `step` has just completed."""
-    self.step, self.time = step, time.perf_counter()
+  def restart(self, completed: int) -> None:
+    """The device has just completed step `completed` and no interval runs: the next one starts here."""
+    self._mark = (completed, time.perf_counter())
 
-  def rates(self, step: int) -> dict:
-    """Rates from the last mark up to step `step`, which has just completed; then marks it."""
-    tokens = (step - self.step) * self.tokens_per_step
-    tokens_per_sec = tokens / max(time.perf_counter() - self.time, 1e-9)
-    self.mark(step)
-    return {
-      "tokens_per_sec": tokens_per_sec,
-      "tokens_per_sec_per_device": tokens_per_sec / jax.device_count(),
-      "mfu": tokens_per_sec * self.flops_per_token / self.peak_total,
+  def rates(self, completed: int) -> dict:
+    """Rates over the steps completed since the last timestamp, the device having just completed step
+    `completed`. When no step has completed since (a step read right after the one before it), the latest
+    interval's rates; {} before any interval."""
+    now = time.perf_counter()
+    assert self._mark is not None, "rates() before restart()"
+    since_step, since_time = self._mark
+    if completed > since_step:
+      tokens_per_sec = (completed - since_step) * self.tokens_per_step / max(now - since_time, 1e-9)
+      self._latest = {
+        "tokens_per_sec": tokens_per_sec,
+        "tokens_per_sec_per_device": tokens_per_sec / jax.device_count(),
+        "mfu": tokens_per_sec * self.flops_per_token / self.peak_total,
+      }
+      self._mark = (completed, now)
+    return self._latest
+
+
+def _ready(tree) -> bool:
+  """Whether the device has finished computing every array of `tree`."""
+  return all(leaf.is_ready() for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array))
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose metrics have not been read yet."""
+
+  step: int
+  metrics: dict  # on the device
+  due: bool  # whether the step's train line is to be written
+
+
+class _MetricsLogger:
+  """The run's train and eval lines: holds each step's device metrics until they can be read without making the
+  device wait, times throughput, writes through the MetricWriter and keeps the progress bar."""
+
+  def __init__(self, writer: MetricWriter, throughput: _Throughput, progress: tqdm):
+    self.writer, self.throughput, self.progress = writer, throughput, progress
+    self.last_train, self.last_eval = {}, {}
+    self._pending: _Pending | None = None
+
+  def dispatched(self, step: int, metrics: dict, due: bool) -> None:
+    """Step `step` has been dispatched; `due`: its train line is to be written. The line of the step before, if
+    due, is written now, while this one runs."""
+    previous, self._pending = self._pending, _Pending(step, metrics, due)
+    if previous is None:
+      # The first step since a (re)start or a pause: its call compiled or followed the pause; time from here.
+      self.throughput.restart(step if _ready(metrics) else step - 1)
+    elif previous.due:
+      self._write_train(previous, following=self._pending)
+    self.progress.update(1)
+
+  def before_pause(self) -> None:
+    """The last dispatched step is followed by host work (eval, checkpoint, end of a profile or of the run):
+    its line is written now, and the device is waited for, so the pause falls in no throughput interval."""
+    pending, self._pending = self._pending, None
+    if pending.due:
+      self._write_train(pending, following=None)
+    else:
+      jax.block_until_ready(pending.metrics)
+
+  def write_eval(self, step: int, metrics: dict) -> None:
+    self.last_eval = {"step": step, **metrics}
+    self.writer.write(self.last_eval)
+    self.progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:.2f})")
+
+  def _write_train(self, pending: _Pending, following: _Pending | None) -> None:
+    host = jax.device_get(pending.metrics)
+    # Reading waited for `pending.step`; the step dispatched after it may be done too (synchronous dispatch, the
+    # CPU backend's, finishes each step before the call returns): the timestamp counts every finished step.
+    ahead = following is not None and _ready(following.metrics)
+    rates = self.throughput.rates(following.step if ahead else pending.step)
+    arrays = {k: np.asarray(v) for k, v in host.items() if np.ndim(v) > 0}  # e.g. per-layer expert load
+    scalars = {k: float(v) for k, v in host.items() if k not in arrays and k != "tokens"}
+    record = {
+      "step": pending.step,
+      "loss": scalars.pop("loss"),
+      "lr": scalars.pop("lr"),
+      "grad_norm": scalars.pop("grad_norm"),
     }
+    record.update(rates)
+    record.update(scalars)
+    self.writer.write(record, arrays)
+    tok_s = f"{record['tokens_per_sec']:.0f}" if rates else "-"
+    self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=tok_s)
+    self.last_train = record
 
 
 def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config: dict) -> tuple[object, int | None]:
@@ -109,6 +203,91 @@ def _use_compilation_cache(data_cfg, enabled: bool) -> None:
     compilation_cache.reset_cache()  # JAX decides once per process whether to cache: in a notebook it already has
 
 
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+  """Which steps (optimizer updates completed) the loop logs, evaluates, checkpoints and profiles."""
+
+  steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  profile: range  # the steps whose dispatch is traced; empty when not profiling
+
+  def evaluates(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.steps
+
+  def logs(self, step: int) -> bool:
+    return step % self.log_every == 0 or self.evaluates(step)
+
+  def checkpoints(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.steps
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the steps of one invocation of `train` share."""
+
+  exp: Experiment
+  frozen: dict
+  eval_batches: list[dict]
+  checkpointer: Checkpointer
+  logger: _MetricsLogger
+  schedule: _Schedule
+  config_json: str
+  start_step: int
+  start_row: int
+  batch_rows: int
+  workdir: str
+
+  def evaluate(self, state) -> dict | None:
+    """The eval metrics of `state`; None when nothing is held out (data.eval_fraction=0, a one-document corpus)."""
+    return evaluate(self.exp, state.params, self.eval_batches, self.frozen) if self.eval_batches else None
+
+
+def _after_step(run: _Run, done: int, state, metrics: dict, preemption: PreemptionGuard) -> str | None:
+  """The bookkeeping of the step that completes `done`, just dispatched: its train line, eval, end of the
+  profile, checkpoint. Returns the signal's name when the run was asked to stop (it has saved)."""
+  schedule = run.schedule
+  stop = _preemption_requested(preemption, done, schedule.log_every)
+  run.logger.dispatched(done, metrics, due=schedule.logs(done) or stop is not None)
+  evaluates, saves = schedule.evaluates(done), schedule.checkpoints(done) or stop is not None
+  profile_ends = bool(schedule.profile) and done == schedule.profile.stop
+  if not (evaluates or saves or profile_ends):
+    return None
+  run.logger.before_pause()
+  if profile_ends:
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    run.logger.progress.write(
+      f"profiled steps {schedule.profile.start + 1}..{done}: open {run.workdir}/tb in TensorBoard (Profile tab)"
+    )
+  if evaluates and (eval_metrics := run.evaluate(state)) is not None:
+    run.logger.write_eval(done, eval_metrics)
+  if saves:
+    run.logger.writer.flush()  # an object store gets the lines before the checkpoint that holds their steps
+    position = {"next_row": run.start_row + (done - run.start_step) * run.batch_rows}
+    run.checkpointer.save(done, state, position, run.config_json)
+  return stop
+
+
+def _train_steps(run: _Run, state, train_iter):
+  """Steps from `run.start_step` to the end of the schedule, or to a preemption; returns the last state."""
+  if run.start_step == 0 and (baseline := run.evaluate(state)) is not None:
+    run.logger.write_eval(0, baseline)  # the untrained model's loss: every later eval is read against it
+  with PreemptionGuard() as preemption:
+    for step in range(run.start_step, run.schedule.steps):
+      if step == run.schedule.profile.start and run.schedule.profile:
+        jax.profiler.start_trace(run.logger.writer.tensorboard_dir)
+      state, metrics = run.exp.train_step(state, next(train_iter), run.frozen)
+      stop = _after_step(run, step + 1, state, metrics, preemption)
+      if stop:
+        run.checkpointer.wait()
+        run.logger.progress.close()
+        print(f"{stop}: saved checkpoint at step {step + 1} in {run.checkpointer.directory}; exiting", flush=True)
+        break
+  return state
+
+
 def train(cfg, workdir: str) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns the last train and eval metrics."""
   _use_compilation_cache(cfg.data, cfg.train.compilation_cache)
@@ -131,8 +310,34 @@ def train(cfg, workdir: str) -> dict:
   # The data position is a global row cursor: the same for any number of processes, and it carries over a
   # change of batch size. Checkpoints without one were written at a constant batch size.
   start_row = next_row if next_row is not None else start_step * batch_rows
+  train_iter, eval_batches = _batches(cfg, tokenizer, exp, start_row)
+
+  writer = MetricWriter(workdir, enabled=is_writer)
+  throughput = _Throughput(exp.model_cfg, batch_rows * cfg.data.seq_len, cfg.data.seq_len, exp.model_cfg.dtype)
+  _log_start(exp, throughput, mesh, start_step)
+  progress = tqdm(total=steps, initial=start_step, disable=not is_writer, unit="step", dynamic_ncols=True)
+  run = _Run(
+    exp=exp, frozen=frozen, eval_batches=eval_batches, checkpointer=checkpointer,
+    logger=_MetricsLogger(writer, throughput, progress),
+    schedule=_schedule(cfg, start_step, profiles=is_writer), config_json=config_json,
+    start_step=start_step, start_row=start_row, batch_rows=batch_rows, workdir=workdir,
+  )  # fmt: skip
+  state = _train_steps(run, state, train_iter)
+  progress.close()
+  train_iter.close()  # the background thread that builds the next batch
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  if is_writer:
+    plot_losses(workdir)
+  return {"train": run.logger.last_train, "eval": run.logger.last_eval, "state": state, "experiment": exp}
+
+
+def _batches(cfg, tokenizer, exp: Experiment, start_row: int) -> tuple[object, list[dict]]:
+  """(the train batch iterator from global row `start_row`, the fixed eval batches)."""
   # Once, for the train and the eval batches: the corpus's token cache, or the sft / dpo examples.
   token_cache = objectives.get(cfg.train.objective).load_documents(cfg.data, tokenizer)
+  batch_rows = cfg.train.global_batch_size
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
     start_row=start_row, token_cache=token_cache,
@@ -142,10 +347,23 @@ def train(cfg, workdir: str) -> dict:
     cfg.data, tokenizer, global_batch_size=batch_rows, num_batches=cfg.train.eval_batches,
     sharding=exp.batch_sharding, token_cache=token_cache,
   )  # fmt: skip
+  return train_iter, eval_batches
 
-  writer = MetricWriter(workdir, enabled=is_writer)
-  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-  throughput = _Throughput(exp.model_cfg, tokens_per_step, cfg.data.seq_len, exp.model_cfg.dtype)
+
+def _schedule(cfg, start_step: int, profiles: bool) -> _Schedule:
+  # Traced steps start after the first two of this invocation, so neither compilation nor warm-up is in them.
+  profile_start = start_step + 2
+  profile_end = min(profile_start + cfg.train.profile_steps, cfg.train.steps)
+  return _Schedule(
+    steps=cfg.train.steps,
+    log_every=cfg.train.log_every,
+    eval_every=cfg.train.eval_every,
+    checkpoint_every=cfg.checkpoint.every_steps,
+    profile=range(profile_start, profile_end) if profiles and cfg.train.profile_steps > 0 else range(0),
+  )
+
+
+def _log_start(exp: Experiment, throughput: _Throughput, mesh, start_step: int) -> None:
   _log.info(
     "model: %.1fM parameters, %.1f MFLOPs/token; peak %.3g FLOP/s per device (%s); mesh %s; %s at step %d",
     sum(x.size for x in jax.tree.leaves((exp.abstract_params, exp.frozen_shapes.get("base", {})))) / 1e6,  # + LoRA base
@@ -156,79 +374,6 @@ def train(cfg, workdir: str) -> dict:
     "resuming" if start_step else "starting",
     start_step,
   )
-
-  progress = tqdm(total=steps, initial=start_step, disable=not is_writer, unit="step", dynamic_ncols=True)
-  last_train, last_eval = {}, {}
-  pending = None  # (step, device metrics) of the previous step, read only after the next one is dispatched
-
-  def log_train(step: int, metrics) -> dict:
-    host = jax.device_get(metrics)
-    arrays = {k: np.asarray(v) for k, v in host.items() if np.ndim(v) > 0}  # e.g. per-layer expert load
-    scalars = {k: float(v) for k, v in host.items() if k not in arrays and k != "tokens"}
-    record = {"step": step, "loss": scalars.pop("loss"), "lr": scalars.pop("lr"), "grad_norm": scalars.pop("grad_norm")}
-    record.update(throughput.rates(step))
-    record.update(scalars)
-    writer.write(record, arrays)
-    progress.set_postfix(
-      loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}"
-    )
-    return record
-
-  def run_eval(step: int) -> dict:
-    if not eval_batches:
-      return {}
-    record = {"step": step, **evaluate(exp, state.params, eval_batches, frozen)}
-    writer.write(record)
-    progress.write(f"step {step}: eval_loss {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.2f})")
-    return record
-
-  if start_step == 0:
-    last_eval = run_eval(0)  # the untrained model's loss: the baseline every later eval is read against
-  throughput.mark(start_step)
-  # Traced steps start after the first two of this invocation, so neither compilation nor warm-up is in them.
-  profile_start = start_step + 2 if cfg.train.profile_steps > 0 and is_writer else None
-  with PreemptionGuard() as preemption:
-    for step in range(start_step, steps):
-      if step == profile_start:
-        jax.profiler.start_trace(writer.tensorboard_dir)
-      state, metrics = exp.train_step(state, next(train_iter), frozen)
-      done = step + 1
-      if profile_start is not None and done == min(profile_start + cfg.train.profile_steps, steps):
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        progress.write(f"profiled steps {profile_start + 1}..{done}: open {workdir}/tb in TensorBoard (Profile tab)")
-      if pending is not None and pending[0] % cfg.train.log_every == 0:
-        last_train = log_train(*pending)
-      pending = (done, metrics)
-      if step == start_step:
-        jax.block_until_ready(metrics)  # includes compilation
-        if done % cfg.train.log_every:
-          throughput.mark(done)  # keep compile time out of the first logged interval
-      progress.update(1)
-      if done % cfg.train.eval_every == 0 or done == steps:
-        last_train = log_train(*pending)
-        pending = None
-        last_eval = run_eval(done)
-      stop = _preemption_requested(preemption, done, cfg.train.log_every)
-      if done % cfg.checkpoint.every_steps == 0 or done == steps or stop:
-        position = {"next_row": start_row + (done - start_step) * batch_rows}
-        checkpointer.save(done, state, position, config_json)
-        writer.flush()
-      if stop:
-        if pending is not None:
-          last_train = log_train(*pending)
-        checkpointer.wait()
-        progress.close()
-        print(f"{stop}: saved checkpoint at step {done} in {checkpointer.directory}; exiting", flush=True)
-        break
-  progress.close()
-  train_iter.close()  # the background thread that builds the next batch
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  if is_writer:
-    plot_losses(workdir)
-  return {"train": last_train, "eval": last_eval, "state": state, "experiment": exp}
 
 
 def _preemption_requested(guard: PreemptionGuard, step: int, every: int) -> str | None:

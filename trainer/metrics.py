@@ -94,6 +94,12 @@ class MetricWriter:
   In a local run directory both files are written in place. Object stores (gs://) cannot append, so for a URL
   both are kept in a local staging directory and copied whole into the run directory at every `flush()` (the
   loop flushes at each checkpoint) and at `close()`; metrics.jsonl lines are still only ever added.
+
+  metrics.jsonl holds one line per kind of record (train, eval) and step. A resumed run repeats the steps
+  between its checkpoint and the moment the run before it stopped, with the same results (resume is exact):
+  `write` skips a record whose kind and step the file already holds, so each step keeps the line written first.
+  A kill in the middle of a write may leave a last line torn: it is cut off when the file is opened (it never
+  was a record), so that every line stays one JSON object.
   """
 
   def __init__(self, workdir: str, enabled: bool):
@@ -110,15 +116,24 @@ class MetricWriter:
         (self._staging / "metrics.jsonl").write_text(remote.read_text())
     local = self._staging or self._run
     self.path = local / "metrics.jsonl"
+    self._recorded = _recorded_keys(self.path)
+    if self._recorded:
+      _log.info("metrics.jsonl records %d lines up to step %d: their steps are not written again",
+                len(self._recorded), max(step for _, step in self._recorded))  # fmt: skip
     from tensorboardX import SummaryWriter
 
     self._tb = SummaryWriter(str(local / "tb"))
 
   def write(self, record: dict, arrays: dict | None = None) -> None:
     """`record` goes to metrics.jsonl and TensorBoard; `arrays` (e.g. expert load [layers, experts]) to
-    TensorBoard only, one scalar per entry, tagged `name/i/j`."""
+    TensorBoard only, one scalar per entry, tagged `name/i/j`. Nothing is written for a kind and step the file
+    already records."""
     if not self.enabled:
       return
+    key = (_kind(record), record["step"])
+    if key in self._recorded:
+      return
+    self._recorded.add(key)
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     step = record["step"]
@@ -155,11 +170,44 @@ class MetricWriter:
       self.flush()
 
 
+def _kind(record: dict) -> str:
+  """The kind of a record: "eval" for evaluation (eval_loss, eval_loss/<name>, eval/<task>/<metric>), else "train"."""
+  return "eval" if any(key.startswith("eval") for key in record) else "train"
+
+
+def _parse(line: bytes) -> dict | None:
+  """The record of one metrics.jsonl line; None for a line that is not a whole JSON object (torn by a kill)."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) and "step" in record else None
+
+
+def _recorded_keys(path: epath.Path) -> set[tuple[str, int]]:
+  """(kind, step) of every record of the local file `path` (absent: none), after mending a torn last line: one
+  that holds a whole record gets its newline; one that does not is cut off, so the next line starts clean."""
+  if not path.exists():
+    return set()
+  text = path.read_bytes()
+  complete, tail = text[: text.rfind(b"\n") + 1], text[text.rfind(b"\n") + 1 :]
+  if tail and _parse(tail) is not None:
+    with path.open("ab") as f:
+      f.write(b"\n")
+    complete += tail
+  elif tail:
+    _log.warning("metrics.jsonl ends in a torn line (%d bytes, from a run that was killed): cut off", len(tail))
+    os.truncate(str(path), len(complete))
+  records = [r for r in map(_parse, complete.splitlines()) if r is not None]
+  return {(_kind(r), r["step"]) for r in records}
+
+
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of the run's metrics.jsonl, in order; a line that is not a whole record is skipped."""
   path = as_path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in map(_parse, path.read_bytes().splitlines()) if r is not None]
 
 
 def plot_losses(workdir: str) -> str:
@@ -170,7 +218,7 @@ def plot_losses(workdir: str) -> str:
   import matplotlib.pyplot as plt
 
   records = read_metrics(workdir)
-  # After a resume, steps past the restored checkpoint are logged again: the last line for a step wins.
+  # A file written before lines were kept one per step may repeat steps after a resume: the last line wins.
   train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
   evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
   fig, ax = plt.subplots(figsize=(7, 4.5))
