@@ -149,7 +149,7 @@ class ModelConfig(Architecture, Execution):
     return cls(**kwargs)
 
 
-def _field_of(key: str) -> str:
+def field_of_key(key: str) -> str:
   """The ModelConfig field a config key (`group.name` of model, moe or lora) sets."""
   return _RENAMED.get(key, key.split(".", 1)[1])
 
@@ -166,7 +166,7 @@ def architecture_changes(saved: dict, current: dict) -> list[str]:
     for name, value in current.get(group, {}).items():
       key = f"{group}.{name}"
       old = saved.get(group, {}).get(name, value)
-      if _field_of(key) in architecture and old != value:
+      if field_of_key(key) in architecture and old != value:
         changes.append(f"{key}: {old} -> {value}")
   return changes
 

@@ -103,3 +103,19 @@ def test_relative_links_resolve():
       elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
         broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
   assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_the_resume_table_lists_exactly_the_execution_fields():
+  """docs/checkpoints.md's "how the step computes" cell names the config keys of model/config.py's Execution,
+  the settings a resume never compares."""
+  import dataclasses
+  import re
+
+  from configs.base import base_config
+  from model.config import Execution, field_of_key
+
+  cfg, fields = base_config(), {f.name for f in dataclasses.fields(Execution)}
+  keys = {f"{g}.{k}" for g in ("model", "moe", "lora") for k in cfg[g] if field_of_key(f"{g}.{k}") in fields}
+  row = next(line for line in open("docs/checkpoints.md") if line.startswith("| how the step computes"))
+  cell = row.split("|")[1]
+  assert set(re.findall(r"`((?:model|moe|lora)\.\w+)`", cell)) == keys
