@@ -114,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 100  # steps between evaluations (also at step 0 and at the last step)
   c.train.eval_batches = 8  # batches per evaluation (fewer if the held-out split is small)
   c.train.seed = 0  # parameters, data order and dropout
-  c.train.objective = "lm"  # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher)
+  # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher) | module:attribute or
+  # path/to/file.py:attribute naming an objectives.Objective of your own (docs/fine-tuning.md)
+  c.train.objective = "lm"
   c.train.compilation_cache = True  # JAX's persistent compilation cache under `<data cache dir>/jax`
   c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into `<workdir>/tb` for TensorBoard
 
