@@ -1,5 +1,7 @@
 """Self-attention with grouped KV heads (MHA, GQA and MQA): projections and RoPE here, the kernel in `attend`."""
 
+import functools
+
 import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -53,40 +55,11 @@ class Attention(nnx.Module):
     """The attention output [B, L, D]; with a `cache`, (output, the cache with this call's keys and values).
     `dropout_key` (training only) drives the LoRA adapters' dropout."""
     cfg = self.cfg
-    dt, n, k, h, key, r = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dropout_key, cfg.rules
-    q_BxLxNxH = project(
-      x_BxLxD,
-      self.wq_DxNxH,
-      "BLD,DNH->BLNH",
-      _Q_NAMES,
-      name="attn_q",
-      dtype=dt,
-      rules=r,
-      adapter=self.lora_q,
-      adapter_key=key,
-    )
-    k_BxSxKxH = project(
-      x_BxLxD,
-      self.wk_DxKxH,
-      "BSD,DKH->BSKH",
-      _KV_NAMES,
-      name="attn_k",
-      dtype=dt,
-      rules=r,
-      adapter=self.lora_k,
-      adapter_key=key,
-    )
-    v_BxSxKxH = project(
-      x_BxLxD,
-      self.wv_DxKxH,
-      "BSD,DKH->BSKH",
-      _KV_NAMES,
-      name="attn_v",
-      dtype=dt,
-      rules=r,
-      adapter=self.lora_v,
-      adapter_key=key,
-    )
+    dt, n, k, h, r = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rules
+    proj = functools.partial(project, dtype=dt, rules=r, adapter_key=dropout_key)
+    q_BxLxNxH = proj(x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", adapter=self.lora_q)
+    k_BxSxKxH = proj(x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", adapter=self.lora_k)
+    v_BxSxKxH = proj(x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", adapter=self.lora_v)
     if cfg.attention_bias:
       q_BxLxNxH = q_BxLxNxH + self.bq_NH[...].reshape(n, h).astype(dt)
       k_BxSxKxH = k_BxSxKxH + self.bk_KH[...].reshape(k, h).astype(dt)
@@ -119,17 +92,7 @@ class Attention(nnx.Module):
     )
     out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES, r), "attn_context")
     out_names = ("batch", "length", "embed")
-    out_BxLxD = project(
-      out_BxLxNxH,
-      self.wo_NxHxD,
-      "BLNH,NHD->BLD",
-      out_names,
-      name="attn_o",
-      dtype=dt,
-      rules=r,
-      adapter=self.lora_o,
-      adapter_key=key,
-    )
+    out_BxLxD = proj(out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", out_names, name="attn_o", adapter=self.lora_o)
     if cfg.attention_out_bias:
       out_BxLxD = out_BxLxD + self.bo_D[...].astype(dt)
     return out_BxLxD if cache is None else (out_BxLxD, cache)

@@ -1,5 +1,6 @@
 """Position-wise feed-forward block: SwiGLU or GELU."""
 
+import functools
 import math
 
 import jax
@@ -61,41 +62,13 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """`dropout_key` (training only) drives the LoRA adapters' dropout."""
-    dt, names, key, r = self.cfg.dtype, ("batch", "length", "mlp"), dropout_key, self.cfg.rules
-    up_BxLxF = project(
-      x_BxLxD,
-      self.w_up_DxF,
-      "BLD,DF->BLF",
-      names,
-      name="mlp_up",
-      dtype=dt,
-      rules=r,
-      adapter=self.lora_up,
-      adapter_key=key,
-    )
+    cfg, names = self.cfg, ("batch", "length", "mlp")
+    proj = functools.partial(project, dtype=cfg.dtype, rules=cfg.rules, adapter_key=dropout_key)
+    up_BxLxF = proj(x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", adapter=self.lora_up)
     gate_BxLxF = None
-    if self.cfg.mlp_type == "swiglu":
-      gate_BxLxF = project(
-        x_BxLxD,
-        self.w_gate_DxF,
-        "BLD,DF->BLF",
-        names,
-        name="mlp_gate",
-        dtype=dt,
-        rules=r,
-        adapter=self.lora_gate,
-        adapter_key=key,
-      )
-    h_BxLxF = checkpoint_name(constrain(activate(self.cfg.mlp_type, gate_BxLxF, up_BxLxF), names, r), "mlp_hidden")
+    if cfg.mlp_type == "swiglu":
+      gate_BxLxF = proj(x_BxLxD, self.w_gate_DxF, "BLD,DF->BLF", names, name="mlp_gate", adapter=self.lora_gate)
+    hidden_BxLxF = constrain(activate(cfg.mlp_type, gate_BxLxF, up_BxLxF), names, cfg.rules)
+    h_BxLxF = checkpoint_name(hidden_BxLxF, "mlp_hidden")
     out_names = ("batch", "length", "embed")
-    return project(
-      h_BxLxF,
-      self.w_down_FxD,
-      "BLF,FD->BLD",
-      out_names,
-      name="mlp_down",
-      dtype=dt,
-      rules=r,
-      adapter=self.lora_down,
-      adapter_key=key,
-    )
+    return proj(h_BxLxF, self.w_down_FxD, "BLF,FD->BLD", out_names, name="mlp_down", adapter=self.lora_down)
