@@ -95,6 +95,6 @@ if __name__ == "__main__":
   except ConfigError as e:
     sys.exit(f"error: {e}")
   # Our own packages log progress at INFO; libraries (orbax, jax) only warnings and errors.
-  for package in ("trainer", "data", "sharding", "model"):
+  for package in ("trainer", "data", "parallel", "model", "objectives", "storage"):
     std_logging.getLogger(package).setLevel(std_logging.INFO)
   app.run(main)

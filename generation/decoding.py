@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from generation.sampling import Sampling, mask_padding, sample
 from model import ModelConfig
-from model.attend import resolve
+from model.attend import BACKENDS, resolve
 from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
 from parallel.partition import param_specs, with_shardings
 from parallel.rules import Rules, freeze, traced_under
@@ -30,8 +30,9 @@ from trainer.state import abstract_model
 def decode_config(model_cfg: ModelConfig, rules: Rules) -> ModelConfig:
   """The model configuration decoding runs (module docstring): same parameters, dropless MoE, no dropout, and
   `rules` for laying activations out on the decoder's mesh."""
-  attention = model_cfg.attention
-  if resolve(attention, jax.default_backend(), 1 << 20, model_cfg.dtype) == "splash":
+  attention, backend = model_cfg.attention, jax.default_backend()
+  kernel = resolve(attention, backend, 1 << 20, model_cfg.dtype)
+  if kernel == "splash" or BACKENDS.get(kernel, backend) != backend:  # decode steps are short: xla does them
     attention = "xla"
   changes = dict(dropout_rate=0.0, remat="none", attention=attention, rules=freeze(rules))
   if model_cfg.num_experts > 0:

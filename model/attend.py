@@ -31,22 +31,9 @@ from parallel import rules as sharding_rules
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 AUTO_CHUNKED_ABOVE = 1024
-_BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
+BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
 # A finite "minus infinity" for masked scores: exp of it is 0, and it minus itself is 0 (no NaN on empty rows).
 _MASKED = -1e30
-
-
-def backend_problem(impl: str, backend: str) -> str | None:
-  """Why `impl` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
-  if impl not in IMPLEMENTATIONS:
-    return f"config.model.attention={impl!r} is not one of {', '.join(IMPLEMENTATIONS)}"
-  needed = _BACKENDS.get(impl)
-  if needed is not None and backend != needed:
-    return (
-      f"config.model.attention={impl!r} runs on {needed.upper()} only, this backend is {backend}; "
-      "use auto, xla or chunked"
-    )
-  return None
 
 
 def resolve(impl: str, backend: str, kv_length: int, dtype) -> str:
@@ -79,10 +66,9 @@ def attend(
   logical-axis rules a kernel under `shard_map` (splash) splits its inputs by, on the mesh of JAX's context."""
   n, k = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
   assert n % k == 0, f"{n} query heads do not group over {k} kv heads"
-  impl = resolve(impl, jax.default_backend(), k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
-  problem = backend_problem(impl, jax.default_backend())
-  if problem is not None:
-    raise ValueError(problem)
+  backend = jax.default_backend()
+  impl = resolve(impl, backend, k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
+  assert BACKENDS.get(impl, backend) == backend, f"{impl} on {backend}: settings.validate.check_backend refuses it"
   scale = q_BxLxNxH.shape[-1] ** -0.5
   ids = (q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS)
   if impl == "chunked":

@@ -100,11 +100,6 @@ class ModelConfig(Architecture, Execution):
   def execution(self) -> Execution:
     return Execution(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Execution)})
 
-  def __post_init__(self):
-    problems = field_problems(self)
-    if problems:
-      raise ValueError(problems[0])
-
   @property
   def rope_scaling(self) -> RopeScaling | None:
     if not self.rope_scaling_type:
@@ -169,26 +164,6 @@ def architecture_changes(saved: dict, current: dict) -> list[str]:
       if field_of_key(key) in architecture and old != value:
         changes.append(f"{key}: {old} -> {value}")
   return changes
-
-
-def field_problems(cfg) -> list[str]:
-  """One line per bad value among the RoPE scaling, sliding window and scan fields of `cfg` (a ModelConfig or
-  `config.model`): trainer/config.py's `validate` can raise them as ConfigError."""
-  problems = []
-  if cfg.rope_scaling_type not in ("", "linear", "llama3"):
-    problems.append(f"config.model.rope_scaling_type={cfg.rope_scaling_type!r} is not one of '', linear, llama3")
-  if cfg.rope_scaling_type and cfg.rope_scaling_factor <= 0:
-    problems.append(f"config.model.rope_scaling_factor={cfg.rope_scaling_factor} must be positive")
-  if cfg.rope_scaling_type == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
-    problems.append(
-      f"config.model.rope_low_freq_factor={cfg.rope_low_freq_factor} must be positive and below "
-      f"config.model.rope_high_freq_factor={cfg.rope_high_freq_factor}"
-    )
-  if cfg.sliding_window < 0:
-    problems.append(f"config.model.sliding_window={cfg.sliding_window} must be >= 0 (0: off)")
-  if cfg.scan_unroll < 1:
-    problems.append(f"config.model.scan_unroll={cfg.scan_unroll} must be >= 1 (1: one layer per scan iteration)")
-  return problems
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int, tensor_parallelism: int = 1) -> int:

@@ -35,35 +35,9 @@ _PREFIX = "lora_"
 
 
 def parse_targets(targets: str) -> tuple[str, ...]:
-  """ "q,v" (config.lora.targets) -> ("attn_q", "attn_v"); unknown entries are left for `config_problem`."""
+  """ "q,v" (config.lora.targets) -> ("attn_q", "attn_v"); unknown entries are left for settings.validate."""
   names = [t.strip() for t in targets.split(",") if t.strip()]
   return tuple(TARGETS[t][0] for t in names if t in TARGETS)
-
-
-def config_problem(rank: int, alpha: float, dropout_rate: float, targets: str, num_experts: int) -> str | None:
-  """Why config.lora cannot work, in one line naming the key and the fix; None when it can (or LoRA is off)."""
-  if rank < 0:
-    return f"config.lora.rank={rank} must be >= 0 (0 turns LoRA off)"
-  if rank == 0:
-    return None
-  names = [t.strip() for t in targets.split(",") if t.strip()]
-  unknown = [t for t in names if t not in TARGETS]
-  if unknown or not names:
-    return (
-      f"config.lora.targets={targets!r} must be a comma-separated list of {', '.join(TARGETS)}; "
-      "e.g. --config.lora.targets=q,k,v,o"
-    )
-  mlp = [t for t in names if TARGETS[t][0].startswith("mlp_")]
-  if num_experts > 0 and mlp:
-    return (
-      f"config.lora.targets includes MLP projections ({','.join(mlp)}), but MoE experts take no adapters; "
-      "with config.moe.num_experts > 0 use attention targets only (q,k,v,o)"
-    )
-  if alpha <= 0:
-    return f"config.lora.alpha={alpha} must be positive (the adapter's scale is alpha / rank)"
-  if not 0.0 <= dropout_rate < 1.0:
-    return f"config.lora.dropout={dropout_rate} must be in [0, 1)"
-  return None
 
 
 class Adapter(nnx.Module):

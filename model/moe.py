@@ -48,26 +48,14 @@ from parallel.rules import constrain, logical_to_spec
 Weights = tuple[jax.Array | None, jax.Array, jax.Array]
 
 DROPLESS_IMPLS = ("auto", "ragged", "buffer")
-_RAGGED_BACKENDS = ("gpu", "tpu")  # XLA:CPU: "UNIMPLEMENTED: HLO opcode ragged-all-to-all"
-
-
-def dropless_problem(impl: str, backend: str) -> str | None:
-  """Why dropless exchange `impl` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
-  if impl not in DROPLESS_IMPLS:
-    return f"config.moe.dropless_impl={impl!r} is not one of {', '.join(DROPLESS_IMPLS)}"
-  if impl == "ragged" and backend not in _RAGGED_BACKENDS:
-    return (
-      f"config.moe.dropless_impl='ragged' needs jax.lax.ragged_all_to_all, which the {backend} backend does not "
-      "implement; use auto or buffer"
-    )
-  return None
+RAGGED_BACKENDS = ("gpu", "tpu")  # XLA:CPU: "UNIMPLEMENTED: HLO opcode ragged-all-to-all"
 
 
 def resolve_dropless(impl: str, backend: str) -> str:
   """The exchange `impl` stands for on `backend`: `auto` is ragged where the backend has it, else buffer."""
   if impl != "auto":
     return impl
-  return "ragged" if backend in _RAGGED_BACKENDS else "buffer"
+  return "ragged" if backend in RAGGED_BACKENDS else "buffer"
 
 
 def expert_capacity(capacity_factor: float, tokens_in_group: int, top_k: int, num_experts: int) -> int:

@@ -43,17 +43,6 @@ REMAT_POLICIES = {
 }
 
 
-def remat_problem(remat: str, backend: str) -> str | None:
-  """Why `remat` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
-  if remat not in REMAT_POLICIES:
-    return f"config.model.remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}"
-  if remat.startswith("offload") and backend == "cpu":
-    return (
-      f"config.model.remat={remat!r} offloads to host memory, which the cpu backend does not have; use save_projections"
-    )
-  return None
-
-
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); returns the new residual and this layer's auxiliary outputs."""
 

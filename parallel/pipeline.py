@@ -13,6 +13,7 @@ Shape letters as in schedules.py (S stages, M microbatches, R repeats, C units p
 """
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -25,6 +26,8 @@ from model.transformer import apply_units, num_units
 from parallel.partition import microbatches
 from parallel.rules import entry_axes
 from parallel.schedules import FORWARD, IDLE, Schedule, from_stage_major, make_schedule, to_stage_major
+
+_log = logging.getLogger(__name__)
 
 # The rules the stages' model runs with, over the run's own (`stage_body_rules`): inside the stages the logits
 # keep their whole vocabulary. XLA's SPMD partitioner (jax 0.10.2) aborts on the loss's target-logit gather over
@@ -68,110 +71,129 @@ def run(schedule: Schedule, mesh, chunk_fn, head_fn, chunks, head_params, x_MxBx
   )(chunks, head_params, x_MxBxLxD, side, keys)
 
 
-def _run_local(sched: Schedule, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys):
-  """One stage's view of `run`: `chunks` holds this stage's R chunks, [R * C, ...]."""
-  s_count, r_count = sched.stages, sched.repeats
-  stage = jax.lax.axis_index("stage")
-  units = jax.tree.leaves(chunks)[0].shape[0]
-  c_units = units // r_count
-  row_TxS = {c: jnp.asarray(v) for c, v in sched.table.items()}
-  x_shape, x_dtype = x_MxBxLxD.shape[1:], x_MxBxLxD.dtype
-  zeros_x = jnp.zeros(x_shape, x_dtype)
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+  """One stage's view of `run` inside the shard_map: its R chunks ([R * C, ...]), the inputs, and the actions."""
 
-  def take_chunk(tree, r):
-    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, r * c_units, c_units), tree)
+  sched: Schedule
+  chunk_fn: object
+  head_fn: object
+  chunks: dict
+  head_params: dict
+  x_MxBxLxD: jax.Array
+  side: dict
+  keys: jax.Array | None
+  stage: jax.Array  # this stage's index on the `stage` axis
 
-  def add_chunk(total, part, r):
+  @property
+  def c_units(self) -> int:
+    return jax.tree.leaves(self.chunks)[0].shape[0] // self.sched.repeats
+
+  @property
+  def zeros_x(self) -> jax.Array:
+    return jnp.zeros(self.x_MxBxLxD.shape[1:], self.x_MxBxLxD.dtype)
+
+  def take_chunk(self, tree, r):
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, r * self.c_units, self.c_units), tree)
+
+  def add_chunk(self, total, part, r):
     def one(a, b):
-      current = jax.lax.dynamic_slice_in_dim(a, r * c_units, c_units)
-      return jax.lax.dynamic_update_slice_in_dim(a, current + b.astype(a.dtype), r * c_units, 0)
+      current = jax.lax.dynamic_slice_in_dim(a, r * self.c_units, self.c_units)
+      return jax.lax.dynamic_update_slice_in_dim(a, current + b.astype(a.dtype), r * self.c_units, 0)
 
     return jax.tree.map(one, total, part)
 
-  def micro(m):
-    return jax.tree.map(lambda a: a[m], side), (None if keys is None else keys[m])
+  def micro(self, m, r):
+    """Microbatch m's side inputs and the unit keys of chunk r."""
+    keys = None if self.keys is None else jax.lax.dynamic_slice_in_dim(self.keys[m], r * self.c_units, self.c_units)
+    return jax.tree.map(lambda a: a[m], self.side), keys
 
-  def chunk_keys(keys_X, r):
-    return None if keys_X is None else jax.lax.dynamic_slice_in_dim(keys_X, r * c_units, c_units)
+  def is_last(self, r):
+    return (self.stage == self.sched.stages - 1) & (r == self.sched.repeats - 1)
 
-  def is_last(r):
-    return (stage == s_count - 1) & (r == r_count - 1)
+  def forward(self, carry, m, r, x_slot, g_slot):
+    side_m, keys_m = self.micro(m, r)
+    y, _, _ = self.chunk_fn(self.take_chunk(self.chunks, r), self.head_params, carry["stash"][x_slot], side_m, keys_m)
+    return carry, y.astype(self.x_MxBxLxD.dtype), self.zeros_x
 
-  def forward(carry, m, r, x_slot, g_slot):
-    side_m, keys_m = micro(m)
-    x = carry["stash"][x_slot]
-    y, _, _ = chunk_fn(take_chunk(chunks, r), head_params, x, side_m, chunk_keys(keys_m, r))
-    return carry, y.astype(x_dtype), zeros_x
-
-  def backward(carry, m, r, x_slot, g_slot):
-    side_m, keys_m = micro(m)
-    last = is_last(r)
+  def backward(self, carry, m, r, x_slot, g_slot):
+    side_m, keys_m = self.micro(m, r)
+    last = self.is_last(r)
 
     def objective(p, hp, x):
-      y, loss, stats = chunk_fn(p, hp, x, side_m, chunk_keys(keys_m, r))
-      head_loss, head_stats = jax.lax.cond(last, head_fn, _zero_head(head_fn), p, hp, y, side_m)
+      y, loss, stats = self.chunk_fn(p, hp, x, side_m, keys_m)
+      head_loss, head_stats = jax.lax.cond(last, self.head_fn, _zero_head(self.head_fn), p, hp, y, side_m)
       return (y, loss + head_loss), (stats, head_stats)
 
+    chunk = self.take_chunk(self.chunks, r)
     (y, _), pullback, (stats, head_stats) = jax.vjp(
-      objective, take_chunk(chunks, r), head_params, carry["stash"][x_slot], has_aux=True
+      objective, chunk, self.head_params, carry["stash"][x_slot], has_aux=True
     )
     dy = jnp.where(last, jnp.zeros_like(y), carry["grads_in"][g_slot].astype(y.dtype))
     d_chunk, d_head, dx = pullback((dy, jnp.ones((), jnp.float32)))
     carry = dict(carry)
-    carry["chunk_grads"] = add_chunk(carry["chunk_grads"], d_chunk, r)
+    carry["chunk_grads"] = self.add_chunk(carry["chunk_grads"], d_chunk, r)
     carry["head_grads"] = jax.tree.map(jnp.add, carry["head_grads"], d_head)
-    carry["unit_stats"] = add_chunk(carry["unit_stats"], stats, r)
+    carry["unit_stats"] = self.add_chunk(carry["unit_stats"], stats, r)
     carry["head_stats"] = jax.tree.map(jnp.add, carry["head_stats"], head_stats)
-    first = (stage == 0) & (r == 0)
-    carry["dx_M"] = carry["dx_M"].at[m].add(jnp.where(first, dx, jnp.zeros_like(dx)).astype(x_dtype))
-    return carry, zeros_x, dx.astype(x_dtype)
+    first = (self.stage == 0) & (r == 0)
+    dtype = self.x_MxBxLxD.dtype
+    carry["dx_M"] = carry["dx_M"].at[m].add(jnp.where(first, dx, jnp.zeros_like(dx)).astype(dtype))
+    return carry, self.zeros_x, dx.astype(dtype)
 
-  def idle(carry, m, r, x_slot, g_slot):
-    return carry, zeros_x, zeros_x
+  def idle(self, carry, m, r, x_slot, g_slot):
+    return carry, self.zeros_x, self.zeros_x
 
-  def tick(carry, t):
-    row = {c: v[t, stage] for c, v in row_TxS.items()}
+  def tick(self, carry, t):
+    row = {c: jnp.asarray(v)[t, self.stage] for c, v in self.sched.table.items()}
     m, r = row["microbatch"], row["repeat"]
     carry = dict(carry)
     x_in, g_in = carry.pop("x_in"), carry.pop("g_in")
     stash = carry["stash"].at[row["recv_x_slot"]].set(x_in)
     # The first chunk's input is the embedding, written at its forward's own tick.
-    from_embedding = (row["op"] == FORWARD) & (stage == 0) & (r == 0)
-    stash = stash.at[row["x_slot"]].set(jnp.where(from_embedding, x_MxBxLxD[m], stash[row["x_slot"]]))
+    from_embedding = (row["op"] == FORWARD) & (self.stage == 0) & (r == 0)
+    stash = stash.at[row["x_slot"]].set(jnp.where(from_embedding, self.x_MxBxLxD[m], stash[row["x_slot"]]))
     carry["stash"] = stash
     carry["grads_in"] = carry["grads_in"].at[row["recv_g_slot"]].set(g_in)
     # The last chunk's forward has nothing to send: its backward recomputes it together with the loss.
-    op = jnp.where((row["op"] == FORWARD) & is_last(r), IDLE, row["op"])
-    carry, y, dx = jax.lax.switch(op, (idle, forward, backward), carry, m, r, row["x_slot"], row["g_slot"])
-    ring_up = [(s, (s + 1) % s_count) for s in range(s_count)]
-    ring_down = [(s, (s - 1) % s_count) for s in range(s_count)]
-    carry["x_in"] = jax.lax.ppermute(y, "stage", ring_up)
-    carry["g_in"] = jax.lax.ppermute(dx, "stage", ring_down)
+    op = jnp.where((row["op"] == FORWARD) & self.is_last(r), IDLE, row["op"])
+    actions = (self.idle, self.forward, self.backward)
+    carry, y, dx = jax.lax.switch(op, actions, carry, m, r, row["x_slot"], row["g_slot"])
+    s_count = self.sched.stages
+    carry["x_in"] = jax.lax.ppermute(y, "stage", [(s, (s + 1) % s_count) for s in range(s_count)])
+    carry["g_in"] = jax.lax.ppermute(dx, "stage", [(s, (s - 1) % s_count) for s in range(s_count)])
     return carry, None
 
-  side_0, keys_0 = micro(0)
-  _, _, stats_shape = jax.eval_shape(
-    lambda: chunk_fn(take_chunk(chunks, 0), head_params, zeros_x, side_0, chunk_keys(keys_0, 0))
-  )
-  _, head_stats_shape = jax.eval_shape(lambda: head_fn(take_chunk(chunks, 0), head_params, zeros_x, side_0))
-  zeros = lambda shapes: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
-  unit_stats_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct((units, *a.shape[1:]), a.dtype), stats_shape)
-  carry = {
-    "stash": jnp.zeros((sched.stash_slots + 1, *x_shape), x_dtype),  # + 1: the scratch slot
-    "grads_in": jnp.zeros((sched.grad_slots + 1, *x_shape), x_dtype),
-    "x_in": zeros_x,
-    "g_in": zeros_x,
-    "chunk_grads": jax.tree.map(jnp.zeros_like, chunks),
-    "head_grads": jax.tree.map(jnp.zeros_like, head_params),
-    "dx_M": jnp.zeros_like(x_MxBxLxD),
-    "unit_stats": zeros(unit_stats_shape),
-    "head_stats": zeros(head_stats_shape),
-  }
-  carry, _ = jax.lax.scan(tick, carry, jnp.arange(sched.ticks))
+  def initial_carry(self) -> dict:
+    """Buffers (each with a scratch slot), what arrives at the first tick, and zero gradients and statistics."""
+    side_0, keys_0 = self.micro(0, 0)
+    chunk_0, zeros_x = self.take_chunk(self.chunks, 0), self.zeros_x
+    _, _, stats_shape = jax.eval_shape(lambda: self.chunk_fn(chunk_0, self.head_params, zeros_x, side_0, keys_0))
+    _, head_stats_shape = jax.eval_shape(lambda: self.head_fn(chunk_0, self.head_params, zeros_x, side_0))
+    zeros = lambda shapes: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)  # noqa: E731
+    units = jax.tree.leaves(self.chunks)[0].shape[0]
+    unit_stats_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct((units, *a.shape[1:]), a.dtype), stats_shape)
+    return {
+      "stash": jnp.zeros((self.sched.stash_slots + 1, *zeros_x.shape), zeros_x.dtype),
+      "grads_in": jnp.zeros((self.sched.grad_slots + 1, *zeros_x.shape), zeros_x.dtype),
+      "x_in": zeros_x,
+      "g_in": zeros_x,
+      "chunk_grads": jax.tree.map(jnp.zeros_like, self.chunks),
+      "head_grads": jax.tree.map(jnp.zeros_like, self.head_params),
+      "dx_M": jnp.zeros_like(self.x_MxBxLxD),
+      "unit_stats": zeros(unit_stats_shape),
+      "head_stats": zeros(head_stats_shape),
+    }
+
+
+def _run_local(sched: Schedule, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys):
+  """One stage's view of `run`: `chunks` holds this stage's R chunks, [R * C, ...]."""
+  stage = _Stage(sched, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys, jax.lax.axis_index("stage"))
+  carry, _ = jax.lax.scan(stage.tick, stage.initial_carry(), jnp.arange(sched.ticks))
   # Each gradient and statistic outside the stages was made on one stage, zeros elsewhere: sum over `stage`.
   head_grads = jax.lax.psum(carry["head_grads"], "stage")
   # In fp32: XLA:CPU's AllReducePromotion aborts on a bf16 all-reduce made here ("Invalid binary instruction").
-  dx_M = jax.lax.psum(carry["dx_M"].astype(jnp.float32), "stage").astype(x_dtype)
+  dx_M = jax.lax.psum(carry["dx_M"].astype(jnp.float32), "stage").astype(x_MxBxLxD.dtype)
   head_stats = jax.lax.psum(carry["head_stats"], "stage")
   return carry["chunk_grads"], head_grads, dx_M, carry["unit_stats"], head_stats
 
@@ -221,6 +243,12 @@ def plan_entry(cfg, mesh_shape: dict[str, int], batch_spec: PartitionSpec, model
     # The pipeline's own buffers: stashed chunk inputs and gradients in flight (peak counts from the table).
     "activation_bytes_per_device": (schedule.stash_slots + schedule.grad_slots) * activation,
   }
+  _log.info(
+    "pipeline: %s schedule, %d stages x %d microbatches x %d repeats, bubble %.1f%%, %.3g MiB of pipeline "
+    "activations per device",
+    *(schedule.name, stages, p.microbatches, p.repeats, 100 * schedule.bubble_fraction),
+    plan["activation_bytes_per_device"] / 2**20,
+  )
   return schedule, plan
 
 

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 import ml_collections
 
 import objectives
-from model import lora
+from model.attend import BACKENDS as ATTENTION_BACKENDS
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from model.attend import backend_problem
-from model.config import field_problems
-from model.moe import dropless_problem
-from model.transformer import REMAT_POLICIES, remat_problem
+from model.lora import TARGETS
+from model.moe import DROPLESS_IMPLS, RAGGED_BACKENDS
+from model.transformer import REMAT_POLICIES
 from parallel.mesh import MeshError
 from parallel.partition import BATCH_AXES
 from parallel.rules import DEFAULT_RULES, entry_axes, logical_to_spec
@@ -31,7 +30,15 @@ def _one_of(cfg, key: str, choices: Sequence[str]) -> None:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks values and their combinations; raises ConfigError with one line naming the key and the fix."""
-  m, moe, t, o, d = cfg.model, cfg.moe, cfg.train, cfg.optim, cfg.data
+  _validate_sizes_and_choices(cfg)
+  _validate_model(cfg)
+  _validate_training(cfg)
+  _validate_moe(cfg)
+  _validate_lora(cfg)
+  _validate_objective(cfg)
+
+
+def _validate_sizes_and_choices(cfg: ml_collections.ConfigDict) -> None:
   for key in (
     "model.num_layers",
     "model.d_model",
@@ -56,12 +63,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
   _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
-  _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
-  for problem in field_problems(m):  # RoPE scaling and sliding window
-    _require(False, problem)
   _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
   _one_of(cfg, "data.tokenizer_type", ("bpe", "unigram"))
   _one_of(cfg, "data.invalid_utf8", ("replace", "skip"))
+  _one_of(cfg, "pipeline.schedule", ("gpipe", "circular", "1f1b"))
+
+
+def _validate_model(cfg: ml_collections.ConfigDict) -> None:
+  m = cfg.model
+  _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
+  for problem in field_problems(m):  # RoPE scaling, sliding window, scan
+    _require(False, problem)
   _require(
     m.d_model % m.num_heads == 0 or m.head_dim > 0,
     f"config.model.d_model={m.d_model} is not divisible by config.model.num_heads={m.num_heads}; "
@@ -83,6 +95,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   )
   _require(0.0 <= m.dropout_rate < 1.0, f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   _require(
+    m.param_dtype == "float32" or m.allow_low_precision_params,
+    f"config.model.param_dtype={m.param_dtype} keeps the master weights in {m.param_dtype}, where small updates "
+    "round away; keep float32 (config.model.compute_dtype=bfloat16 gives bf16 speed), or set "
+    "config.model.allow_low_precision_params=True if you mean it",
+  )
+
+
+def _validate_training(cfg: ml_collections.ConfigDict) -> None:
+  """The optimizer, the batch, the pipeline's schedule, the rules and the held-out split."""
+  t, o = cfg.train, cfg.optim
+  _require(
     o.warmup_steps < t.steps,
     f"config.optim.warmup_steps={o.warmup_steps} leaves no step after warmup (config.train.steps={t.steps}); "
     "make warmup_steps smaller than steps",
@@ -94,14 +117,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     f"config.optim.final_lr={o.final_lr} must be between 0 and config.optim.peak_lr={o.peak_lr}",
   )
   _require(o.zero_stage in (0, 1, 2), f"config.optim.zero_stage={o.zero_stage} must be 0, 1 or 2 (fsdp is ZeRO-3)")
-  _require(
-    m.param_dtype == "float32" or m.allow_low_precision_params,
-    f"config.model.param_dtype={m.param_dtype} keeps the master weights in {m.param_dtype}, where small updates "
-    "round away; keep float32 (config.model.compute_dtype=bfloat16 gives bf16 speed), or set "
-    "config.model.allow_low_precision_params=True if you mean it",
-  )
   pipe = cfg.pipeline
-  _one_of(cfg, "pipeline.schedule", ("gpipe", "circular", "1f1b"))
   _require(pipe.microbatches > 0, f"config.pipeline.microbatches={pipe.microbatches} must be positive")
   _require(
     (pipe.repeats > 1) == (pipe.schedule == "circular"),
@@ -113,6 +129,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
     f"config.train.grad_accum={t.grad_accum}; make the batch a multiple of grad_accum",
   )
+  unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
+  _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
+  _require(0 <= cfg.data.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
+
+
+def _validate_moe(cfg: ml_collections.ConfigDict) -> None:
+  m, moe = cfg.model, cfg.moe
   if moe.num_experts > 0:
     _require(
       0 < moe.top_k <= moe.num_experts,
@@ -123,11 +146,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       f"config.model.num_layers={m.num_layers} is not divisible by config.moe.every={moe.every}",
     )
     _require(moe.group_size > 0, f"config.moe.group_size={moe.group_size} must be positive (tokens per routing group)")
-  unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
-  _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
-  _require(d.eval_fraction >= 0 and d.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
-  _validate_lora(cfg)
-  _validate_objective(cfg)
 
 
 def _validate_objective(cfg: ml_collections.ConfigDict) -> None:
@@ -142,7 +160,7 @@ def _validate_objective(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
   lc = cfg.lora
-  problem = lora.config_problem(lc.rank, lc.alpha, lc.dropout, lc.targets, cfg.moe.num_experts)
+  problem = lora_problem(lc.rank, lc.alpha, lc.dropout, lc.targets, cfg.moe.num_experts)
   _require(problem is None, problem or "")
   _require(
     lc.rank == 0 or not cfg.checkpoint.init_optimizer_state,
@@ -231,3 +249,88 @@ def _validate_stages(cfg: ml_collections.ConfigDict, stages: int) -> None:
     f"{what} do not split into mesh.stage={stages} stages x pipeline.repeats={p.repeats} chunks; "
     f"make config.model.num_layers a multiple of {stages * p.repeats * moe_every}",
   )
+
+
+# One line per problem of a value, each naming its key and the fix (None or [] when there is none).
+
+
+def backend_problem(impl: str, backend: str) -> str | None:
+  """Why `impl` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if impl not in ATTENTION_IMPLEMENTATIONS:
+    return f"config.model.attention={impl!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+  needed = ATTENTION_BACKENDS.get(impl)
+  if needed is not None and backend != needed:
+    return (
+      f"config.model.attention={impl!r} runs on {needed.upper()} only, this backend is {backend}; "
+      "use auto, xla or chunked"
+    )
+  return None
+
+
+def dropless_problem(impl: str, backend: str) -> str | None:
+  """Why dropless exchange `impl` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if impl not in DROPLESS_IMPLS:
+    return f"config.moe.dropless_impl={impl!r} is not one of {', '.join(DROPLESS_IMPLS)}"
+  if impl == "ragged" and backend not in RAGGED_BACKENDS:
+    return (
+      f"config.moe.dropless_impl='ragged' needs jax.lax.ragged_all_to_all, which the {backend} backend does not "
+      "implement; use auto or buffer"
+    )
+  return None
+
+
+def lora_problem(rank: int, alpha: float, dropout_rate: float, targets: str, num_experts: int) -> str | None:
+  """Why config.lora cannot work, in one line naming the key and the fix; None when it can (or LoRA is off)."""
+  if rank < 0:
+    return f"config.lora.rank={rank} must be >= 0 (0 turns LoRA off)"
+  if rank == 0:
+    return None
+  names = [t.strip() for t in targets.split(",") if t.strip()]
+  unknown = [t for t in names if t not in TARGETS]
+  if unknown or not names:
+    return (
+      f"config.lora.targets={targets!r} must be a comma-separated list of {', '.join(TARGETS)}; "
+      "e.g. --config.lora.targets=q,k,v,o"
+    )
+  mlp = [t for t in names if TARGETS[t][0].startswith("mlp_")]
+  if num_experts > 0 and mlp:
+    return (
+      f"config.lora.targets includes MLP projections ({','.join(mlp)}), but MoE experts take no adapters; "
+      "with config.moe.num_experts > 0 use attention targets only (q,k,v,o)"
+    )
+  if alpha <= 0:
+    return f"config.lora.alpha={alpha} must be positive (the adapter's scale is alpha / rank)"
+  if not 0.0 <= dropout_rate < 1.0:
+    return f"config.lora.dropout={dropout_rate} must be in [0, 1)"
+  return None
+
+
+def remat_problem(remat: str, backend: str) -> str | None:
+  """Why `remat` cannot run on `backend` ("cpu", "gpu", "tpu"), in one line; None when it can."""
+  if remat not in REMAT_POLICIES:
+    return f"config.model.remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}"
+  if remat.startswith("offload") and backend == "cpu":
+    return (
+      f"config.model.remat={remat!r} offloads to host memory, which the cpu backend does not have; use save_projections"
+    )
+  return None
+
+
+def field_problems(cfg) -> list[str]:
+  """One line per bad value among the RoPE scaling, sliding window and scan fields of `cfg` (a ModelConfig or
+  `config.model`): trainer/config.py's `validate` can raise them as ConfigError."""
+  problems = []
+  if cfg.rope_scaling_type not in ("", "linear", "llama3"):
+    problems.append(f"config.model.rope_scaling_type={cfg.rope_scaling_type!r} is not one of '', linear, llama3")
+  if cfg.rope_scaling_type and cfg.rope_scaling_factor <= 0:
+    problems.append(f"config.model.rope_scaling_factor={cfg.rope_scaling_factor} must be positive")
+  if cfg.rope_scaling_type == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+    problems.append(
+      f"config.model.rope_low_freq_factor={cfg.rope_low_freq_factor} must be positive and below "
+      f"config.model.rope_high_freq_factor={cfg.rope_high_freq_factor}"
+    )
+  if cfg.sliding_window < 0:
+    problems.append(f"config.model.sliding_window={cfg.sliding_window} must be >= 0 (0: off)")
+  if cfg.scan_unroll < 1:
+    problems.append(f"config.model.scan_unroll={cfg.scan_unroll} must be >= 1 (1: one layer per scan iteration)")
+  return problems

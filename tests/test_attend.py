@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attend import attend, backend_problem, resolve
+from model.attend import attend, resolve
+from settings.validate import backend_problem
 
 
 def _naive(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window=0):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from model import ModelConfig, lora
 from settings import ConfigError
-from settings.validate import validate
+from settings.validate import lora_problem, validate
 from storage.checkpoint import CheckpointError, load_params
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
 from tests.test_checkpoint import ENV, RUN_STEPS, _losses, assert_sigkill_resume_is_exact
@@ -156,10 +156,10 @@ def test_only_targeted_projections_get_adapters():
   ],
 )
 def test_config_problems_name_the_key(rank, targets, experts, fragment):
-  problem = lora.config_problem(rank, 16.0, 0.0, targets, experts)
+  problem = lora_problem(rank, 16.0, 0.0, targets, experts)
   assert problem is not None and fragment in problem
-  assert lora.config_problem(0, 16.0, 0.0, "nonsense", 4) is None  # off: nothing to check
-  assert lora.config_problem(4, 16.0, 0.0, "q,k,v,o", 4) is None
+  assert lora_problem(0, 16.0, 0.0, "nonsense", 4) is None  # off: nothing to check
+  assert lora_problem(4, 16.0, 0.0, "q,k,v,o", 4) is None
 
 
 # The trainer: adapters are the state, the base a frozen input.

@@ -17,7 +17,6 @@ from model.moe import (
   Moe,
   _capacity_moe,
   _dropless_moe,
-  dropless_problem,
   exchange_plan,
   expert_capacity,
   load_balancing_loss,
@@ -27,7 +26,7 @@ from model.moe import (
 from parallel.rules import DEFAULT_RULES, parse_rules
 from settings import ConfigError
 from settings.load import load_config_file
-from settings.validate import check_backend, validate
+from settings.validate import check_backend, dropless_problem, validate
 from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
 from trainer.experiment import build
 from trainer.metrics import matmul_params_per_token

@@ -97,6 +97,16 @@ def _pipelined(schedule, mesh: Mesh, model_cfg: ModelConfig, rules: dict) -> Pip
   return Pipelined(schedule, mesh, model_cfg, stage_graphdef=abstract_model(stage_cfg)[0])
 
 
+def _check_pipelinable(cfg, schedule, loss_fn, frozen_loaders) -> None:
+  """A pipeline runs the next-token loss (`loss_fn` None) of the trained model alone; what else an objective
+  computes is known once its setup has run, so this is the one check of a run's config made here."""
+  if schedule is not None and (loss_fn is not None or frozen_loaders):
+    raise ConfigError(
+      f"config.train.objective={cfg.train.objective} computes its own loss or reads frozen models, and pipeline "
+      "parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1"
+    )
+
+
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
@@ -105,17 +115,6 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   model_cfg = model_config(cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True, rules=rules)
   stage_schedule, pipeline_plan = pipeline.plan_entry(cfg, dict(mesh.shape), batch_spec, model_cfg)
-  if pipeline_plan is not None:
-    _log.info(
-      "pipeline: %s schedule, %d stages x %d microbatches x %d repeats, bubble %.1f%%, %.3g MiB of pipeline "
-      "activations per device",
-      stage_schedule.name,
-      stage_schedule.stages,
-      stage_schedule.microbatches,
-      stage_schedule.repeats,
-      100 * stage_schedule.bubble_fraction,
-      pipeline_plan["activation_bytes_per_device"] / 2**20,
-    )
   graphdef, full_params, full_names = abstract_model(model_cfg)
   # LoRA: the state (and so the optimizer and the checkpoints) holds the adapters only; the base is frozen.
   (abstract_params, logical_names), lora_frozen_base = lora_split(model_cfg, full_params, full_names)
@@ -125,8 +124,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   state_sharding = TrainState(step=replicated, params=shardings.params, opt_state=shardings.opt_state, rng=replicated)
   batch_sharding = NamedSharding(mesh, batch_spec)
 
-  # What the steps compute and which frozen trees they read: fine-tuning objectives set these here.
-  # loss_fn None: the next-token loss (the only one a pipeline runs).
+  # What the steps compute and which frozen trees they read.
   trained = TrainedModel(cfg, model_cfg, graphdef, full_params, full_names, tokenizer_vocab_size, mesh.shape["tensor"])
   loss_fn, count_fn, frozen_shapes, frozen_sharding, frozen_loaders = _objective(
     cfg, trained, shardings.params, mesh, rules
@@ -135,12 +133,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     loss_fn, frozen_shapes["base"], frozen_sharding["base"], frozen_loaders["base"] = lora_frozen(
       cfg, model_cfg, graphdef, lora_frozen_base, rules, mesh, loss_fn
     )
-  if stage_schedule is not None and (loss_fn is not None or frozen_loaders):
-    raise ConfigError(
-      f"config.train.objective={cfg.train.objective} computes its own loss or reads frozen models, and pipeline "
-      "parallelism (mesh.stage > 1) trains the next-token loss only; set mesh.stage=1"
-    )
-  loss_fn = loss_fn or next_token_loss(graphdef)
+  _check_pipelinable(cfg, stage_schedule, loss_fn, frozen_loaders)
 
   aux_weights = {}
   if cfg.moe.num_experts > 0:
@@ -156,7 +149,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     aux_loss_weights=aux_weights,
     grad_shardings=shardings.grads,
     pipelined=_pipelined(stage_schedule, mesh, model_cfg, rules),
-    loss_fn=loss_fn,
+    loss_fn=loss_fn or next_token_loss(graphdef),
     count_fn=count_fn,
   )
   train_step = jax.jit(
@@ -166,7 +159,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    traced_under(mesh, make_eval_step(loss_fn)),
+    traced_under(mesh, make_eval_step(loss_fn or next_token_loss(graphdef))),
     in_shardings=(shardings.params, batch_sharding, frozen_sharding),
     out_shardings=replicated,
   )
