@@ -22,9 +22,9 @@ from generation.sampling import Sampling, mask_padding, sample
 from model import ModelConfig
 from model.attend import BACKENDS, resolve
 from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
+from model.params import abstract_model
 from parallel.partition import param_specs, with_shardings
 from parallel.rules import Rules, freeze, traced_under
-from trainer.state import abstract_model
 
 
 def decode_config(model_cfg: ModelConfig, rules: Rules) -> ModelConfig:

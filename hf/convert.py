@@ -19,11 +19,11 @@ from configs.base import base_config
 from hf.config import architecture, export_family, hf_config, kiln_fields
 from hf.safetensors_io import open_weights, write_sharded
 from hf.weights import fill_params, hf_tensors, tensor_map
+from model.params import abstract_model
 from parallel.partition import with_shardings
 from settings.validate import validate
 from storage.checkpoint import CheckpointError, load_params
 from storage.run import model_config, read_run_config
-from trainer.state import abstract_model
 
 TOKENIZER_FILES = (
   "tokenizer.json",

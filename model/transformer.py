@@ -199,6 +199,10 @@ class Transformer(nnx.Module):
     aux = {name: value.mean(0) if value.ndim == 1 else value for name, value in aux_X.items()}
     return self.final_norm(x_BxLxD), aux
 
+  def run_units(self, x_BxLxD, positions_BxL, segment_ids_BxL, unit_keys):
+    """`apply_units` over this model's `blocks` (all of them, or the chunk a pipeline stage assembled)."""
+    return apply_units(self.cfg, self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, unit_keys)
+
   def extend(
     self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array, cache: KVCache
   ) -> tuple[jax.Array, KVCache]:

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from model import cross_entropy_sums
+from model.params import abstract_model
 from objectives import FrozenModel, LossFn, Objective, Setup, TrainedModel
 from objectives.losses import as_sums, model_logits, token_count
 from storage.run import run_model_config
-from trainer.state import abstract_model
 
 
 def distill_kl_sums(student_BxLxV, teacher_BxLxV, loss_mask_BxL, temperature: float) -> jax.Array:

@@ -21,19 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from model import ModelConfig
-from model.transformer import apply_units, num_units
 from parallel.partition import microbatches
 from parallel.rules import entry_axes
 from parallel.schedules import FORWARD, IDLE, Schedule, from_stage_major, make_schedule, to_stage_major
 
 _log = logging.getLogger(__name__)
-
-# The rules the stages' model runs with, over the run's own (`stage_body_rules`): inside the stages the logits
-# keep their whole vocabulary. XLA's SPMD partitioner (jax 0.10.2) aborts on the loss's target-logit gather over
-# a vocab-sharded axis inside a partly manual shard_map (a CHECK failure in ExpandDeviceGroupsWithIota). With
-# tensor > 1 this costs one all-gather of each microbatch's logits.
-STAGE_BODY_RULES = {"vocab": ()}
 
 
 def run(schedule: Schedule, mesh, chunk_fn, head_fn, chunks, head_params, x_MxBxLxD, side, keys):
@@ -210,20 +202,7 @@ def _zero_head(head_fn):
   return zero
 
 
-def stage_body_rules(rules: dict) -> dict:
-  """The rules of the model inside the pipeline's stages (`STAGE_BODY_RULES` over the run's)."""
-  return {**rules, **STAGE_BODY_RULES}
-
-
-def stage_rules(rules: dict, stages: int) -> dict:
-  """The rules of a mesh with `stages` pipeline stages: the stacked layer axis is split over `stage` (the
-  parameter tree stays that of stage=1)."""
-  if stages == 1:
-    return rules
-  return {**rules, "layers": ("stage", *(a for a in rules["layers"] if a != "stage"))}
-
-
-def plan_entry(cfg, mesh_shape: dict[str, int], batch_spec: PartitionSpec, model_cfg: ModelConfig):
+def plan_entry(cfg, mesh_shape: dict[str, int], batch_spec: PartitionSpec, model_cfg):
   """The schedule of a pipelined run and its plan entry; (None, None) when mesh.stage is 1. The layout was
   checked by settings.validate.validate_layout."""
   stages, p = mesh_shape["stage"], cfg.pipeline
@@ -258,8 +237,8 @@ class Pipelined:
 
   schedule: Schedule
   mesh: Mesh
-  model_cfg: ModelConfig
-  stage_graphdef: object  # the model as the stages run it: its config's rules are `stage_body_rules`
+  model_cfg: object  # model.ModelConfig (this package reaches the model through its graphdefs only)
+  stage_graphdef: object  # the model as the stages run it: its rules are rules.stage_body_rules
 
 
 def pipeline_grads(
@@ -284,7 +263,7 @@ def pipeline_grads(
   """
   cfg, sched = pipelined.model_cfg, pipelined.schedule
   stages, repeats, m_count = sched.stages, sched.repeats, sched.microbatches
-  units = num_units(cfg)
+  units = jax.tree.leaves(params["blocks"])[0].shape[0]
   rest = {name: value for name, value in params.items() if name != "blocks"}
   side_fields = {k: batch[k] for k in ("positions", "segment_ids", "targets", "loss_mask")}
   side = microbatches(side_fields, m_count, cfg.rules)
@@ -306,7 +285,7 @@ def pipeline_grads(
 
   def chunk_fn(blocks, rest, x_BxLxD, side, keys):
     model = assemble(rest, blocks)
-    y_BxLxD, aux_C = apply_units(model.cfg, model.blocks, x_BxLxD, side["positions"], side["segment_ids"], keys)
+    y_BxLxD, aux_C = model.run_units(x_BxLxD, side["positions"], side["segment_ids"], keys)
     # Each MoE layer's share of the step's auxiliary loss: stage=1 averages over layers and microbatches.
     loss = sum((w * jnp.sum(aux_C[name]) for name, w in aux_loss_weights.items()), jnp.zeros((), jnp.float32))
     return y_BxLxD, loss / (units * microbatches_per_step), aux_C

@@ -27,10 +27,33 @@ DEFAULT_RULES: dict[str, str] = {
   "mlp": "tensor",
   "experts": "expert",
   "layers": "",
-  "stages": "stage",
   "norm": "",
   "cache_length": "",  # slots of the decoding KV cache (model/kv_cache.py)
 }
+
+
+# What a pipeline changes, as data over the run's rules. With mesh.stage > 1 the stacked layer axis is split over
+# `stage` first (the parameter tree stays that of stage=1).
+PIPELINE_RULES = {"layers": ("stage",)}
+# Inside the stages the logits keep their whole vocabulary: XLA's SPMD partitioner (jax 0.10.2) aborts on the
+# loss's target-logit gather over a vocab-sharded axis inside a partly manual shard_map (a CHECK failure in
+# ExpandDeviceGroupsWithIota). With tensor > 1 this costs one all-gather of each microbatch's logits.
+STAGE_BODY_RULES = {"vocab": ()}
+
+
+def stage_rules(rules: Mapping[str, tuple[str, ...]], stages: int) -> dict[str, tuple[str, ...]]:
+  """The run's rules on a mesh of `stages` pipeline stages: each PIPELINE_RULES axis goes first."""
+  if stages == 1:
+    return dict(rules)
+  return {
+    **rules,
+    **{name: (*axes, *(a for a in rules[name] if a not in axes)) for name, axes in PIPELINE_RULES.items()},
+  }
+
+
+def stage_body_rules(rules: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+  """The rules of the model inside the pipeline's stages: STAGE_BODY_RULES over the run's."""
+  return {**rules, **STAGE_BODY_RULES}
 
 
 def parse_rules(rules_cfg: Mapping[str, str]) -> dict[str, tuple[str, ...]]:

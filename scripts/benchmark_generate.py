@@ -22,12 +22,12 @@ from ml_collections import config_flags  # noqa: E402
 
 from generation import Decoder, Sampling  # noqa: E402
 from generation.run import one_device_mesh
+from model.params import init_params  # noqa: E402
 from parallel.rules import DEFAULT_RULES, parse_rules  # noqa: E402
 from settings import ConfigError  # noqa: E402
 from settings.load import check_overrides  # noqa: E402
 from settings.validate import validate  # noqa: E402
 from storage.run import model_config  # noqa: E402
-from trainer.state import init_params  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")

@@ -66,9 +66,9 @@ def _merge_lora(run: str, run_cfg, adapters: dict) -> dict:
   """Base (init_from or the seed's init) + adapters -> plain parameters with W + alpha / rank * A B."""
   import data
   from model import lora
+  from model.params import abstract_model
   from storage.run import model_config
   from trainer.experiment import lora_base
-  from trainer.state import abstract_model
 
   # The embedding's rows as the run padded them; mesh.tensor=-1 (all remaining devices) counts as 1 here.
   tokenizer_vocab = data.load_tokenizer(run_cfg.data, run).vocab_size

@@ -22,11 +22,11 @@ from generation import Decoder, Sampling, beam_search, generate
 from generation.run import load_run, one_device_mesh
 from generation.sampling import allowed, sample
 from model import ModelConfig
+from model.params import abstract_model
 from parallel.mesh import MESH_AXES
 from parallel.rules import DEFAULT_RULES, parse_rules
 from settings import ConfigError
 from tests.helpers import small_config
-from trainer.state import abstract_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_VOCAB = 100  # ids 100..127 are embedding padding

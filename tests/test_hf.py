@@ -22,11 +22,11 @@ from configs.base import base_config
 from hf.config import export_family
 from hf.convert import _params_dir, export_hf, import_hf
 from model.config import ModelConfig
+from model.params import abstract_model
 from parallel.partition import with_shardings
 from settings import ConfigError
 from storage.checkpoint import CheckpointError, load_params
 from storage.run import model_config
-from trainer.state import abstract_model
 
 B, T, VOCAB = 2, 16, 256
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from model import ModelConfig, lora
+from model.params import abstract_model, init_params
 from settings import ConfigError
 from settings.validate import lora_problem, validate
 from storage.checkpoint import CheckpointError, load_params
@@ -21,7 +22,6 @@ from tests.test_checkpoint import ENV, RUN_STEPS, _losses, assert_sigkill_resume
 from trainer.experiment import build
 from trainer.loop import check_lora_base
 from trainer.plan import plan
-from trainer.state import abstract_model, init_params
 
 ALL_TARGETS = tuple(name for name, _, _ in lora.TARGETS.values())
 # Each adapter's merged kernel, W + scale * A B, written out per kernel layout with the stacked layer axis X.

@@ -23,6 +23,7 @@ from model.moe import (
   received_experts,
   resolve_dropless,
 )
+from model.params import abstract_model
 from parallel.rules import DEFAULT_RULES, parse_rules
 from settings import ConfigError
 from settings.load import load_config_file
@@ -31,7 +32,6 @@ from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
 from trainer.experiment import build
 from trainer.metrics import matmul_params_per_token
 from trainer.plan import count_collectives
-from trainer.state import abstract_model
 
 # ---------------------------------------------------------------------------------------------------------
 # The MoE block against a naive reference.

@@ -229,7 +229,7 @@ def _teacher_run(tmp_path) -> str:
 
   from model import ModelConfig
   from model.config import padded_vocab_size
-  from trainer.state import init_params
+  from model.params import init_params
 
   run = tmp_path / "teacher"
   if not run.exists():

@@ -72,7 +72,7 @@ def test_dropout_changes_training_but_not_evaluation():
   with_dropout, _, exp = run_steps(small_config(**{"model.dropout_rate": 0.5}), [batch])
   without, _, _ = run_steps(small_config(), [batch])
   assert abs(with_dropout[0] - without[0]) > 1e-3
-  state = exp.init_state()
-  nll_a, _ = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding), {})
-  nll_b, _ = exp.eval_step(state.params, jax.device_put(batch, exp.batch_sharding), {})
-  assert float(nll_a) == float(nll_b)
+  # Evaluation ignores the rate: the dropout run's initial weights (the same seed) score the batch exactly as the
+  # dropout-free run's first step did.
+  nll, tokens = exp.eval_step(exp.init_state().params, jax.device_put(batch, exp.batch_sharding), {})
+  assert float(nll) / float(tokens) == pytest.approx(without[0], rel=1e-6)

@@ -10,19 +10,20 @@ from jax.sharding import Mesh, NamedSharding
 
 import objectives
 from model import ModelConfig, lora
+from model.params import abstract_model, init_params
 from objectives import LossFn, TrainedModel
 from objectives.frozen import frozen_loader
 from objectives.losses import next_token_loss
 from parallel import pipeline
 from parallel.partition import BATCH_AXES, StateShardings, param_specs, state_shardings, with_shardings
 from parallel.pipeline import Pipelined
-from parallel.rules import freeze, logical_to_spec, parse_rules, traced_under
+from parallel.rules import freeze, logical_to_spec, parse_rules, stage_body_rules, stage_rules, traced_under
 from settings import ConfigError
 from settings.validate import validate_layout
 from storage.checkpoint import load_params
 from storage.run import model_config
 from trainer.optim import make_optimizer
-from trainer.state import TrainState, abstract_model, init_params, init_trainable, new_state
+from trainer.state import TrainState, init_trainable, new_state
 from trainer.step import make_eval_step, make_train_step
 
 _log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _pipelined(schedule, mesh: Mesh, model_cfg: ModelConfig, rules: dict) -> Pip
   """What the step needs to run a pipelined stack (None without stages): the stages' model has its own rules."""
   if schedule is None:
     return None
-  stage_cfg = dataclasses.replace(model_cfg, rules=freeze(pipeline.stage_body_rules(rules)))
+  stage_cfg = dataclasses.replace(model_cfg, rules=freeze(stage_body_rules(rules)))
   return Pipelined(schedule, mesh, model_cfg, stage_graphdef=abstract_model(stage_cfg)[0])
 
 
@@ -110,7 +111,7 @@ def _check_pipelinable(cfg, schedule, loss_fn, frozen_loaders) -> None:
 def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
-  rules = pipeline.stage_rules(parse_rules(cfg.mesh.rules), mesh.shape["stage"])
+  rules = stage_rules(parse_rules(cfg.mesh.rules), mesh.shape["stage"])
   validate_layout(cfg, dict(mesh.shape), rules, jax.process_count(), jax.default_backend())
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
   model_cfg = model_config(cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True, rules=rules)
