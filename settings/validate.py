@@ -317,8 +317,7 @@ def remat_problem(remat: str, backend: str) -> str | None:
 
 
 def field_problems(cfg) -> list[str]:
-  """One line per bad value among the RoPE scaling, sliding window and scan fields of `cfg` (a ModelConfig or
-  `config.model`): trainer/config.py's `validate` can raise them as ConfigError."""
+  """One line per bad value among the RoPE scaling, sliding window and scan fields of `config.model`."""
   problems = []
   if cfg.rope_scaling_type not in ("", "linear", "llama3"):
     problems.append(f"config.model.rope_scaling_type={cfg.rope_scaling_type!r} is not one of '', linear, llama3")
