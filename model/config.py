@@ -56,8 +56,6 @@ class Architecture:
   # Mixture of experts (num_experts == 0: every MLP is dense).
   num_experts: int = 0
   top_k: int = 2
-  capacity_factor: float = 1.25
-  group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
   moe_every: int = 1
   num_shared_experts: int = 0
   expert_mlp_dim: int = 0
@@ -80,6 +78,10 @@ class Execution:
   attention_block: int = 512  # keys per block of the chunked attention
   loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (model/loss.py)
   dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
+  # How many token copies an expert takes per routing group (<= 0: all of them, dropless); the experts' weights
+  # mean the same with any capacity.
+  capacity_factor: float = 1.25
+  group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
   dropout_rate: float = 0.0  # training only: the weights mean the same with any rate
   lora_dropout: float = 0.0
   # Logical axis -> mesh axes (parallel/rules.py, `freeze`d): where activations are pinned on the mesh the step
