@@ -13,9 +13,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from parallel.rules import constrain
 
-# hook(name, x, kernel, default) -> y, where `default(x, kernel)` is the plain projection and `kernel` the stored
-# (master) weight. LoRA adds to default(x, kernel); quantization passes default a (fake-)quantized kernel.
-
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], *, std: float, dtype) -> nnx.Param:
   """A normal-initialised parameter annotated with its logical axis names."""
@@ -171,10 +168,11 @@ def project(
   adapter: Callable[[jax.Array, str, object, jax.Array | None], jax.Array] | None = None,
   adapter_key: jax.Array | None = None,
 ) -> jax.Array:
-  """`einsum(spec, x, kernel)` in `dtype`, the one dense projection of the model.
+  """`einsum(spec, x, kernel)` in `dtype`, the one dense projection of the model; `rules` lay its weight and
+  output out on the mesh of JAX's context.
 
   Owns the cast before the FSDP gather (`cast_kernel`), the logical axes of the output (`out_names`), its
-  `checkpoint_name` (`name`, which remat policies select) and the projection hook. `out_dtype` (e.g. fp32 logits)
+  `checkpoint_name` (`name`, which remat policies select) and the LoRA adapter's term. `out_dtype` (e.g. fp32 logits)
   is the accumulation and output type; the input's gradient flows back in `dtype`, so the backward pass gathers
   the weight in `dtype` too, and the weight's gradient stays in `out_dtype`.
 
