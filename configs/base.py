@@ -11,9 +11,7 @@ import ml_collections
 from parallel.rules import DEFAULT_RULES
 
 
-def base_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-
+def _model(c: ml_collections.ConfigDict) -> None:
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4  # Transformer blocks, stacked on a `layers` axis and run under one scan
   c.model.d_model = 256  # residual stream width
@@ -57,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.loss_chunk = 0  # > 0: the loss holds fp32 logits for this many positions at a time; 0: all at once
   c.model.attention_block = 512  # keys per block of the chunked attention (memory O(seq_len x block))
 
+
+def _moe(c: ml_collections.ConfigDict) -> None:
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 0  # experts per MoE layer; 0: dense model
   c.moe.top_k = 2  # experts per token
@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.aux_loss_weight = 0.01  # weight of the Switch load-balancing loss (moe_aux_loss)
   c.moe.z_loss_weight = 0.001  # weight of the router z-loss (moe_z_loss)
 
+
+def _data(c: ml_collections.ConfigDict) -> None:
   c.data = ml_collections.ConfigDict()
   c.data.files = ""  # comma-separated globs, local or URLs; empty: the Python standard library's source tree
   c.data.text_field = "text"  # JSONL field / Parquet column holding the document text
@@ -94,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   # sft / dpo data: chatml | llama3 | plain, or a turn format with {content} (and {role}), see data/chat.py
   c.data.chat_template = "chatml"
 
+
+def _training(c: ml_collections.ConfigDict) -> None:
   c.optim = ml_collections.ConfigDict()  # AdamW, linear warmup, then cosine decay
   c.optim.peak_lr = 3e-4  # learning rate at the end of warmup
   c.optim.final_lr = 3e-5  # learning rate at train.steps
@@ -120,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.compilation_cache = True  # JAX's persistent compilation cache under `<data cache dir>/jax`
   c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into `<workdir>/tb` for TensorBoard
 
+
+def _parallel(c: ml_collections.ConfigDict) -> None:
   c.mesh = ml_collections.ConfigDict()  # axes outermost first: stage, data, fsdp, expert, tensor
   for axis in ("stage", "data", "fsdp", "expert", "tensor"):
     setattr(c.mesh, axis, -1 if axis == "data" else 1)  # devices along this axis; -1: all the remaining devices
@@ -132,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline.microbatches = 4  # per grad_accum microbatch; at least mesh.stage
   c.pipeline.repeats = 1  # circular only (> 1): layer chunks per stage
 
+
+def _fine_tuning(c: ml_collections.ConfigDict) -> None:
   # LoRA fine-tuning (rank 0: off, full fine-tuning): only the adapters train, the base (checkpoint.init_from,
   # else the seed's random init) stays frozen and out of the optimizer and the checkpoints.
   c.lora = ml_collections.ConfigDict()
@@ -149,6 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.temperature = 2.0  # softens both distributions; the KL term is scaled by temperature^2
   c.distill.alpha = 0.5  # weight of the KL to the teacher; 1 - alpha: the usual next-token loss
 
+
+def _checkpoints(c: ml_collections.ConfigDict) -> None:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # steps between checkpoints (also at the last step and on preemption)
   c.checkpoint.max_to_keep = 3  # newest checkpoints kept
@@ -158,4 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.init_from = ""
   c.checkpoint.init_optimizer_state = False  # with init_from: also take its Adam moments (the schedule starts at 0)
   c.checkpoint.async_save = True  # write checkpoints in the background
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  for add_group in (_model, _moe, _data, _training, _parallel, _fine_tuning, _checkpoints):
+    add_group(c)
   return c

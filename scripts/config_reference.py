@@ -78,6 +78,15 @@ def _is_setattr(stmt: ast.stmt) -> bool:
   return isinstance(call, ast.Call) and getattr(call.func, "id", None) == "setattr"
 
 
+def _is_literal(node: ast.expr) -> bool:
+  """A loop over literal values sets config keys; base_config()'s loop over its group functions does not."""
+  try:
+    ast.literal_eval(node)
+  except ValueError:
+    return False
+  return True
+
+
 def _assignments(body: list[ast.stmt], env: dict[str, str]):
   """(key path, value node, statement) of every assignment to the config, loops unrolled."""
   for stmt in body:
@@ -86,7 +95,7 @@ def _assignments(body: list[ast.stmt], env: dict[str, str]):
     elif _is_setattr(stmt):
       obj, name, value = stmt.value.args
       yield f"{_path(obj)}.{_value(name, env)}", value, stmt
-    elif isinstance(stmt, ast.For) and isinstance(stmt.target, ast.Name):
+    elif isinstance(stmt, ast.For) and isinstance(stmt.target, ast.Name) and _is_literal(stmt.iter):
       for item in ast.literal_eval(stmt.iter):
         yield from _assignments(stmt.body, {**env, stmt.target.id: item})
 
@@ -113,10 +122,11 @@ def descriptions(source: str) -> tuple[dict[str, str], dict[str, str]]:
   """(keys, groups): the description of each assigned key path, and of each group (a bare `ConfigDict()`), in
   source order. A key assigned a `ConfigDict(mapping)` stands for every key under it."""
   tree = ast.parse(source)
-  func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "base_config")
+  # base_config() and the functions that add its groups, in the order the source defines them.
+  body = [stmt for node in tree.body if isinstance(node, ast.FunctionDef) for stmt in node.body]
   inline, whole = _comments(source)
   keys, groups = {}, {}
-  for path, value, stmt in _assignments(func.body, {}):
+  for path, value, stmt in _assignments(body, {}):
     text = _description(stmt, inline, whole)
     if _is_config_dict(value) and not value.args and not value.keywords:
       groups[path] = text
