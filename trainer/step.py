@@ -80,23 +80,28 @@ def make_train_step(
     grads, stats = jax.lax.scan(accumulate, zeros, (micro, keys))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # Sum over microbatches only: per-layer stats such as the MoE expert load [layers, experts] keep their shape.
-    stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
-    sums = {
-      name[len(SUM_PREFIX) :]: stats.pop(name) / total_tokens for name in list(stats) if name.startswith(SUM_PREFIX)
-    }
-    metrics = {
-      "loss": stats.pop("nll_sum") / total_tokens,
-      "z_loss": stats.pop("z_sum") / total_tokens,
-      "grad_norm": optax.global_norm(grads),
-      "lr": schedule(state.step),
-      "tokens": total_tokens,
-      **{name: value / grad_accum for name, value in stats.items()},
-      **sums,
-    }
+    metrics = {**_step_metrics(stats, total_tokens, grad_accum), "grad_norm": optax.global_norm(grads)}
+    metrics["lr"] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def _step_metrics(stats_M: dict, total_tokens, grad_accum: int) -> dict:
+  """The step's metrics from the per-microbatch statistics [M, ...]: sums ("nll_sum", "z_sum", "sum:<name>") per
+  count, the rest (MoE's) averaged over microbatches."""
+  # Sum over microbatches only: per-layer stats such as the MoE expert load [layers, experts] keep their shape.
+  stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats_M)
+  sums = {
+    name[len(SUM_PREFIX) :]: stats.pop(name) / total_tokens for name in list(stats) if name.startswith(SUM_PREFIX)
+  }
+  return {
+    "loss": stats.pop("nll_sum") / total_tokens,
+    "z_loss": stats.pop("z_sum") / total_tokens,
+    "tokens": total_tokens,
+    **{name: value / grad_accum for name, value in stats.items()},
+    **sums,
+  }
 
 
 def make_eval_step(loss_fn: LossFn):
