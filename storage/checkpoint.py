@@ -105,7 +105,7 @@ class Checkpointer:
       saved = self._read(step, lambda step=step: _leaf_shapes(self._state_metadata(step)))
       if saved is not None:
         self._check_fits(step, saved, abstract_state, config)
-        self._check_architecture(step, config)
+        self._check_resumable(step, config)
       state = None
       if saved is not None:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -174,20 +174,22 @@ class Checkpointer:
       f"new run from its weights with --config.checkpoint.init_from={path}"
     )
 
-  def _check_architecture(self, step: int, config: dict | None) -> None:
-    """Weights mean what their architecture says (model/config.py: Architecture): resuming them under another
-    would train another model even where the shapes agree. Execution fields may change on any resume."""
-    if config is None:
+  def _check_resumable(self, step: int, config: dict | None) -> None:
+    """What a resume compares besides shapes: the saved config's architecture (model/config.py: Architecture;
+    weights resumed under another would train another model even where the shapes agree) and a LoRA run's base.
+    Execution fields may change on any resume."""
+    saved = self._read_json(step, "config") if config is not None else None
+    if saved is None:
       return
-    saved = self._read_json(step, "config")
-    changes = architecture_changes(saved, config) if saved is not None else []
+    path = self.directory / str(step)
+    changes = architecture_changes(saved, config)
     if changes:
-      path = self.directory / str(step)
       raise CheckpointError(
         f"checkpoint {path} was saved with another architecture: {', '.join(changes[:4])}. Nothing was changed on "
         f"disk. Resume with the config it was saved with ({path}/config/metadata), use a new --workdir, or start a "
         f"new run from its weights with --config.checkpoint.init_from={path}"
       )
+    check_lora_base(saved, config, str(path))
 
   def _set_aside(self, step: int) -> None:
     """Renames an unreadable checkpoint to `<step>.corrupt`, once every process has stopped reading it."""
@@ -208,6 +210,21 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def check_lora_base(saved: dict | None, config: dict, path: str) -> None:
+  """A LoRA checkpoint holds adapters trained on one base (checkpoint.init_from, or the random init of
+  train.seed when that is empty): resuming them on another base would silently train another model."""
+
+  def base(c: dict) -> str:
+    return c["checkpoint"]["init_from"] or f"the random init of train.seed={c['train']['seed']}"
+
+  if saved is None or saved.get("lora", {}).get("rank", 0) == 0 or base(saved) == base(config):
+    return
+  raise CheckpointError(
+    f"checkpoint {path} holds LoRA adapters trained on {base(saved)}, but this run's base is {base(config)}; "
+    "resume with the checkpoint.init_from and train.seed it was saved with, or use a new --workdir"
+  )
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

@@ -16,11 +16,10 @@ from model import ModelConfig, lora
 from model.params import abstract_model, init_params
 from settings import ConfigError
 from settings.validate import lora_problem, validate
-from storage.checkpoint import CheckpointError, load_params
+from storage.checkpoint import CheckpointError, check_lora_base, load_params
 from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
 from tests.test_checkpoint import ENV, RUN_STEPS, _losses, assert_sigkill_resume_is_exact
 from trainer.experiment import build
-from trainer.loop import check_lora_base
 from trainer.plan import plan
 
 ALL_TARGETS = tuple(name for name, _, _ in lora.TARGETS.values())

@@ -28,7 +28,7 @@ from model.config import ModelConfig
 from objectives.frozen import tokenizer_data_cfg
 from parallel.mesh import make_mesh
 from storage import as_path
-from storage.checkpoint import Checkpointer, CheckpointError, load_params
+from storage.checkpoint import Checkpointer, load_params
 from trainer.experiment import Experiment, build
 from trainer.metrics import MetricWriter, flops_per_token, peak_flops_per_device, plot_losses
 from trainer.optim import restart_schedule
@@ -159,7 +159,6 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config
   (optionally with the weights, and the optimizer moments, of another run)."""
   restored = checkpointer.restore_latest(exp.abstract_state(), config)
   if restored is not None:
-    check_lora_base(checkpointer.saved_config(restored.step), config, restored.path)
     return restored.state, (restored.data or {}).get("next_row")
   state = exp.init_state()
   # LoRA: init_from names the frozen base (exp.load_frozen), not where the trained adapters start.
@@ -173,21 +172,6 @@ def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config
     what = "parameters and optimizer state" if ckpt_cfg.init_optimizer_state else "parameters"
     _log.info("initialised %s from %s; this run starts at step 0 with its own schedule", what, ckpt_cfg.init_from)
   return state, None
-
-
-def check_lora_base(saved: dict | None, config: dict, path: str) -> None:
-  """A LoRA checkpoint holds adapters trained on one base (checkpoint.init_from, or the random init of
-  train.seed when that is empty): resuming them on another base would silently train another model."""
-
-  def base(c: dict) -> str:
-    return c["checkpoint"]["init_from"] or f"the random init of train.seed={c['train']['seed']}"
-
-  if saved is None or saved.get("lora", {}).get("rank", 0) == 0 or base(saved) == base(config):
-    return
-  raise CheckpointError(
-    f"checkpoint {path} holds LoRA adapters trained on {base(saved)}, but this run's base is {base(config)}; "
-    "resume with the checkpoint.init_from and train.seed it was saved with, or use a new --workdir"
-  )
 
 
 def _use_compilation_cache(data_cfg, enabled: bool) -> None:
