@@ -26,6 +26,13 @@ def _env_int(name: str) -> int | None:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config file stem>.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step ahead of time and print the plan as JSON.")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology",
+  None,
+  "With --dry_run: compile for this TPU slice instead of the devices here, e.g. v5p:4x4x4, v5e:4x4, v5p-128, "
+  "v5litepod-16, v6e-256, v4-32 (libtpu describes it; no TPU needed).",
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: how many such slices, joined over DCN.")
 # Multi-process jobs; each flag has an environment variable of the same name in capitals, prefixed KILN_.
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address", os.environ.get("KILN_COORDINATOR_ADDRESS"), "HOST:PORT of process 0 (multi-process)."
@@ -42,11 +49,12 @@ _TIMEOUT = flags.DEFINE_integer(
 def _user_errors() -> tuple[type[Exception], ...]:
   import data
   from parallel.mesh import MeshError
+  from parallel.target import TargetError
   from storage import StorageError
   from storage.checkpoint import CheckpointError
   from trainer.distributed import DistributedError
 
-  return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError, StorageError)
+  return (ConfigError, MeshError, data.DataError, CheckpointError, DistributedError, StorageError, TargetError)
 
 
 def main(argv):
@@ -58,6 +66,10 @@ def main(argv):
   )
   try:
     validate(cfg)
+    if _TOPOLOGY.value is not None and not _DRY_RUN.value:
+      raise ConfigError("--topology plans for a TPU slice that is not attached; add --dry_run")
+    if _NUM_SLICES.value != 1 and _TOPOLOGY.value is None:
+      raise ConfigError("--num_slices counts the slices of --topology; give --topology too")
     from storage import check_urls
 
     # URLs answer now, before anything is built or written anywhere.
@@ -73,14 +85,21 @@ def main(argv):
     from trainer import cpu_host
     from trainer.distributed import initialize
 
+    if _TOPOLOGY.value is not None:
+      # The slice is only described: the devices here (a CPU, or a TPU that is not the target) stay unused.
+      import jax
+
+      jax.config.update("jax_platforms", "cpu")
     cpu_host.prepare()  # CPU runs: settings that must precede the backend, which initialize may create
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value)
     if _DRY_RUN.value:
       import json
 
+      from parallel.target import tpu_target
       from trainer.plan import plan
 
-      print(json.dumps(plan(cfg, workdir), indent=2))
+      target = tpu_target(_TOPOLOGY.value, _NUM_SLICES.value) if _TOPOLOGY.value is not None else None
+      print(json.dumps(plan(cfg, workdir, target), indent=2))
       return
     from trainer.loop import train
 

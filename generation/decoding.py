@@ -25,16 +25,17 @@ from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
 from model.params import abstract_model
 from parallel.partition import param_specs, with_shardings
 from parallel.rules import Rules, freeze, traced_under
+from parallel.target import mesh_platform
 
 
-def decode_config(model_cfg: ModelConfig, rules: Rules) -> ModelConfig:
-  """The model configuration decoding runs (module docstring): same parameters, dropless MoE, no dropout, and
-  `rules` for laying activations out on the decoder's mesh."""
-  attention, backend = model_cfg.attention, jax.default_backend()
-  kernel = resolve(attention, backend, 1 << 20, model_cfg.dtype)
-  if kernel == "splash" or BACKENDS.get(kernel, backend) != backend:  # decode steps are short: xla does them
+def decode_config(model_cfg: ModelConfig, rules: Rules, platform: str) -> ModelConfig:
+  """The model configuration decoding runs (module docstring): same parameters, dropless MoE, no dropout,
+  `rules` for laying activations out on the decoder's mesh, and that mesh's `platform`."""
+  attention = model_cfg.attention
+  kernel = resolve(attention, platform, 1 << 20, model_cfg.dtype)
+  if kernel == "splash" or BACKENDS.get(kernel, platform) != platform:  # decode steps are short: xla does them
     attention = "xla"
-  changes = dict(dropout_rate=0.0, remat="none", attention=attention, rules=freeze(rules))
+  changes = dict(dropout_rate=0.0, remat="none", attention=attention, rules=freeze(rules), platform=platform)
   if model_cfg.num_experts > 0:
     changes["capacity_factor"] = 0.0
   return dataclasses.replace(model_cfg, **changes)
@@ -44,7 +45,7 @@ class Decoder:
   """A model's jitted prefill, decode step, beam step and full forward on a mesh (one device: all sizes 1)."""
 
   def __init__(self, model_cfg: ModelConfig, vocab_size: int, mesh: Mesh, rules: Rules):
-    self.model_cfg = decode_config(model_cfg, rules)
+    self.model_cfg = decode_config(model_cfg, rules, mesh_platform(mesh))
     self.vocab_size = vocab_size  # the tokenizer's: ids past it are embedding padding, never chosen
     self.mesh, self.rules = mesh, rules
     self.graphdef, self.abstract_params, self.logical_names = abstract_model(self.model_cfg)

@@ -60,19 +60,21 @@ def attend(
   block: int = 512,
   sliding_window: int = 0,
   rules=None,
+  platform: str,
 ) -> jax.Array:
   """Softmax(q k^T / sqrt(H)) v over the keys each query may see (module docstring); GQA when K < N.
   `sliding_window` > 0 limits each query to keys less than that many positions behind it. `rules`: the
-  logical-axis rules a kernel under `shard_map` (splash) splits its inputs by, on the mesh of JAX's context."""
+  logical-axis rules a kernel under `shard_map` (splash) splits its inputs by, on the mesh of JAX's context.
+  `platform`: the target's (cpu | gpu | tpu), which decides what `auto` stands for and how residuals are kept."""
   n, k = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
   assert n % k == 0, f"{n} query heads do not group over {k} kv heads"
-  backend = jax.default_backend()
-  impl = resolve(impl, backend, k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
-  assert BACKENDS.get(impl, backend) == backend, f"{impl} on {backend}: settings.validate.check_backend refuses it"
+  impl = resolve(impl, platform, k_BxSxKxH.shape[1], q_BxLxNxH.dtype)
+  assert BACKENDS.get(impl, platform) == platform, f"{impl} on {platform}: settings.validate.check_backend refuses it"
   scale = q_BxLxNxH.shape[-1] ** -0.5
   ids = (q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS)
   if impl == "chunked":
-    return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, min(block, k_BxSxKxH.shape[1]), scale, sliding_window)
+    block = min(block, k_BxSxKxH.shape[1])
+    return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, sliding_window, platform)
   if impl == "splash":
     return _splash(
       q_BxLxNxH,
@@ -90,7 +92,7 @@ def attend(
       q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=allowed_BxLxS[:, None], scale=scale, implementation="cudnn"
     )
   else:
-    out_BxLxNxH = _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale)
+    out_BxLxNxH = _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale, platform)
   # Padding rows: the softmax of an all-masked row is uniform, not zero.
   return jnp.where(jnp.any(allowed_BxLxS, axis=-1)[:, :, None, None], out_BxLxNxH, 0).astype(q_BxLxNxH.dtype)
 
@@ -126,12 +128,15 @@ def _unheads(x_BxKxGLxH: jax.Array, length: int) -> jax.Array:
   return jnp.transpose(x_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, -1, h)
 
 
-def _swap_minor(x: jax.Array) -> jax.Array:
+def _swap_minor(x: jax.Array, platform: str) -> jax.Array:
   """[..., m, n] -> [..., n, m], written out for 16-bit inputs, which XLA:CPU multiplies at the bf16 rate only in
   [m, k] x [k, n] form (see `model/layers.py: _matmul_row_major`); a bare transpose would fold into the dot.
   fp32 keeps the bare transpose: there the transposed-lhs dot, which XLA:CPU runs on Eigen, measured faster on
-  bench_peer's layer than a copy followed by an NN dot."""
-  return jnp.swapaxes(x, -1, -2) if x.dtype == jnp.float32 else transposed_copy(x)
+  bench_peer's layer than a copy followed by an NN dot. Other compilers choose the layout themselves: a bare
+  transpose for every platform but the CPU."""
+  if platform == "cpu" and x.dtype != jnp.float32:
+    return transposed_copy(x)
+  return jnp.swapaxes(x, -1, -2)
 
 
 def _head_dot(a_BxKxMxC: jax.Array, b_BxKxCxN: jax.Array) -> jax.Array:
@@ -140,18 +145,18 @@ def _head_dot(a_BxKxMxC: jax.Array, b_BxKxCxN: jax.Array) -> jax.Array:
   return jax.lax.dot_general(a_BxKxMxC, b_BxKxCxN, dims, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _xla(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale: float, platform: str) -> jax.Array:
   """Dense attention with its own backward, every product a row-major [M, C] x [C, N] matmul per (batch, kv head)
   over head-major copies of q, k and v (the G query heads of a kv head stacked as rows). XLA's own layout choice
   for the einsum form transposed the [L, S] tensors (three extra passes over the largest arrays), and autodiff
   of the softmax made six passes over them. The forward normalises the [.., L, H] output rather than the
   probabilities; the backward takes the softmax correction from that output (rowsum(dout * out), as flash
   attention does)."""
-  return _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale)[0]
+  return _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale, platform)[0]
 
 
-def _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale):
+def _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale, platform):
   b, length, n, _ = q_BxLxNxH.shape
   kv_heads = k_BxSxKxH.shape[2]
   q_BxKxGLxH = _heads(q_BxLxNxH, kv_heads)
@@ -169,22 +174,22 @@ def _xla_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxLxS, scale):
   out_BxKxGLxH = _head_dot(exp_BxKxGLxS.astype(v_BxSxKxH.dtype), v_BxKxSxH) / sum_BxKxGLx1
   out_BxKxGLxH = out_BxKxGLxH.astype(q_BxLxNxH.dtype)
   residuals = (q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1)
-  return _unheads(out_BxKxGLxH, length), tuple(map(as_residual, residuals))
+  return _unheads(out_BxKxGLxH, length), tuple(as_residual(x, platform) for x in residuals)
 
 
-def _xla_bwd(scale, residuals, dout_BxLxNxH):
+def _xla_bwd(scale, platform, residuals, dout_BxLxNxH):
   q_BxKxGLxH, k_BxKxHxS, v_BxKxSxH, out_BxKxGLxH, exp_BxKxGLxS, sum_BxKxGLx1 = map(from_residual, residuals)
   length, dt = dout_BxLxNxH.shape[1], q_BxKxGLxH.dtype
   dout_BxKxGLxH = _heads(dout_BxLxNxH, k_BxKxHxS.shape[1])
   # D = rowsum(dprobs * probs) = rowsum(dout * out): the softmax backward's correction, one number per query.
   d_BxKxGLx1 = jnp.sum(dout_BxKxGLxH.astype(jnp.float32) * out_BxKxGLxH.astype(jnp.float32), axis=-1, keepdims=True)
-  dprobs_BxKxGLxS = _head_dot(dout_BxKxGLxH, _swap_minor(v_BxKxSxH))
+  dprobs_BxKxGLxS = _head_dot(dout_BxKxGLxH, _swap_minor(v_BxKxSxH, platform))
   dlogits_BxKxGLxS = (exp_BxKxGLxS * ((dprobs_BxKxGLxS - d_BxKxGLx1) * (scale / sum_BxKxGLx1))).astype(dt)
-  dq_BxKxGLxH = _head_dot(dlogits_BxKxGLxS, _swap_minor(k_BxKxHxS))
+  dq_BxKxGLxH = _head_dot(dlogits_BxKxGLxS, _swap_minor(k_BxKxHxS, platform))
   # dk^T and dv^T ([H, S] per head) read the [GL, S] tensors as they lie; only the small q and dout turn.
-  dk_BxKxHxS = _head_dot(_swap_minor(q_BxKxGLxH), dlogits_BxKxGLxS)
+  dk_BxKxHxS = _head_dot(_swap_minor(q_BxKxGLxH, platform), dlogits_BxKxGLxS)
   # probs = exp / sum: the division moves onto dout's side of the product.
-  dv_BxKxHxS = _head_dot(_swap_minor((dout_BxKxGLxH / sum_BxKxGLx1).astype(dt)), exp_BxKxGLxS.astype(dt))
+  dv_BxKxHxS = _head_dot(_swap_minor((dout_BxKxGLxH / sum_BxKxGLx1).astype(dt), platform), exp_BxKxGLxS.astype(dt))
   return (
     _unheads(dq_BxKxGLxH, length).astype(dt),
     jnp.transpose(dk_BxKxHxS, (0, 3, 1, 2)).astype(k_BxKxHxS.dtype),
@@ -232,12 +237,12 @@ def _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_p
   return s_BxKxGxLxC * scale, allowed_Bx1x1xLxC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float, window: int) -> jax.Array:
-  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float, window: int, platform: str) -> jax.Array:
+  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, platform)[0]
 
 
-def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window):
+def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, platform):
   b, length, n, h = q_BxLxNxH.shape
   kv_heads = k_BxSxKxH.shape[2]
   q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
@@ -271,11 +276,11 @@ def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window):
   out_BxKxGxLxH = jnp.where(seen_BxKxGxL[..., None], acc_BxKxGxLxH / safe_sum_BxKxGxL[..., None], 0.0)
   lse_BxKxGxL = jnp.where(seen_BxKxGxL, max_BxKxGxL + jnp.log(safe_sum_BxKxGxL), 0.0)
   out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, n, h).astype(q_BxLxNxH.dtype)
-  kept = tuple(map(as_residual, (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH)))
+  kept = tuple(as_residual(x, platform) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH))
   return out_BxLxNxH, (kept, ids, lse_BxKxGxL)
 
 
-def _chunked_bwd(block, scale, window, residuals, dout_BxLxNxH):
+def _chunked_bwd(block, scale, window, platform, residuals, dout_BxLxNxH):
   kept, ids, lse_BxKxGxL = residuals
   q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH = map(from_residual, kept)
   b, s, kv_heads, h = k_BxSxKxH.shape

@@ -84,6 +84,11 @@ class Execution:
   group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
   dropout_rate: float = 0.0  # training only: the weights mean the same with any rate
   lora_dropout: float = 0.0
+  # The platform the program is compiled for (cpu | gpu | tpu; parallel/target.py): it picks what attention=auto
+  # and dropless_impl=auto stand for, and the backward passes and residual layouts made for XLA:CPU. Set from the
+  # run's target, never read from jax.default_backend() while tracing, so a TPU compile from a CPU host is the
+  # TPU's program.
+  platform: str = "cpu"
   # Logical axis -> mesh axes (parallel/rules.py, `freeze`d): where activations are pinned on the mesh the step
   # is traced under. The rules are passed to every layer through this field, never read from a global.
   rules: tuple[tuple[str, tuple[str, ...]], ...] = freeze(parse_rules(DEFAULT_RULES))
@@ -124,16 +129,17 @@ class ModelConfig(Architecture, Execution):
 
   @classmethod
   def from_config(
-    cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int, lora_cfg=None, rules=None
+    cls, model_cfg, moe_cfg, *, vocab_size: int, max_len: int, lora_cfg=None, rules=None, platform: str = "cpu"
   ) -> "ModelConfig":
     """Builds from `config.model` and `config.moe` (and `config.lora`, when given: a model with adapters);
-    `vocab_size` must already be padded. `rules`: the run's logical-axis rules (a mapping), default the defaults."""
+    `vocab_size` must already be padded. `rules`: the run's logical-axis rules (a mapping), default the defaults.
+    `platform`: the target's (cpu | gpu | tpu)."""
     head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in model_cfg.items() if k in fields}
     moe_names = {"every": "moe_every"}
     kwargs.update({moe_names.get(k, k): v for k, v in moe_cfg.items() if moe_names.get(k, k) in fields})
-    kwargs.update(vocab_size=vocab_size, max_len=max_len, head_dim=head_dim)
+    kwargs.update(vocab_size=vocab_size, max_len=max_len, head_dim=head_dim, platform=platform)
     if lora_cfg is not None and lora_cfg.rank > 0:
       kwargs.update(
         lora_rank=lora_cfg.rank,

@@ -43,7 +43,7 @@ def cast_kernel(kernel: nnx.Param, dtype, rules) -> jax.Array:
   return constrain(w.astype(dtype), kernel_names(kernel, w.ndim), rules)
 
 
-def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None, *, platform: str) -> jax.Array:
   """`jnp.einsum(spec, x, w)` computed as one 2-D matmul [tokens, in] x [in, out] when the spec allows it.
 
   That is when x's contracted dimensions trail it, the output is x's leading dimensions then w's free ones, and w
@@ -64,7 +64,7 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   free_shape = w.shape[len(contracted) :] if kernel_first else w.shape[: len(free)]
   w2 = w.reshape((n_in, n_out) if kernel_first else (n_out, n_in))
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
-  if jax.default_backend() == "cpu":
+  if platform == "cpu":
     y2 = _matmul_row_major(kernel_first, out_dtype, x, w2)
   else:
     dims = (((1,), (0,) if kernel_first else (1,)), ((), ()))
@@ -72,12 +72,12 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   return y2.reshape(x.shape[: len(lead)] + tuple(free_shape))
 
 
-def as_residual(x: jax.Array) -> jax.Array:
-  """`x` as a custom backward keeps it: on the CPU backend a bf16 array as its uint16 bits. XLA:CPU's bf16
-  normalization computes every update and read of a layer scan's stacked bf16 residuals in fp32 and converts
-  whole stacks ahead of the backward loop, which costs step time and holds fp32 copies of the saved activations.
-  A uint16 stack it leaves alone. `from_residual` undoes this."""
-  if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+def as_residual(x: jax.Array, platform: str) -> jax.Array:
+  """`x` as a custom backward keeps it: in a program for the CPU (`platform`) a bf16 array as its uint16 bits.
+  XLA:CPU's bf16 normalization computes every update and read of a layer scan's stacked bf16 residuals in fp32 and
+  converts whole stacks ahead of the backward loop, which costs step time and holds fp32 copies of the saved
+  activations. A uint16 stack it leaves alone. `from_residual` undoes this."""
+  if x.dtype == jnp.bfloat16 and platform == "cpu":
     return jax.lax.bitcast_convert_type(x, jnp.uint16)
   return x
 
@@ -133,7 +133,7 @@ def _rows(x: jax.Array, w2: jax.Array, kernel_first: bool) -> jax.Array:
 
 
 def _matmul_row_major_fwd(kernel_first, out_dtype, x, w2):
-  return _matmul_row_major(kernel_first, out_dtype, x, w2), (as_residual(x), as_residual(w2))
+  return _matmul_row_major(kernel_first, out_dtype, x, w2), (as_residual(x, "cpu"), as_residual(w2, "cpu"))
 
 
 def _matmul_row_major_bwd(kernel_first, out_dtype, residuals, dy2):
@@ -164,12 +164,13 @@ def project(
   name: str,
   dtype,
   rules,
+  platform: str,
   out_dtype=None,
   adapter: Callable[[jax.Array, str, object, jax.Array | None], jax.Array] | None = None,
   adapter_key: jax.Array | None = None,
 ) -> jax.Array:
   """`einsum(spec, x, kernel)` in `dtype`, the one dense projection of the model; `rules` lay its weight and
-  output out on the mesh of JAX's context.
+  output out on the mesh of JAX's context; `platform` is the target's (ModelConfig.platform).
 
   Owns the cast before the FSDP gather (`cast_kernel`), the logical axes of the output (`out_names`), its
   `checkpoint_name` (`name`, which remat policies select) and the LoRA adapter's term. `out_dtype` (e.g. fp32 logits)
@@ -184,34 +185,34 @@ def project(
   names = kernel_names(kernel, kernel_array.ndim)
   if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
     wide = (jnp.dtype(dtype), jnp.dtype(out_dtype))
-    y = _einsum_wide_out(spec, *wide, names, rules, x.astype(dtype), kernel_array)
+    y = _einsum_wide_out(spec, *wide, names, rules, platform, x.astype(dtype), kernel_array)
   else:
-    y = matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names, rules))
+    y = matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names, rules), platform=platform)
   if adapter is not None:
     y = y + adapter(x, spec, dtype, adapter_key).astype(y.dtype)
   return checkpoint_name(constrain(y, out_names, rules), name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _einsum_wide_out(spec: str, dtype, out_dtype, names, rules, x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _einsum_wide_out(spec: str, dtype, out_dtype, names, rules, platform: str, x, kernel):
   """einsum(x, kernel cast to `dtype`) accumulated and returned in `out_dtype` (fp32 logits from bf16)."""
-  return _einsum_wide_out_fwd(spec, dtype, out_dtype, names, rules, x, kernel)[0]
+  return _einsum_wide_out_fwd(spec, dtype, out_dtype, names, rules, platform, x, kernel)[0]
 
 
-def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, rules, x, kernel):
+def _einsum_wide_out_fwd(spec, dtype, out_dtype, names, rules, platform, x, kernel):
   w = constrain(kernel.astype(dtype), names, rules)
-  return matmul_einsum(spec, x, w, preferred_element_type=out_dtype), (x, w, kernel)
+  return matmul_einsum(spec, x, w, preferred_element_type=out_dtype, platform=platform), (x, w, kernel)
 
 
-def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, rules, residuals, dy):
+def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, rules, platform, residuals, dy):
   x, w, kernel = residuals
   # dx needs the gathered weight: dy goes down to `dtype` first, or autodiff would widen the weight and gather
   # the wide copy (twice the bytes).
-  _, vjp_x = jax.vjp(lambda x: matmul_einsum(spec, x, w), x)
+  _, vjp_x = jax.vjp(lambda x: matmul_einsum(spec, x, w, platform=platform), x)
   (dx,) = vjp_x(dy.astype(dtype))
   # dkernel needs no weight, only local activations: it stays in `out_dtype`, and so does its reduction over
   # the batch shards, as plain autodiff of the wide einsum had it.
-  _, vjp_w = jax.vjp(lambda w: matmul_einsum(spec, x.astype(out_dtype), w), w.astype(out_dtype))
+  _, vjp_w = jax.vjp(lambda w: matmul_einsum(spec, x.astype(out_dtype), w, platform=platform), w.astype(out_dtype))
   (dw,) = vjp_w(dy)
   return dx, constrain(dw.astype(kernel.dtype), names, rules)
 

@@ -14,11 +14,12 @@ from model.layers import as_residual, from_residual, output_std, param, project
 from parallel.rules import constrain
 
 
-def activate(kind: str, gate: jax.Array | None, up: jax.Array) -> jax.Array:
-  """The MLP nonlinearity: silu(gate) * up for SwiGLU, gelu(up) for GELU (shared with the MoE experts)."""
+def activate(kind: str, gate: jax.Array | None, up: jax.Array, platform: str) -> jax.Array:
+  """The MLP nonlinearity: silu(gate) * up for SwiGLU, gelu(up) for GELU (shared with the MoE experts). A program
+  for the CPU (`platform`) takes `gelu`'s own backward; other compilers fuse autodiff's well."""
   if kind == "swiglu":
     return jax.nn.silu(gate) * up
-  return gelu(up)
+  return gelu(up) if platform == "cpu" else jax.nn.gelu(up, approximate=True)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -33,7 +34,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def _gelu_fwd(x):
-  return gelu(x), as_residual(x)
+  return gelu(x), as_residual(x, "cpu")
 
 
 def _gelu_bwd(x, dy):
@@ -63,12 +64,12 @@ class Mlp(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """`dropout_key` (training only) drives the LoRA adapters' dropout."""
     cfg, names = self.cfg, ("batch", "length", "mlp")
-    proj = functools.partial(project, dtype=cfg.dtype, rules=cfg.rules, adapter_key=dropout_key)
+    proj = functools.partial(project, dtype=cfg.dtype, rules=cfg.rules, platform=cfg.platform, adapter_key=dropout_key)
     up_BxLxF = proj(x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", adapter=self.lora_up)
     gate_BxLxF = None
     if cfg.mlp_type == "swiglu":
       gate_BxLxF = proj(x_BxLxD, self.w_gate_DxF, "BLD,DF->BLF", names, name="mlp_gate", adapter=self.lora_gate)
-    hidden_BxLxF = constrain(activate(cfg.mlp_type, gate_BxLxF, up_BxLxF), names, cfg.rules)
+    hidden_BxLxF = constrain(activate(cfg.mlp_type, gate_BxLxF, up_BxLxF, cfg.platform), names, cfg.rules)
     h_BxLxF = checkpoint_name(hidden_BxLxF, "mlp_hidden")
     out_names = ("batch", "length", "embed")
     return proj(h_BxLxF, self.w_down_FxD, "BLF,FD->BLD", out_names, name="mlp_down", adapter=self.lora_down)

@@ -33,6 +33,7 @@ axes, M rows a device receives, G routing groups, S tokens per group, C slots pe
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,8 @@ from parallel.rules import constrain, logical_to_spec
 
 # Expert weights as (gate or None, up, down): [E, D, F], [E, D, F], [E, F, D].
 Weights = tuple[jax.Array | None, jax.Array, jax.Array]
+# The experts' nonlinearity: (gate or None, up) -> hidden (model.mlp.activate for the model's mlp_type and target).
+Activation = Callable[[jax.Array | None, jax.Array], jax.Array]
 
 DROPLESS_IMPLS = ("auto", "ragged", "buffer")
 RAGGED_BACKENDS = ("gpu", "tpu")  # XLA:CPU: "UNIMPLEMENTED: HLO opcode ragged-all-to-all"
@@ -127,19 +130,21 @@ class Moe(nnx.Module):
     # The router stays in fp32 whatever the compute dtype: routing and its z-loss are sensitive to rounding.
     names = ("batch", "length", None)
     r = cfg.rules
-    logits_BxLxE = project(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names, name="router", dtype=jnp.float32, rules=r)
+    router = functools.partial(project, name="router", dtype=jnp.float32, rules=r, platform=cfg.platform)
+    logits_BxLxE = router(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names)
     experts_BxLxK, gates_BxLxK, probs_BxLxE = _route(logits_BxLxE, cfg.top_k, cfg.router_score, cfg.renormalize_gates)
     gate = cast_kernel(self.w_gate_ExDxF, dt, r) if cfg.mlp_type == "swiglu" else None
     weights = (gate, cast_kernel(self.w_up_ExDxF, dt, r), cast_kernel(self.w_down_ExFxD, dt, r))
+    act = functools.partial(activate, cfg.mlp_type, platform=cfg.platform)
     if cfg.capacity_factor > 0:
       group = min(cfg.group_size, x_BxLxD.shape[1])
       capacity = expert_capacity(cfg.capacity_factor, group, cfg.top_k, cfg.num_experts)
       routed = (x_BxLxD, experts_BxLxK, gates_BxLxK, weights)
-      y_BxLxD, kept = _capacity_moe(*routed, cfg.mlp_type, group, capacity, r)
+      y_BxLxD, kept = _capacity_moe(*routed, act, group, capacity, r)
       dropped_fraction = 1.0 - kept / experts_BxLxK.size
     else:
-      impl = resolve_dropless(cfg.dropless_impl, jax.default_backend())
-      y_BxLxD = _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, cfg.mlp_type, r, impl)
+      impl = resolve_dropless(cfg.dropless_impl, cfg.platform)
+      y_BxLxD = _dropless_moe(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, act, r, impl)
       dropped_fraction = jnp.zeros((), jnp.float32)
     if cfg.num_shared_experts > 0:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
@@ -153,7 +158,7 @@ class Moe(nnx.Module):
 
 
 def _capacity_moe(
-  x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, mlp_type: str, group: int, capacity: int, rules
+  x_BxLxD, experts_BxLxK, gates_BxLxK, weights: Weights, act: Activation, group: int, capacity: int, rules
 ):
   """GShard dispatch/combine in groups of `group` consecutive tokens of a sequence, `capacity` slots per expert
   and group; -> (output [B, L, D], number of kept assignments)."""
@@ -171,12 +176,12 @@ def _capacity_moe(
   x_GxSxD = x_BxLxD.reshape(b * groups, group, d)
   experts_GxSxK = experts_BxLxK.reshape(b * groups, group, k)
   gates_GxSxK = gates_BxLxK.reshape(b * groups, group, k)
-  y_GxSxD, kept = _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights, mlp_type, capacity, rules)
+  y_GxSxD, kept = _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights, act, capacity, rules)
   y_BxLxD = y_GxSxD.reshape(b, groups * group, d)[:, :length]
   return constrain(y_BxLxD, ("batch", "length", "embed"), rules), kept
 
 
-def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, mlp_type: str, capacity: int, rules):
+def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, act: Activation, capacity: int, rules):
   """The capacity MoE of each group (row of G) on its own; expert ids >= E are padding that takes no slot."""
   g, size, k = experts_GxSxK.shape
   num_experts = weights[1].shape[0]
@@ -201,7 +206,7 @@ def _group_capacity_moe(x_GxSxD, experts_GxSxK, gates_GxSxK, weights: Weights, m
   gate_ExDxF, up_ExDxF, down_ExFxD = weights
   up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, up_ExDxF)
   gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, gate_ExDxF) if gate_ExDxF is not None else None
-  h_ExGxCxF = constrain(activate(mlp_type, gate_ExGxCxF, up_ExGxCxF), ("experts", "batch", None, "mlp"), rules)
+  h_ExGxCxF = constrain(act(gate_ExGxCxF, up_ExGxCxF), ("experts", "batch", None, "mlp"), rules)
   y_ExGxCxD = constrain(jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, down_ExFxD), names, rules)
   return jnp.einsum("GSEC,EGCD->GSD", combine_GxSxExC.astype(dt), y_ExGxCxD), kept
 
@@ -211,7 +216,7 @@ def _dropless_moe(
   experts_BxLxK,
   gates_BxLxK,
   weights: Weights,
-  mlp_type: str,
+  act: Activation,
   rules,
   impl: str = "buffer",
   collective=jax.lax.ragged_all_to_all,
@@ -223,7 +228,7 @@ def _dropless_moe(
   assert impl in ("buffer", "ragged"), impl
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _dropless_shard(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, mlp_type=mlp_type)
+    return _dropless_shard(x_BxLxD, experts_BxLxK, gates_BxLxK, weights, act=act)
   token_spec = logical_to_spec(("batch", "length", None), rules, mesh)
   up_spec = logical_to_spec(("experts", None, "mlp"), rules, mesh)
   down_spec = logical_to_spec(("experts", "mlp", None), rules, mesh)
@@ -237,9 +242,7 @@ def _dropless_moe(
     exchange_fn = functools.partial(_ragged_exchange, collective=collective)
   else:
     exchange_fn = _buffer_exchange
-  body = functools.partial(
-    _dropless_shard, mlp_type=mlp_type, expert_axes=expert_axes, exchange=exchange_fn, sum_axes=mlp_axes
-  )
+  body = functools.partial(_dropless_shard, act=act, expert_axes=expert_axes, exchange=exchange_fn, sum_axes=mlp_axes)
   # The embed dimension of the weights is not in their specs: under fsdp, GSPMD gathers it before the call.
   # Their mlp dimension stays split (tensor parallelism): each device makes a partial sum, reduced at the end.
   weight_specs = (up_spec if weights[0] is not None else None, up_spec, down_spec)
@@ -254,7 +257,7 @@ def _dropless_shard(
   gates_BxLxK,
   weights: Weights,
   *,
-  mlp_type: str,
+  act: Activation,
   expert_axes: tuple[str, ...] = (),
   exchange=None,
   sum_axes: tuple[str, ...] = (),
@@ -273,14 +276,14 @@ def _dropless_shard(
   x_AxD = jnp.repeat(x_BxLxD.reshape(b * length, d), k, axis=0)
   expert_A = experts_BxLxK.reshape(-1)
   if exchange is not None:
-    y_AxD = exchange(x_AxD, expert_A, weights, mlp_type, expert_axes)
+    y_AxD = exchange(x_AxD, expert_A, weights, act, expert_axes)
   elif expert_axes:
     local_A = expert_A - jax.lax.axis_index(expert_axes) * local_experts
     local_A = jnp.where((local_A >= 0) & (local_A < local_experts), local_A, local_experts)  # not ours: padding
-    y_AxD = _grouped_mlp(x_AxD, local_A, weights, mlp_type)
+    y_AxD = _grouped_mlp(x_AxD, local_A, weights, act)
     sum_axes = sum_axes + expert_axes
   else:
-    y_AxD = _grouped_mlp(x_AxD, expert_A, weights, mlp_type)
+    y_AxD = _grouped_mlp(x_AxD, expert_A, weights, act)
   y_TxKxD = y_AxD.reshape(b * length, k, d).astype(jnp.float32)
   y_TxD = jnp.sum(y_TxKxD * gates_BxLxK.reshape(b * length, k, 1), axis=1).astype(x_BxLxD.dtype)
   if sum_axes:
@@ -288,7 +291,7 @@ def _dropless_shard(
   return y_TxD.reshape(b, length, d)
 
 
-def _buffer_exchange(x_AxD, expert_A, weights: Weights, mlp_type: str, expert_axes: tuple[str, ...]) -> jax.Array:
+def _buffer_exchange(x_AxD, expert_A, weights: Weights, act: Activation, expert_axes: tuple[str, ...]) -> jax.Array:
   """Sends each assignment to the device holding its expert, runs the local experts, brings results back.
 
   Device p along `expert_axes` holds experts [p * E_local, (p + 1) * E_local). The send buffer has one block
@@ -309,7 +312,7 @@ def _buffer_exchange(x_AxD, expert_A, weights: Weights, mlp_type: str, expert_ax
   # After the exchange, block p holds what peer p sent to this device.
   recv_PxAxD = jax.lax.all_to_all(send_PxAxD, expert_axes, 0, 0)
   recv_expert_PxA = jax.lax.all_to_all(send_expert_PxA, expert_axes, 0, 0)
-  y_MxD = _grouped_mlp(recv_PxAxD.reshape(peers * a, d), recv_expert_PxA.reshape(peers * a), weights, mlp_type)
+  y_MxD = _grouped_mlp(recv_PxAxD.reshape(peers * a, d), recv_expert_PxA.reshape(peers * a), weights, act)
   back_PxAxD = jax.lax.all_to_all(y_MxD.reshape(peers, a, d), expert_axes, 0, 0)
   return back_PxAxD[dest_A, row_A]
 
@@ -346,7 +349,7 @@ def received_experts(counts_PxE: jax.Array, rows: int) -> jax.Array:
 
 
 def _ragged_exchange(
-  x_AxD, expert_A, weights: Weights, mlp_type: str, expert_axes: tuple[str, ...], *, collective
+  x_AxD, expert_A, weights: Weights, act: Activation, expert_axes: tuple[str, ...], *, collective
 ) -> jax.Array:
   """`_buffer_exchange` with `ragged_all_to_all`: each device sends only the rows its peers' experts need.
 
@@ -367,7 +370,7 @@ def _ragged_exchange(
   there = (plan["input_offsets"][me], plan["send_sizes"][me], plan["output_offsets"][me], plan["recv_sizes"][me])
   recv_MxD = collective(xs_AxD, jnp.zeros((peers * a, d), x_AxD.dtype), *there, axis_name=expert_axes)
   recv_expert_M = received_experts(counts_PxPxE[:, me], peers * a)
-  y_MxD = _grouped_mlp(recv_MxD, recv_expert_M, weights, mlp_type)
+  y_MxD = _grouped_mlp(recv_MxD, recv_expert_M, weights, act)
   # Back: the slice from each sender s returns to the rows s sent it from. Columns [:, me] of the plan hold what
   # the others did with this device, which is what this device now does in reverse.
   back = (plan["output_offsets"][:, me], plan["recv_sizes"][me], plan["input_offsets"][:, me], plan["send_sizes"][me])
@@ -376,7 +379,7 @@ def _ragged_exchange(
   return ys_AxD[unsort_A]
 
 
-def _grouped_mlp(x_MxD, expert_M, weights: Weights, mlp_type: str) -> jax.Array:
+def _grouped_mlp(x_MxD, expert_M, weights: Weights, act: Activation) -> jax.Array:
   """Row m through expert expert_M[m]: rows sorted by expert, grouped matmuls, unsorted. Ids >= E give 0."""
   gate_ExDxF, up_ExDxF, down_ExFxD = weights
   num_experts = up_ExDxF.shape[0]
@@ -386,6 +389,6 @@ def _grouped_mlp(x_MxD, expert_M, weights: Weights, mlp_type: str) -> jax.Array:
   up_MxF = jax.lax.ragged_dot(xs_MxD, up_ExDxF, sizes_E)
   gate_MxF = jax.lax.ragged_dot(xs_MxD, gate_ExDxF, sizes_E) if gate_ExDxF is not None else None
   # Rows past sum(sizes_E) (padding) come out of ragged_dot as zeros.
-  ys_MxD = jax.lax.ragged_dot(activate(mlp_type, gate_MxF, up_MxF), down_ExFxD, sizes_E)
+  ys_MxD = jax.lax.ragged_dot(act(gate_MxF, up_MxF), down_ExFxD, sizes_E)
   unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
   return ys_MxD[unsort_M]

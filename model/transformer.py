@@ -232,8 +232,17 @@ class Transformer(nnx.Module):
     """The LM head: fp32 logits [B, L, V] of the final-normed residual stream."""
     head, spec = (self.embed_VxD, "BLD,VD->BLV") if self.cfg.tie_embeddings else (self.head_DxV, "BLD,DV->BLV")
     names = ("batch", "length", "vocab")
+    cfg = self.cfg
     return project(
-      x_BxLxD, head, spec, names, name="head", dtype=self.cfg.dtype, rules=self.cfg.rules, out_dtype=jnp.float32
+      x_BxLxD,
+      head,
+      spec,
+      names,
+      name="head",
+      dtype=cfg.dtype,
+      rules=cfg.rules,
+      platform=cfg.platform,
+      out_dtype=jnp.float32,
     )
 
 

@@ -60,8 +60,8 @@ def _setup(model: TrainedModel) -> Setup:
   teacher_cfg = run_model_config(
     cfg.distill.teacher, model.tokenizer_vocab, model.tensor_parallelism, cfg.data.seq_len, "config.distill.teacher"
   )
-  # The teacher runs inside the student's step: its activations follow the run's rules.
-  teacher_cfg = dataclasses.replace(teacher_cfg, rules=model.model_cfg.rules)
+  # The teacher runs inside the student's step: its activations follow the run's rules, on the run's target.
+  teacher_cfg = dataclasses.replace(teacher_cfg, rules=model.model_cfg.rules, platform=model.model_cfg.platform)
   teacher_graphdef, teacher_params, teacher_names = abstract_model(teacher_cfg)
   loss_fn = make_distill_loss(
     model.graphdef,

@@ -9,6 +9,7 @@ and the tokenizer's size become a `ModelConfig`, its embedding padded as trainin
 import dataclasses
 import json
 
+import jax
 import ml_collections
 from etils import epath
 
@@ -22,17 +23,31 @@ _RUN_FILES_UP = ("", "../..")  # a run directory, or one of its checkpoints <run
 
 
 def model_config(
-  cfg, tokenizer_vocab: int, *, tensor: int = 1, max_len: int | None = None, with_lora: bool = False, rules=None
+  cfg,
+  tokenizer_vocab: int,
+  *,
+  tensor: int = 1,
+  max_len: int | None = None,
+  with_lora: bool = False,
+  rules=None,
+  platform: str | None = None,
 ) -> ModelConfig:
   """The ModelConfig of `cfg` with the embedding padded for `tokenizer_vocab` tokens and a tensor axis of
   `tensor` devices (a size of -1 or 0 counts as 1); `max_len` defaults to data.seq_len. `with_lora`: the model
   with config.lora's adapters (the one a LoRA run trains); without, the base model its weights load into.
-  `rules`: the logical-axis rules the model lays activations out by (a mapping; default the defaults)."""
+  `rules`: the logical-axis rules the model lays activations out by (a mapping; default the defaults).
+  `platform`: the target's (parallel/target.py); default the platform of JAX's devices."""
   vocab = padded_vocab_size(tokenizer_vocab, cfg.model.vocab_multiple, max(tensor, 1))
   lora_cfg = cfg.lora if with_lora else None
   try:
     return ModelConfig.from_config(
-      cfg.model, cfg.moe, vocab_size=vocab, max_len=max_len or cfg.data.seq_len, lora_cfg=lora_cfg, rules=rules
+      cfg.model,
+      cfg.moe,
+      vocab_size=vocab,
+      max_len=max_len or cfg.data.seq_len,
+      lora_cfg=lora_cfg,
+      rules=rules,
+      platform=platform or jax.default_backend(),
     )
   except ValueError as e:
     raise ConfigError(str(e)) from None

@@ -71,9 +71,16 @@ def test_cpu_implementations_match_naive_reference_values_and_gradients(length, 
 
   want_out, want_grads = _value_and_grads(naive, q, k, v, dout)
   results = {}
-  for impl, block in [("xla", 512), ("chunked", 4), ("chunked", 512)]:
+  # The CPU program's backward passes and residuals, and the generic ones a GPU or TPU program takes.
+  for impl, block, platform in [
+    ("xla", 512, "cpu"),
+    ("chunked", 4, "cpu"),
+    ("chunked", 512, "cpu"),
+    ("xla", 512, "gpu"),
+    ("chunked", 4, "tpu"),
+  ]:
 
-    def fn(q, k, v, impl=impl, block=block):
+    def fn(q, k, v, impl=impl, block=block, platform=platform):
       return attend(
         q,
         k,
@@ -85,14 +92,17 @@ def test_cpu_implementations_match_naive_reference_values_and_gradients(length, 
         impl=impl,
         block=block,
         sliding_window=window,
+        platform=platform,
       )
 
     out, grads = _value_and_grads(jax.jit(fn), q, k, v, dout)
-    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5, err_msg=f"{impl} block {block}")
+    where = f"{impl} block {block} for {platform}"
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5, err_msg=where)
     for name, got, want in zip("qkv", grads, want_grads):
-      assert np.isfinite(got).all(), f"{impl}: NaN in d{name}"
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{impl} block {block}: d{name}")
-    results[impl, block] = out, grads
+      assert np.isfinite(got).all(), f"{where}: NaN in d{name}"
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{where}: d{name}")
+    if platform == "cpu":
+      results[impl, block] = out, grads
   # Padding rows (row 1, segment 0) give zeros and pass no gradient back.
   padding = ids["q_seg"][1] == 0
   assert padding.any()
@@ -186,7 +196,7 @@ def test_chunked_gradient_never_holds_a_dense_mask():
       ids_kw = dict(q_segment_ids_BxL=q_seg, kv_segment_ids_BxS=kv_seg, q_positions_BxL=q_pos)
 
       def layer(x, _):  # as in the model: attention inside the layer scan
-        return attend(x, k, v, **ids_kw, kv_positions_BxS=kv_pos, impl=impl, block=16), None
+        return attend(x, k, v, **ids_kw, kv_positions_BxS=kv_pos, impl=impl, block=16, platform="cpu"), None
 
       return jnp.sum(jax.lax.scan(layer, q, None, length=2)[0] * dout)
 

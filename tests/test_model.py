@@ -292,7 +292,7 @@ def test_projection_matmul_equals_einsum_in_value_and_gradient(spec, x_shape, w_
   kx, kw, kc = jax.random.split(jax.random.key(0), 3)
   x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
   cotangent = jax.random.normal(kc, jnp.einsum(spec, x, w).shape)
-  got, got_vjp = jax.vjp(lambda x, w: matmul_einsum(spec, x, w), x, w)
+  got, got_vjp = jax.vjp(lambda x, w: matmul_einsum(spec, x, w, platform="cpu"), x, w)
   want, want_vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   for g, r in zip(got_vjp(cotangent), want_vjp(cotangent)):
@@ -309,7 +309,7 @@ def test_bf16_projection_accumulates_in_fp32(spec, w_shape):
   x = jax.random.normal(kx, (2, 8, 16), jnp.bfloat16)
   w = jax.random.normal(kw, w_shape, jnp.bfloat16)
   cotangent = jax.random.normal(kc, jnp.einsum(spec, x, w).shape, jnp.bfloat16)
-  got, got_vjp = jax.vjp(lambda x, w: matmul_einsum(spec, x, w), x, w)
+  got, got_vjp = jax.vjp(lambda x, w: matmul_einsum(spec, x, w, platform="cpu"), x, w)
   f32 = jnp.float32
   want, want_vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x.astype(f32), w.astype(f32))
   assert got.dtype == jnp.bfloat16
@@ -327,7 +327,7 @@ def test_projections_of_one_input_keep_it_once_for_the_backward():
   def saved_activations(projections: int) -> list[str]:
     def layer(h_BxLxD, w_PxDxF):
       x_BxLxD = jnp.tanh(h_BxLxD)
-      return h_BxLxD + sum(matmul_einsum("BLD,DF->BLF", x_BxLxD, w_DxF) for w_DxF in w_PxDxF), None
+      return h_BxLxD + sum(matmul_einsum("BLD,DF->BLF", x_BxLxD, w_DxF, platform="cpu") for w_DxF in w_PxDxF), None
 
     def loss(h, w_LxPxDxF):
       return jnp.sum(jax.lax.scan(layer, h, w_LxPxDxF)[0])
@@ -348,7 +348,7 @@ def test_bf16_layer_scan_keeps_its_saved_activations_in_bf16():
   from model.mlp import gelu
 
   def layer(h_BxLxD, w_DxD):
-    return gelu(matmul_einsum("BLD,DF->BLF", h_BxLxD, w_DxD.astype(jnp.bfloat16))), None
+    return gelu(matmul_einsum("BLD,DF->BLF", h_BxLxD, w_DxD.astype(jnp.bfloat16), platform="cpu")), None
 
   def loss(h, w_LxDxD):
     return jnp.sum(jax.lax.scan(layer, h, w_LxDxD)[0].astype(jnp.float32))

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model import ModelConfig
+from model.mlp import activate
 from model.moe import (
   Moe,
   _capacity_moe,
@@ -272,6 +273,7 @@ def test_dense_model_keeps_the_dense_tree():
 # Expert parallelism: every layout trains like one device.
 
 RULES = parse_rules(DEFAULT_RULES)  # the layouts below change mesh sizes, not rules
+SWIGLU = functools.partial(activate, "swiglu", platform="cpu")  # the experts' nonlinearity
 LAYOUTS = {
   "expert4_data2": {"mesh.expert": 4, "mesh.data": 2},
   "expert2_data2_tensor2": {"mesh.expert": 2, "mesh.data": 2, "mesh.tensor": 2},
@@ -461,7 +463,7 @@ def _dropless_inputs(seed: int = 0):
 
 
 def _dropless_value_and_grads(impl: str, layout: dict | None, collective=_emulated_ragged_all_to_all):
-  moe = functools.partial(_dropless_moe, mlp_type="swiglu", rules=RULES, impl=impl, collective=collective)
+  moe = functools.partial(_dropless_moe, act=SWIGLU, rules=RULES, impl=impl, collective=collective)
   return _layer_value_and_grads(moe, layout)
 
 
@@ -502,7 +504,7 @@ def test_dropless_exchange_values_and_gradients_equal_one_device(impl, layout, d
 @pytest.mark.parametrize("layout", ["expert4_data2", "expert2_data2_tensor2"])
 def test_grouped_capacity_path_under_expert_parallelism_equals_one_device(layout):
   # Groups of 2 in sequences of 4, one slot per expert and group: tokens are dropped, so placement matters.
-  moe = functools.partial(_capacity_moe, mlp_type="swiglu", group=2, capacity=1, rules=RULES)
+  moe = functools.partial(_capacity_moe, act=SWIGLU, group=2, capacity=1, rules=RULES)
   x, experts, gates, weights, _ = _dropless_inputs()
   assert 0 < int(moe(x, experts, gates, weights)[1]) < experts.size
   (_, want_y), want_grads = jax.device_get(_layer_value_and_grads(moe, None))
@@ -517,7 +519,7 @@ def test_ragged_path_lowers_to_ragged_all_to_all_forward_and_backward():
   cfg = small_config(**LAYOUTS["expert4_data2"])
 
   def loss(x, weights):
-    return jnp.sum(_dropless_moe(x, experts, gates, weights, "swiglu", RULES, "ragged") * cotangent)
+    return jnp.sum(_dropless_moe(x, experts, gates, weights, SWIGLU, RULES, "ragged") * cotangent)
 
   with jax.set_mesh(mesh_for(cfg)):
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, weights).as_text()

@@ -21,6 +21,7 @@ On a GPU or TPU host nothing changes: there the device holds the temporaries.
 """
 
 import ctypes
+import glob
 import importlib.util
 import logging
 import os
@@ -36,17 +37,33 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-def accelerator_installed() -> bool:
-  """Whether JAX would find a GPU or TPU plugin (the checks of its own plugin discovery: libtpu, the
-  `jax_plugins` namespace package and entry points)."""
-  if importlib.util.find_spec("libtpu") is not None:
+# Device files by which an accelerator's plugin finds its hardware: TPU VMs (v4/v5e: accel, v5p/v6e: vfio),
+# NVIDIA and AMD GPUs.
+_TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+_PLUGIN_DEVICE_FILES = {"cuda": ("/dev/nvidia[0-9]*",), "rocm": ("/dev/kfd",)}
+
+
+def _present(patterns) -> bool:
+  return any(glob.glob(pattern) for pattern in patterns)
+
+
+def accelerator_attached() -> bool:
+  """Whether JAX would find a GPU or TPU: a plugin is installed (the checks of JAX's own plugin discovery:
+  libtpu, the `jax_plugins` namespace package and entry points) and, for TPUs and NVIDIA or AMD GPUs, the
+  devices it drives are there. libtpu is installed on CPU machines too, to compile for TPUs (`--topology`)."""
+  if importlib.util.find_spec("libtpu") is not None and _present(_TPU_DEVICE_FILES):
     return True
+  names = []
   if importlib.util.find_spec("jax_plugins") is not None:
     import jax_plugins
 
-    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+    names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  names += [e.name for e in metadata.entry_points(group="jax_plugins")]
+  for name in names:
+    kind = next((k for k in _PLUGIN_DEVICE_FILES if k in name.lower()), None)
+    if kind is None or _present(_PLUGIN_DEVICE_FILES[kind]):
       return True
-  return bool(metadata.entry_points(group="jax_plugins"))
+  return False
 
 
 def runs_on_cpu() -> bool:
@@ -56,7 +73,7 @@ def runs_on_cpu() -> bool:
   platforms = jax.config.jax_platforms if jax is not None else os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  return not accelerator_installed()
+  return not accelerator_attached()
 
 
 def keep_freed_memory() -> bool:
@@ -78,13 +95,15 @@ def prepare_heap() -> bool:
 
 
 def prepare() -> bool:
-  """On a CPU backend: synchronous dispatch and a heap that keeps freed memory (the single heap only if
-  `prepare_heap` ran before JAX's import). Call before JAX creates its backends (later, the dispatch setting no
-  longer applies). Returns whether it applied them."""
+  """On a CPU backend: the CPU platform alone, synchronous dispatch and a heap that keeps freed memory (the single
+  heap only if `prepare_heap` ran before JAX's import). Call before JAX creates its backends (later, the dispatch
+  setting no longer applies). Returns whether it applied them."""
   if not runs_on_cpu():
     return False
   import jax
 
+  # No accelerator is attached: JAX must not try an installed plugin (libtpu probes for a TPU and logs errors).
+  jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   kept = keep_freed_memory()
   _log.debug("CPU backend: synchronous dispatch; freed memory kept in the heap: %s", kept)

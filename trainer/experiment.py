@@ -18,6 +18,7 @@ from parallel import pipeline
 from parallel.partition import BATCH_AXES, StateShardings, param_specs, state_shardings, with_shardings
 from parallel.pipeline import Pipelined
 from parallel.rules import freeze, logical_to_spec, parse_rules, stage_body_rules, stage_rules, traced_under
+from parallel.target import mesh_platform
 from settings import ConfigError
 from settings.validate import validate_layout
 from storage.checkpoint import load_params
@@ -112,9 +113,14 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
   """The experiment of `cfg` on `mesh`. Objectives that read frozen models (LoRA's base, DPO's reference, a
   distillation teacher) add a `loss_fn` and entries to `frozen_sharding` / `frozen_loaders` here."""
   rules = stage_rules(parse_rules(cfg.mesh.rules), mesh.shape["stage"])
-  validate_layout(cfg, dict(mesh.shape), rules, jax.process_count(), jax.default_backend())
+  # The target is the mesh's devices (live ones, or a TPU slice's descriptions for a compile-only plan): their
+  # platform decides every per-platform choice of the program.
+  platform = mesh_platform(mesh)
+  validate_layout(cfg, dict(mesh.shape), rules, jax.process_count(), platform)
   batch_spec = logical_to_spec(BATCH_AXES, rules, mesh)
-  model_cfg = model_config(cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True, rules=rules)
+  model_cfg = model_config(
+    cfg, tokenizer_vocab_size, tensor=mesh.shape["tensor"], with_lora=True, rules=rules, platform=platform
+  )
   stage_schedule, pipeline_plan = pipeline.plan_entry(cfg, dict(mesh.shape), batch_spec, model_cfg)
   graphdef, full_params, full_names = abstract_model(model_cfg)
   # LoRA: the state (and so the optimizer and the checkpoints) holds the adapters only; the base is frozen.

@@ -1,16 +1,33 @@
-"""`--dry_run`: compile the train step ahead of time from abstract arrays and report the per-device plan."""
+"""`--dry_run`: compile the train step ahead of time from abstract arrays and report the per-device plan.
+
+The program is compiled for the run's target (parallel/target.py): the devices JAX sees, or with `--topology` a
+TPU slice that is not attached, compiled by libtpu from any machine. A CPU plan describes the CPU's program,
+whose code paths, temporaries and collectives are not those of a TPU or GPU program.
+"""
 
 import json
+import logging
+import math
 import re
+import time
 
 import jax
 
 from model.attend import resolve
-from parallel.mesh import make_mesh
+from parallel.mesh import MESH_AXES, make_mesh
 from parallel.partition import bytes_per_device
+from parallel.target import Target, live_target
+from settings import ConfigError
 from storage import as_path
 from trainer.experiment import build
 from trainer.metrics import flops_per_token
+
+_log = logging.getLogger(__name__)
+
+CPU_NOTE = (
+  "planned for the CPU: this is XLA:CPU's program (its own code paths, temporaries and collectives), not a TPU "
+  "or GPU program; add --topology (e.g. v5p:4x4x4) to compile for a TPU slice"
+)
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -23,19 +40,50 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
-def plan(cfg, workdir: str | None = None) -> dict:
-  """Builds the mesh and compiles the train step without allocating the model; the tokenizer is not needed:
-  the plan uses `config.data.vocab_size`."""
-  mesh = make_mesh(cfg.mesh)
+def program_bytes(memory) -> dict[str, int]:
+  """A compiled program's memory per device (XLA's memory analysis): its arguments, temporaries, outputs, the
+  part of the outputs that reuses donated arguments (aliased), and `total`, what it holds at its peak."""
+  field = {"arguments": "argument", "temporaries": "temp", "outputs": "output", "aliased": "alias"}
+  sizes = {name: int(getattr(memory, f"{xla}_size_in_bytes", 0) or 0) for name, xla in field.items()}
+  sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+  return sizes
+
+
+def _check_slices(cfg, target: Target) -> None:
+  dcn = math.prod(cfg.mesh[f"dcn_{a}"] for a in MESH_AXES)
+  if dcn != target.slices:
+    raise ConfigError(
+      f"the target has {target.slices} slice(s) but config.mesh's dcn_* sizes multiply to {dcn}; set them to "
+      f"split the mesh over {target.slices} slice(s) (e.g. --config.mesh.dcn_data={target.slices})"
+    )
+
+
+def compile_train_step(cfg, target: Target):
+  """(experiment, the train step compiled for `target`, seconds the compile took), from abstract arrays: nothing
+  is allocated, and the tokenizer is not needed (the plan uses `config.data.vocab_size`)."""
+  if target.topology is not None:
+    _check_slices(cfg, target)
+  mesh = make_mesh(cfg.mesh, target.devices)
   exp = build(cfg, cfg.data.vocab_size, mesh)
-  abstract_state = exp.abstract_state()
-  compiled = exp.train_step.lower(abstract_state, exp.abstract_batch(), exp.abstract_frozen()).compile()
+  start = time.perf_counter()
+  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), exp.abstract_frozen()).compile()
+  return exp, compiled, time.perf_counter() - start
+
+
+def plan(cfg, workdir: str | None = None, target: Target | None = None) -> dict:
+  """The plan of `cfg`'s train step compiled for the target's devices (default: JAX's), written to
+  `workdir`/plan.json when given."""
+  target = target or live_target()
+  exp, compiled, compile_seconds = compile_train_step(cfg, target)
+  mesh, abstract_state = exp.mesh, exp.abstract_state()
   memory = compiled.memory_analysis()
+  program = program_bytes(memory)
+  hbm = target.hbm_bytes_per_chip
   tokens = cfg.train.global_batch_size * cfg.data.seq_len
   trainable = int(sum(x.size for x in jax.tree.leaves(exp.abstract_params)))
   lora_base = int(sum(x.size for x in jax.tree.leaves(exp.frozen_shapes.get("base", {}))))
   result = {
-    "devices": jax.device_count(),
+    "devices": target.chips,
     "mesh": dict(mesh.shape),
     # The model's parameters: those the run trains (and the optimizer state holds), plus a LoRA run's frozen base.
     "params": trainable + lora_base,
@@ -49,9 +97,18 @@ def plan(cfg, workdir: str | None = None) -> dict:
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
     "collectives": count_collectives(compiled.as_text()),
-    # What `model.attention=auto` stands for on this backend and sequence length.
-    "attention": resolve(cfg.model.attention, jax.default_backend(), cfg.data.seq_len, exp.model_cfg.dtype),
+    # What `model.attention=auto` stands for on the target's platform and this sequence length.
+    "attention": resolve(cfg.model.attention, target.platform, cfg.data.seq_len, exp.model_cfg.dtype),
+    "target": {
+      **target.describe(),
+      "bytes_per_chip": program,
+      "fits": None if hbm is None else program["total"] <= hbm,
+      "compile_seconds": round(compile_seconds, 1),
+    },
   }
+  if target.platform == "cpu":
+    result["target"]["note"] = CPU_NOTE
+    _log.info(CPU_NOTE)
   if exp.pipeline is not None:  # mesh.stage > 1: schedule, stages, microbatches, repeats, bubble, activations
     result["pipeline"] = exp.pipeline
   if workdir is not None and jax.process_index() == 0:
