@@ -9,6 +9,11 @@ to stage s + 1 and gradients to stage s - 1 with `lax.ppermute` (a ring, so circ
 stash slot holds one [B, L, D] input, not every intermediate of the chunk); the last chunk's backward also
 runs the head and loss, so its gradient starts there. No autodiff runs through the tick loop.
 
+The stages take different branches of the switch at the same tick, so a collective inside a branch may only
+involve one stage's devices (the groups of the fsdp, tensor, ... all-gathers and all-reduces that XLA inserts),
+never all of them: the stages outside the branch would never join it. XLA runs a collective-permute as one
+rendezvous of every device, so none may sit in a branch; rules.STAGE_HEAD_RULES keeps the head free of them.
+
 Shape letters as in schedules.py (S stages, M microbatches, R repeats, C units per chunk, X units).
 """
 
@@ -238,7 +243,7 @@ class Pipelined:
   schedule: Schedule
   mesh: Mesh
   model_cfg: object  # model.ModelConfig (this package reaches the model through its graphdefs only)
-  stage_graphdef: object  # the model as the stages run it: its rules are rules.stage_body_rules
+  head_graphdef: object  # the model as the last stage's head runs it: its rules are rules.stage_head_rules
 
 
 def pipeline_grads(
@@ -268,7 +273,7 @@ def pipeline_grads(
   side_fields = {k: batch[k] for k in ("positions", "segment_ids", "targets", "loss_mask")}
   side = microbatches(side_fields, m_count, cfg.rules)
 
-  def assemble(rest, blocks, graphdef=pipelined.stage_graphdef):
+  def assemble(rest, blocks, graphdef=graphdef):
     return nnx.merge(graphdef, nnx.State({**rest, "blocks": blocks}))
 
   embed_key, unit_keys_MxX = None, None
@@ -278,7 +283,7 @@ def pipeline_grads(
     unit_keys_MxX = jax.vmap(lambda k: to_stage_major(k, stages, repeats))(unit_keys_MxX)
 
   def embed(rest):
-    x_BxLxD = assemble(rest, params["blocks"], graphdef).embed(batch["inputs"], batch["positions"], embed_key)
+    x_BxLxD = assemble(rest, params["blocks"]).embed(batch["inputs"], batch["positions"], embed_key)
     return microbatches({"x": x_BxLxD}, m_count, cfg.rules, extra=("embed",))["x"]
 
   x_MxBxLxD, embed_pullback = jax.vjp(embed, rest)
@@ -291,7 +296,7 @@ def pipeline_grads(
     return y_BxLxD, loss / (units * microbatches_per_step), aux_C
 
   def head_fn(blocks, rest, y_BxLxD, side):
-    model = assemble(rest, blocks)
+    model = assemble(rest, blocks, pipelined.head_graphdef)
     nll_sum, z_sum, _ = model.head_sums(model.final_norm(y_BxLxD), side["targets"], side["loss_mask"])
     return (nll_sum + z_loss_weight * z_sum) / total_tokens, {"nll_sum": nll_sum, "z_sum": z_sum}
 

@@ -35,10 +35,17 @@ DEFAULT_RULES: dict[str, str] = {
 # What a pipeline changes, as data over the run's rules. With mesh.stage > 1 the stacked layer axis is split over
 # `stage` first (the parameter tree stays that of stage=1).
 PIPELINE_RULES = {"layers": ("stage",)}
-# Inside the stages the logits keep their whole vocabulary: XLA's SPMD partitioner (jax 0.10.2) aborts on the
-# loss's target-logit gather over a vocab-sharded axis inside a partly manual shard_map (a CHECK failure in
-# ExpandDeviceGroupsWithIota). With tensor > 1 this costs one all-gather of each microbatch's logits.
-STAGE_BODY_RULES = {"vocab": ()}
+# Inside the stages the head (final norm, LM head and loss, which the last chunk's backward runs) keeps its weights
+# and logits whole on each device of the last stage:
+# - "vocab": XLA's SPMD partitioner (jax 0.10.2) aborts on the loss's target-logit gather over a vocab-sharded axis
+#   inside a partly manual shard_map (a CHECK failure in ExpandDeviceGroupsWithIota). With tensor > 1 this costs
+#   one all-gather of each microbatch's logits.
+# - "embed": the head runs in a branch that only the last stage takes (parallel/pipeline.py), so each collective in
+#   it must stay among that stage's devices. With fsdp and tensor > 1, an LM head split over fsdp on "embed" is
+#   gathered for the logits through a collective-permute, which XLA runs as one rendezvous of every device of the
+#   program: the other stages never arrive and the step hangs. A whole weight is gathered by all-gathers within
+#   the stage, once per microbatch.
+STAGE_HEAD_RULES = {"vocab": (), "embed": ()}
 
 
 def stage_rules(rules: Mapping[str, tuple[str, ...]], stages: int) -> dict[str, tuple[str, ...]]:
@@ -51,9 +58,9 @@ def stage_rules(rules: Mapping[str, tuple[str, ...]], stages: int) -> dict[str, 
   }
 
 
-def stage_body_rules(rules: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-  """The rules of the model inside the pipeline's stages: STAGE_BODY_RULES over the run's."""
-  return {**rules, **STAGE_BODY_RULES}
+def stage_head_rules(rules: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+  """The rules of the head inside the pipeline's stages: STAGE_HEAD_RULES over the run's."""
+  return {**rules, **STAGE_HEAD_RULES}
 
 
 def parse_rules(rules_cfg: Mapping[str, str]) -> dict[str, tuple[str, ...]]:

@@ -3,6 +3,7 @@ keeps fewer activations than gpipe, and checkpoints move between stage counts.""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,8 @@ LAYOUTS = {
   # grad_accum=2: each of its two microbatches is split again into the pipeline's M.
   "stage2_tensor2_data2_accum2": {"mesh.stage": 2, "mesh.tensor": 2, "mesh.data": 2, "train.grad_accum": 2},
   "moe_stage2_expert2_data2": {"mesh.stage": 2, "mesh.expert": 2, "mesh.data": 2},
+  # The head's weight is split over fsdp and tensor; gathering it in the last stage's branch once hung the step.
+  "stage2_fsdp2_tensor2": {"mesh.stage": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
 }
 # 8 layers: 4 stages x 2 repeats of one layer. The MoE model has an MoE layer every 2 (4 units of 2 layers)
 # and tight capacity, so tokens are dropped: that only matches stage=1 if the microbatches hold the same rows.
@@ -59,6 +62,11 @@ def _train(cfg, batches, init=None):
   """Like helpers.run_steps, but starts from `init` (a host TrainState) when given, so the pipelined runs
   start from the reference's initial state without compiling an initializer each; returns the initial state."""
   exp = build(cfg, VOCAB, mesh_for(cfg))
+  # The compile the first step would make (jit's cache is shared), checked before anything runs: a hang there
+  # would abort the whole test process after XLA's 40 s rendezvous timeout.
+  if exp.pipeline is not None:
+    hlo = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile().as_text()
+    assert not _permutes_in_branches(hlo), f"collective-permutes in a branch: {_permutes_in_branches(hlo)}"
   state = exp.init_state() if init is None else jax.device_put(init, exp.state_sharding)
   init = jax.device_get(state)
   losses = []
@@ -66,6 +74,26 @@ def _train(cfg, batches, init=None):
     state, metrics = exp.train_step(state, jax.device_put(batch, exp.batch_sharding), {})
     losses.append(float(metrics["loss"]))
   return np.array(losses), jax.device_get(state.params), exp, init
+
+
+def _permutes_in_branches(hlo: str) -> list[str]:
+  """The collective-permutes of optimized HLO text inside a conditional's branches or what those call. The stages
+  take different branches at the same tick, and XLA runs a collective-permute as one rendezvous of every device."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if header:
+      name, bodies[header.group(1)] = header.group(1), []
+    elif name is not None:
+      bodies[name].append(line)
+  names = lambda text: set(re.findall(r"%([\w.\-]+)", text)) & bodies.keys()  # noqa: E731
+  todo = names(" ".join(re.findall(r"branch_computations=\{([^}]*)\}", hlo)))
+  seen = set()
+  while todo:
+    name = todo.pop()
+    seen.add(name)
+    todo |= names(" ".join(bodies[name])) - seen
+  return [line.strip() for name in seen for line in bodies[name] if re.search(r" collective-permute(-start)?\(", line)]
 
 
 @pytest.fixture(scope="module")

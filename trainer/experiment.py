@@ -17,7 +17,7 @@ from objectives.losses import next_token_loss
 from parallel import pipeline
 from parallel.partition import BATCH_AXES, StateShardings, param_specs, state_shardings, with_shardings
 from parallel.pipeline import Pipelined
-from parallel.rules import freeze, logical_to_spec, parse_rules, stage_body_rules, stage_rules, traced_under
+from parallel.rules import freeze, logical_to_spec, parse_rules, stage_head_rules, stage_rules, traced_under
 from parallel.target import mesh_platform
 from settings import ConfigError
 from settings.validate import validate_layout
@@ -92,11 +92,12 @@ def _objective(cfg, model: TrainedModel, params_sharding, mesh: Mesh, rules):
 
 
 def _pipelined(schedule, mesh: Mesh, model_cfg: ModelConfig, rules: dict) -> Pipelined | None:
-  """What the step needs to run a pipelined stack (None without stages): the stages' model has its own rules."""
+  """What the step needs to run a pipelined stack (None without stages): the head inside the stages has its own
+  rules."""
   if schedule is None:
     return None
-  stage_cfg = dataclasses.replace(model_cfg, rules=freeze(stage_body_rules(rules)))
-  return Pipelined(schedule, mesh, model_cfg, stage_graphdef=abstract_model(stage_cfg)[0])
+  head_cfg = dataclasses.replace(model_cfg, rules=freeze(stage_head_rules(rules)))
+  return Pipelined(schedule, mesh, model_cfg, head_graphdef=abstract_model(head_cfg)[0])
 
 
 def _check_pipelinable(cfg, schedule, loss_fn, frozen_loaders) -> None:
