@@ -1,26 +1,16 @@
 """`--dry_run`: compile the train step ahead of time from abstract arrays and report the per-device plan."""
 
 import json
-import re
 
 import jax
 
 from model.attend import resolve
+from parallel.hlo import collectives
 from parallel.mesh import make_mesh
 from parallel.partition import bytes_per_device
 from storage import as_path
 from trainer.experiment import build
 from trainer.metrics import flops_per_token
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Counts collective instructions in optimized HLO text (async `-start` forms counted once)."""
-  counts = {}
-  for op in COLLECTIVES:
-    counts[op] = len(re.findall(rf"^\s*(?:ROOT )?%\S+ = .*? {op}(?:-start)?\(", hlo_text, re.M))
-  return counts
 
 
 def plan(cfg, workdir: str | None = None) -> dict:
@@ -48,7 +38,9 @@ def plan(cfg, workdir: str | None = None) -> dict:
     # The model's FLOPs (docs/performance.md), all devices together. XLA's cost analysis is no substitute: it counts
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
-    "collectives": count_collectives(compiled.as_text()),
+    # Per collective op: executions per step (layer loops' trips included) and bytes moved per device
+    # (parallel/hlo.py; docs/parallelism.md).
+    "collectives": collectives(compiled.as_text()),
     # What `model.attention=auto` stands for on this backend and sequence length.
     "attention": resolve(cfg.model.attention, jax.default_backend(), cfg.data.seq_len, exp.model_cfg.dtype),
   }
