@@ -1,1 +1,1 @@
-"""Device mesh, logical-axis rules and the shardings derived from them."""
+"""Device mesh, logical-axis rules, the shardings derived from them, and the collectives a compiled step runs."""

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from parallel import schedules
+from parallel.hlo import collectives
 from settings import ConfigError
 from storage.checkpoint import Checkpointer
 from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
 from trainer.experiment import build
-from trainer.plan import count_collectives
 
 M = 4  # pipeline microbatches in the training comparisons
 SCHEDULES = {"gpipe": {}, "1f1b": {}, "circular": {"pipeline.repeats": 2}}
@@ -171,7 +171,7 @@ def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_pe
   temp = {name: compiled.memory_analysis().temp_size_in_bytes for name, (_, compiled) in plans.items()}
   assert temp["1f1b"] < temp["gpipe"], temp
   for _, compiled in plans.values():
-    assert count_collectives(compiled.as_text())["collective-permute"] >= 2  # activations up, gradients down
+    assert collectives(compiled.as_text())["collective-permute"]["count"] >= 2  # activations up, gradients down
   # The plan's own account: gpipe stashes 4S microbatch inputs, 1f1b S.
   ratio = (
     plans["gpipe"][0].pipeline["activation_bytes_per_device"] / plans["1f1b"][0].pipeline["activation_bytes_per_device"]
@@ -246,7 +246,7 @@ def test_dry_run_plans_llama_7b_over_four_slices(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   plan = json.load(open(tmp_path / "plan.json"))
   assert plan["devices"] == 64 and plan["mesh"]["stage"] == 4 and plan["mesh"]["fsdp"] == 16
-  assert plan["collectives"]["collective-permute"] >= 2
+  assert plan["collectives"]["collective-permute"]["count"] >= 2
   want = {"schedule": "1f1b", "stages": 4, "microbatches": 16, "repeats": 1}
   assert {k: plan["pipeline"][k] for k in want} == want
   assert plan["pipeline"]["bubble_fraction"] == pytest.approx(3 / 19)

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from parallel.hlo import collectives
 from parallel.mesh import MeshError, mesh_shape
 from parallel.partition import bytes_per_device
 from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
 from trainer.experiment import build
-from trainer.plan import count_collectives
 
 LAYOUTS = {
   "data8": {"mesh.data": 8},
@@ -84,10 +84,11 @@ def test_bytes_per_device_follow_the_layout():
   assert zero1_opt / single_opt == pytest.approx(1 / 8, rel=0.05)
 
 
-def _collectives(layout: str) -> dict[str, int]:
+def _collectives(layout: str) -> tuple[dict[str, int], str]:
+  """Executions of each collective per step, and the HLO."""
   exp = _experiment(layout)
   hlo = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile().as_text()
-  return count_collectives(hlo), hlo
+  return {op: stats["count"] for op, stats in collectives(hlo).items()}, hlo
 
 
 def test_data_parallel_all_reduces_gradients_and_gathers_nothing():

@@ -8,12 +8,12 @@ whose code paths, temporaries and collectives are not those of a TPU or GPU prog
 import json
 import logging
 import math
-import re
 import time
 
 import jax
 
 from model.attend import resolve
+from parallel.hlo import collectives
 from parallel.mesh import MESH_AXES, make_mesh
 from parallel.partition import bytes_per_device
 from parallel.target import Target, live_target
@@ -28,17 +28,6 @@ CPU_NOTE = (
   "planned for the CPU: this is XLA:CPU's program (its own code paths, temporaries and collectives), not a TPU "
   "or GPU program; add --topology (e.g. v5p:4x4x4) to compile for a TPU slice"
 )
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Counts collective instructions in optimized HLO text (async `-start` forms counted once)."""
-  counts = {}
-  for op in COLLECTIVES:
-    counts[op] = len(re.findall(rf"^\s*(?:ROOT )?%\S+ = .*? {op}(?:-start)?\(", hlo_text, re.M))
-  return counts
-
 
 def program_bytes(memory) -> dict[str, int]:
   """A compiled program's memory per device (XLA's memory analysis): its arguments, temporaries, outputs, the
@@ -96,7 +85,9 @@ def plan(cfg, workdir: str | None = None, target: Target | None = None) -> dict:
     # The model's FLOPs (docs/performance.md), all devices together. XLA's cost analysis is no substitute: it counts
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
-    "collectives": count_collectives(compiled.as_text()),
+    # Per collective op: executions per step (layer loops' trips included) and bytes moved per device
+    # (parallel/hlo.py; docs/parallelism.md).
+    "collectives": collectives(compiled.as_text()),
     # What `model.attention=auto` stands for on the target's platform and this sequence length.
     "attention": resolve(cfg.model.attention, target.platform, cfg.data.seq_len, exp.model_cfg.dtype),
     "target": {
