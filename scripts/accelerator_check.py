@@ -244,7 +244,7 @@ def check_attention(kernel: str, shape: dict, tolerance: float = 2e-2) -> dict:
 
   def value_and_grads(impl: str, dtype):
     def loss(q, k, v):
-      out = attend(q, k, v, **ids, impl=impl, block=max(length // 4, 16))
+      out = attend(q, k, v, **ids, impl=impl, block=max(length // 4, 16), platform=jax.default_backend())
       return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -296,6 +296,7 @@ def check_moe(shape: dict, tolerance: float = 1e-4) -> dict:
   from jax.sharding import PartitionSpec
 
   from model import moe
+  from model.mlp import activate
 
   b, length, d, e, k, f = (shape[key] for key in ("batch", "length", "d_model", "experts", "top_k", "expert_mlp_dim"))
   rng = np.random.default_rng(0)
@@ -322,12 +323,14 @@ def check_moe(shape: dict, tolerance: float = 1e-4) -> dict:
     named = {"y": y, "dx": dx, "dgates": dgates, "dw_gate": dweights[0], "dw_up": dweights[1], "dw_down": dweights[2]}
     return {name: np.asarray(v) for name, v in named.items()}
 
+  act = functools.partial(activate, "swiglu", platform=jax.default_backend())
+
   def exchanged(exchange):
-    body = functools.partial(moe._dropless_shard, mlp_type="swiglu", expert_axes=("expert",), exchange=exchange)
+    body = functools.partial(moe._dropless_shard, act=act, expert_axes=("expert",), exchange=exchange)
     spec = PartitionSpec("expert")
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, (spec,) * 3), out_specs=spec)
 
-  reference = value_and_grads(functools.partial(moe._dropless_shard, mlp_type="swiglu"))
+  reference = value_and_grads(functools.partial(moe._dropless_shard, act=act))
   exchanges = {
     "ragged": functools.partial(moe._ragged_exchange, collective=jax.lax.ragged_all_to_all),
     "buffer": moe._buffer_exchange,

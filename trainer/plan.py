@@ -29,6 +29,7 @@ CPU_NOTE = (
   "or GPU program; add --topology (e.g. v5p:4x4x4) to compile for a TPU slice"
 )
 
+
 def program_bytes(memory) -> dict[str, int]:
   """A compiled program's memory per device (XLA's memory analysis): its arguments, temporaries, outputs, the
   part of the outputs that reuses donated arguments (aliased), and `total`, what it holds at its peak."""
