@@ -195,9 +195,11 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
   except ImportError as e:  # pragma: no cover - part of jax
     raise TargetError(f"this JAX cannot describe TPU topologies ({e})") from None
   # libtpu probes the cloud metadata server and the accelerator type on load; the slice is described here, so
-  # it must not look for hardware.
+  # it must not look for hardware. Nor does it hold a TPU: other processes may load libtpu at the same time
+  # (by default the first one locks it).
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.cloud_name)
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     description = topologies.get_topology_desc(
       platform="tpu",

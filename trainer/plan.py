@@ -64,7 +64,16 @@ def plan(cfg, workdir: str | None = None, target: Target | None = None) -> dict:
   """The plan of `cfg`'s train step compiled for the target's devices (default: JAX's), written to
   `workdir`/plan.json when given."""
   target = target or live_target()
-  exp, compiled, compile_seconds = compile_train_step(cfg, target)
+  result = describe(cfg, target, *compile_train_step(cfg, target))
+  if workdir is not None and jax.process_index() == 0:
+    run = as_path(workdir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "plan.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict:
+  """plan.json's entries for a train step `compile_train_step` compiled."""
   mesh, abstract_state = exp.mesh, exp.abstract_state()
   memory = compiled.memory_analysis()
   program = program_bytes(memory)
@@ -103,8 +112,4 @@ def plan(cfg, workdir: str | None = None, target: Target | None = None) -> dict:
     _log.info(CPU_NOTE)
   if exp.pipeline is not None:  # mesh.stage > 1: schedule, stages, microbatches, repeats, bubble, activations
     result["pipeline"] = exp.pipeline
-  if workdir is not None and jax.process_index() == 0:
-    run = as_path(workdir)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "plan.json").write_text(json.dumps(result, indent=2))
   return result
