@@ -109,3 +109,27 @@ def test_tiny_compiles_for_a_tpu_slice_with_splash_attention():
   assert scatter["in_loops"] >= cfg.model.num_layers and reduce["bytes"] < scatter["bytes"] / 10
   b = t["bytes_per_chip"]
   assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] > 0
+
+
+def test_topology_mistakes_are_one_line_errors():
+  """train.py refuses a bad --topology, --topology without --dry_run, and slices the mesh does not split over,
+  each in one line and before anything is compiled."""
+  import subprocess
+  import sys
+
+  def run(*args):
+    proc = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir=/nonexistent/never", *args],
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    return proc.returncode, proc.stderr.strip().splitlines()[-1]
+
+  code, line = run("--dry_run", "--topology", "v7q:2x2")
+  assert code == 1 and line.startswith("error: --topology v7q:2x2: unknown TPU family 'v7q'"), line
+  code, line = run("--topology", "v5e:2x2")
+  assert code == 1 and line == "error: --topology plans for a TPU slice that is not attached; add --dry_run", line
+  pytest.importorskip("libtpu", reason="the TPU compiler comes with requirements-dev.txt (jax[tpu])")
+  code, line = run("--dry_run", "--topology", "v5e:2x2", "--num_slices", "2")
+  assert code == 1 and "the target has 2 slice(s) but config.mesh's dcn_* sizes multiply to 1" in line, line
