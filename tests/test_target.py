@@ -133,3 +133,19 @@ def test_topology_mistakes_are_one_line_errors():
   pytest.importorskip("libtpu", reason="the TPU compiler comes with requirements-dev.txt (jax[tpu])")
   code, line = run("--dry_run", "--topology", "v5e:2x2", "--num_slices", "2")
   assert code == 1 and "the target has 2 slice(s) but config.mesh's dcn_* sizes multiply to 1" in line, line
+
+
+def test_a_3d_pipeline_compiles_for_a_tpu_slice_without_permutes_in_stage_branches():
+  """stage x fsdp x tensor (2 x 2 x 2) on 8 TPU v5e chips: every collective-permute of the TPU program runs on
+  all devices (none inside a branch only some stages take, which would deadlock; tests/test_pipeline.py runs
+  the same layout on emulated devices)."""
+  pytest.importorskip("libtpu", reason="the TPU compiler comes with requirements-dev.txt (jax[tpu])")
+  from parallel.hlo import collectives
+  from parallel.target import tpu_target
+  from trainer.plan import compile_train_step
+
+  cfg = load_config_file("configs/tiny.py")
+  cfg.mesh.data, cfg.mesh.stage, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 2, 2
+  _, compiled, _ = compile_train_step(cfg, tpu_target("v5e:2x4"))
+  permutes = collectives(compiled.as_text())["collective-permute"]
+  assert permutes["count"] > 0 and permutes["in_branches"] == 0
