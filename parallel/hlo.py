@@ -60,6 +60,9 @@ _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _ASYNC_DONE = 'custom_call_target="AsyncCollectiveDone"'
 _CONTINUATION = '"continuation_config"'
 _FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}
+# A computation's closing brace, alone or with attributes: TPU's SparseCore computations end
+# `}, execution_thread="sparsecore"`. (An instruction's attributes may continue on lines that start `}}, ...`.)
+_END = re.compile(r"^\}(?:,\s.*)?\s*$")
 
 
 class _Instruction(NamedTuple):
@@ -118,7 +121,7 @@ def _parse(text: str) -> tuple[dict[str, dict[str, _Instruction]], str | None]:
         current = computations.setdefault(header.group(2), {})
         if header.group(1):
           entry = header.group(2)
-    elif line.strip() == "}":
+    elif _END.match(line):
       current = None
     else:
       instruction = _parse_instruction(line)
@@ -219,7 +222,7 @@ def _execution(name: str, computations: dict, memo: dict) -> dict[str, list[int]
       for callee in (callee for key in branches for callee in called.get(key, [])):
         for op, (count, size, looped, _, unknown) in _execution(callee, computations, memo).items():
           totals[op] = [a + b for a, b in zip(totals[op], (count, size, looped, count, unknown))]
-    elif instruction.opcode == "call":
+    elif instruction.opcode in ("call", "call-start"):  # call-start: an asynchronous call (SparseCore offloads)
       for callee in called.get("to_apply", []):
         for op, add in _execution(callee, computations, memo).items():
           totals[op] = [a + b for a, b in zip(totals[op], add)]

@@ -348,6 +348,40 @@ def test_computations_nothing_calls_are_not_counted():
   assert (after["count"] - before["count"], after["bytes"] - before["bytes"]) == (1, 1024 * 4)
 
 
+def test_sparsecore_computations_end_with_their_thread():
+  """v5p programs (mixtral_8x7b's dropless MoE) offload scatters to SparseCore: those computations close with
+  `}, execution_thread="sparsecore"`, ENTRY reaches them through an asynchronous `call-start`, and an instruction's
+  attributes may continue on a line that starts `}}, `. The computations after them still parse and count."""
+  text = _hlo("""
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}, execution_thread="sparsecore"
+
+%offloaded (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %ar = f32[8]{0} all-reduce(%a), channel_id=2, replica_groups={{0,1}}, to_apply=%add, backend_config={"x":{
+}}, metadata={op_name="continued"}
+}, execution_thread="sparsecore"
+
+%fused (p: f32[16]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  ROOT %ag = f32[16]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+}
+
+ENTRY %main (v: f32[16], w: f32[8]) -> f32[16] {
+  %v = f32[16]{0} parameter(0)
+  %w = f32[8]{0} parameter(1)
+  %start = ((f32[8]{0}), f32[8]{0}, u32[]) call-start(%w), async_execution_thread="sparsecore",
+      to_apply=%offloaded
+  %done = f32[8]{0} call-done(%start)
+  ROOT %f = f32[16]{0} fusion(%v), kind=kLoop, calls=%fused
+}
+""")
+  assert _nonzero(collectives(text)) == {"all-reduce": _stats(2, 16 * 4 + 8 * 4)}
+
+
 def test_a_counter_that_counts_down_or_up_to_an_inclusive_limit():
   def trips(init, step, direction, limit, op="add"):
     text = f"""
