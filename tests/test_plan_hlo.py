@@ -382,6 +382,53 @@ ENTRY %main (v: f32[16], w: f32[8]) -> f32[16] {
   assert _nonzero(collectives(text)) == {"all-reduce": _stats(2, 16 * 4 + 8 * 4)}
 
 
+def test_collectives_between_slices_count_their_sends():
+  """Over DCN libtpu lowers a collective to a send and a recv that the multi-slice runtime carries (llama_70b's
+  stage-to-stage ppermute, 2 per pipeline tick, and the stage-replicated embedding's gradient psum): each send
+  counts as its collective, with the array it sends; a send without the runtime's attributes is no collective."""
+  megascale = '_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type'
+  text = _hlo(f"""
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {{
+  %p = (s32[], bf16[4,8]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[4,8]{{1,0}} get-tuple-element(%p), index=1
+  %token = token[] after-all()
+  %send = (bf16[4,8]{{1,0}}, u32[], token[]) send(%x, %token), channel_id=2, is_host_transfer=true,
+      frontend_attributes={{{megascale}="ONE_TO_ONE"}}
+  %recv = (bf16[4,8]{{1,0}}, u32[], token[]) recv(%token), channel_id=1, is_host_transfer=true,
+      frontend_attributes={{{megascale}="ONE_TO_ONE"}}
+  %send-done = token[] send-done(%send), channel_id=2, is_host_transfer=true
+  %recv-done = (bf16[4,8]{{1,0}}, token[]) recv-done(%recv), channel_id=1, is_host_transfer=true
+  %y = bf16[4,8]{{1,0}} get-tuple-element(%recv-done), index=0
+  ROOT %r = (s32[], bf16[4,8]{{1,0}}) tuple(%i, %y)
+}}
+
+%cond (q: (s32[], bf16[4,8])) -> pred[] {{
+  %q = (s32[], bf16[4,8]{{1,0}}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}}
+
+ENTRY %main (v: f32[16], w: bf16[4,8]) -> f32[16] {{
+  %v = f32[16]{{0}} parameter(0)
+  %w = bf16[4,8]{{1,0}} parameter(1)
+  %zero = s32[] constant(0)
+  %t = (s32[], bf16[4,8]{{1,0}}) tuple(%zero, %w)
+  %loop = (s32[], bf16[4,8]{{1,0}}) while(%t), condition=%cond, body=%body,
+      backend_config={{"known_trip_count":{{"n":"34"}}}}
+  %token = token[] after-all()
+  %psum = (f32[16]{{0}}, u32[], token[]) send(%v, %token), channel_id=3, is_host_transfer=true,
+      frontend_attributes={{{megascale}="ALL_REDUCE",_xla_megascale_reduce_operation="SUM"}}
+  %host = (f32[16]{{0}}, u32[], token[]) send(%v, %token), channel_id=4, is_host_transfer=true
+  %psum-done = token[] send-done(%psum), channel_id=3, is_host_transfer=true
+  ROOT %out = f32[16]{{0}} copy(%v)
+}}
+""")
+  assert _nonzero(collectives(text)) == {
+    "collective-permute": _stats(34, 34 * 4 * 8 * 2, loops=34),
+    "all-reduce": _stats(1, 16 * 4),
+  }
+
+
 def test_a_counter_that_counts_down_or_up_to_an_inclusive_limit():
   def trips(init, step, direction, limit, op="add"):
     text = f"""
