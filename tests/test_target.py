@@ -104,3 +104,18 @@ def test_tiny_compiles_for_a_tpu_slice_with_splash_attention(tmp_path):
   assert t["hbm_bytes_per_chip"] == 16 << 30 and t["fits"] is True
   b = t["bytes_per_chip"]
   assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] > 0
+
+
+def test_a_step_larger_than_the_chip_is_a_one_line_error():
+  """libtpu refuses to compile a program that does not fit the chip's memory; the plan says so in one line with the
+  compiler's figures and what to change (tiny with 4096 sequences per v5e chip: about 96 GB of temporaries)."""
+  pytest.importorskip("libtpu", reason="the TPU compiler comes with requirements-dev.txt (jax[tpu])")
+  from parallel.target import tpu_target
+  from settings import ConfigError
+  from trainer.plan import compile_train_step
+
+  cfg = load_config_file("configs/tiny.py")
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.train.global_batch_size = 1, 4, 16_384
+  with pytest.raises(ConfigError, match=r"does not fit on TPU v5 lite x 4: RESOURCE_EXHAUSTED: .*grad_accum") as e:
+    compile_train_step(cfg, tpu_target("v5e:2x2"))
+  assert "\n" not in str(e.value)
