@@ -1,4 +1,11 @@
-"""A Llama-style 1.2B model (Llama 3.2 1B shapes): RMSNorm, SwiGLU, RoPE, GQA 32/8; for accelerators."""
+"""A Llama-style 1.0B model (Llama 3.2 1B shapes, with a 32k vocabulary): RMSNorm, SwiGLU, RoPE, GQA 32/8; for
+accelerators. FSDP over all devices.
+
+On a v5e slice (16 GiB per chip) batch 256 is 16 sequences per chip on 16 chips, whose `save_projections`
+activations need 33 GB: accumulate over 4 microbatches instead (11.2 GiB per chip), the same tokens per step:
+
+  python train.py --config configs/llama_1b.py --dry_run --topology v5litepod-16 --config.train.grad_accum=4
+"""
 
 from configs.base import base_config
 

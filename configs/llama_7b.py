@@ -1,4 +1,9 @@
-"""Llama-2-7B shapes (6.7B parameters): RMSNorm, SwiGLU, RoPE, MHA, untied head; FSDP over all devices."""
+"""Llama-2-7B shapes (6.7B parameters): RMSNorm, SwiGLU, RoPE, MHA, untied head; FSDP over all devices.
+
+Planned for one v5p slice of 64 chips (fsdp=64, 4 sequences per chip):
+
+  python train.py --config configs/llama_7b.py --dry_run --topology v5p:4x4x4
+"""
 
 from configs.base import base_config
 

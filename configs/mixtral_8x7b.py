@@ -4,7 +4,9 @@ accelerators (`--dry_run` plans it anywhere).
 
 Layout: experts split over the `expert` axis (8 devices hold one expert each), everything else fully sharded
 (FSDP) over `fsdp` x `expert`; the batch is split over both, so expert parallelism exchanges tokens with
-all-to-all inside each fsdp group.
+all-to-all inside each fsdp group. On a v5p-128 (64 chips) that is fsdp=8 x expert=8:
+
+  python train.py --config configs/mixtral_8x7b.py --dry_run --topology v5p-128
 """
 
 from configs.base import base_config

@@ -15,6 +15,9 @@ What counts as one collective (one of `OPS`):
   ppermutes, activations and gradients, the same `channel_id`.)
 - TPU's reduce-scatter, a fusion of a computation named `all-reduce-scatter...` (an all-reduce and the slice of it
   each device keeps): its all-reduce counts as a reduce-scatter.
+- a collective between TPU slices (over DCN): libtpu lowers it to a `send` and a `recv` that the multi-slice
+  runtime carries (`_xla_megascale_transfer_type` ONE_TO_ONE, ALL_REDUCE, ALL_GATHER, ...); the `send` counts as
+  a collective-permute, all-reduce, all-gather, reduce-scatter or all-to-all, with the array it sends as bytes.
 
 Executions are counted from ENTRY through what it calls; a computation nothing reachable calls is not counted.
 A while loop's body counts once per trip, nested loops multiply. The trip count is `known_trip_count` from the
@@ -60,6 +63,17 @@ _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _ASYNC_DONE = 'custom_call_target="AsyncCollectiveDone"'
 _CONTINUATION = '"continuation_config"'
 _FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_MEGASCALE_OPS = {
+  "ONE_TO_ONE": "collective-permute",
+  "ALL_REDUCE": "all-reduce",
+  "ALL_GATHER": "all-gather",
+  "REDUCE_SCATTER": "reduce-scatter",
+  "ALL_TO_ALL": "all-to-all",
+}
+# A computation's closing brace, alone or with attributes: TPU's SparseCore computations end
+# `}, execution_thread="sparsecore"`. (An instruction's attributes may continue on lines that start `}}, ...`.)
+_END = re.compile(r"^\}(?:,\s.*)?\s*$")
 
 
 class _Instruction(NamedTuple):
@@ -118,7 +132,7 @@ def _parse(text: str) -> tuple[dict[str, dict[str, _Instruction]], str | None]:
         current = computations.setdefault(header.group(2), {})
         if header.group(1):
           entry = header.group(2)
-    elif line.strip() == "}":
+    elif _END.match(line):
       current = None
     else:
       instruction = _parse_instruction(line)
@@ -196,6 +210,13 @@ def _execution(name: str, computations: dict, memo: dict) -> dict[str, list[int]
   totals = {op: [0] * len(_FIELDS) for op in OPS}
   for instruction, table, role in _inlined(name, computations, "own"):
     op = instruction.opcode.removesuffix("-start")
+    if op == "send":  # a collective between slices, when the multi-slice runtime carries it
+      transfer = _MEGASCALE.search(instruction.attrs)
+      op = _MEGASCALE_OPS.get(transfer.group(1)) if transfer else None
+      if op is not None and role != "echo":
+        totals[op][0] += 1
+        totals[op][1] += shape_bytes(_split(instruction.shape[1:-1])[0])  # (data, context, token)
+      continue
     if op in OPS:
       if role != "echo":
         op = "reduce-scatter" if op == "all-reduce" and role == "reduce-scatter" else op
@@ -219,7 +240,7 @@ def _execution(name: str, computations: dict, memo: dict) -> dict[str, list[int]
       for callee in (callee for key in branches for callee in called.get(key, [])):
         for op, (count, size, looped, _, unknown) in _execution(callee, computations, memo).items():
           totals[op] = [a + b for a, b in zip(totals[op], (count, size, looped, count, unknown))]
-    elif instruction.opcode == "call":
+    elif instruction.opcode in ("call", "call-start"):  # call-start: an asynchronous call (SparseCore offloads)
       for callee in called.get("to_apply", []):
         for op, add in _execution(callee, computations, memo).items():
           totals[op] = [a + b for a, b in zip(totals[op], add)]

@@ -105,3 +105,34 @@ def test_train_py_exits_with_one_line(args, message, tmp_path):
   assert proc.returncode != 0
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
+
+
+def test_llama_70b_has_llama_2_70b_shapes_and_splits_over_two_slices():
+  """configs/llama_70b.py: Llama-2-70B's published shapes and size, counted from the model kiln builds, and a
+  layout (2 stages over DCN x fsdp=64 per v5p-128 slice) that the static checks accept for 128 chips. Compiling
+  it for the slices (the command in its docstring) takes minutes and is not run here."""
+  import math
+
+  import jax
+
+  from model import ModelConfig
+  from model.params import abstract_model
+  from parallel.mesh import mesh_shape
+  from parallel.rules import parse_rules, stage_rules
+  from settings.validate import validate_layout
+
+  cfg = load_config_file("configs/llama_70b.py")
+  validate(cfg)
+  m = cfg.model
+  assert (m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim) == (80, 8192, 64, 8, 28_672)
+  assert (cfg.data.vocab_size, m.tie_embeddings, m.rope_theta, m.norm_eps) == (32_000, False, 10_000.0, 1e-5)
+  model_cfg = ModelConfig.from_config(m, cfg.moe, vocab_size=32_000, max_len=cfg.data.seq_len)
+  _, params, _ = abstract_model(model_cfg)
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  # By hand: q and o 8192 x 8192, k and v 8192 x (8 x 128), SwiGLU 3 x 8192 x 28672, two norms per layer; the
+  # embedding and the untied head 32000 x 8192 each; the final norm. Hugging Face counts 68,976,648,192.
+  layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28_672 + 2 * 8192
+  assert count == 80 * layer + 2 * 32_000 * 8192 + 8192 == 68_976_648_192
+  mesh = mesh_shape(cfg.mesh, 128)
+  assert mesh == {"stage": 2, "data": 1, "fsdp": 64, "expert": 1, "tensor": 1}
+  validate_layout(cfg, mesh, stage_rules(parse_rules(cfg.mesh.rules), 2), 1, "tpu")

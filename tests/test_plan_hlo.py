@@ -348,6 +348,87 @@ def test_computations_nothing_calls_are_not_counted():
   assert (after["count"] - before["count"], after["bytes"] - before["bytes"]) == (1, 1024 * 4)
 
 
+def test_sparsecore_computations_end_with_their_thread():
+  """v5p programs (mixtral_8x7b's dropless MoE) offload scatters to SparseCore: those computations close with
+  `}, execution_thread="sparsecore"`, ENTRY reaches them through an asynchronous `call-start`, and an instruction's
+  attributes may continue on a line that starts `}}, `. The computations after them still parse and count."""
+  text = _hlo("""
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}, execution_thread="sparsecore"
+
+%offloaded (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %ar = f32[8]{0} all-reduce(%a), channel_id=2, replica_groups={{0,1}}, to_apply=%add, backend_config={"x":{
+}}, metadata={op_name="continued"}
+}, execution_thread="sparsecore"
+
+%fused (p: f32[16]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  ROOT %ag = f32[16]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+}
+
+ENTRY %main (v: f32[16], w: f32[8]) -> f32[16] {
+  %v = f32[16]{0} parameter(0)
+  %w = f32[8]{0} parameter(1)
+  %start = ((f32[8]{0}), f32[8]{0}, u32[]) call-start(%w), async_execution_thread="sparsecore",
+      to_apply=%offloaded
+  %done = f32[8]{0} call-done(%start)
+  ROOT %f = f32[16]{0} fusion(%v), kind=kLoop, calls=%fused
+}
+""")
+  assert _nonzero(collectives(text)) == {"all-reduce": _stats(2, 16 * 4 + 8 * 4)}
+
+
+def test_collectives_between_slices_count_their_sends():
+  """Over DCN libtpu lowers a collective to a send and a recv that the multi-slice runtime carries (llama_70b's
+  stage-to-stage ppermute, 2 per pipeline tick, and the stage-replicated embedding's gradient psum): each send
+  counts as its collective, with the array it sends; a send without the runtime's attributes is no collective."""
+  megascale = '_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type'
+  text = _hlo(f"""
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {{
+  %p = (s32[], bf16[4,8]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[4,8]{{1,0}} get-tuple-element(%p), index=1
+  %token = token[] after-all()
+  %send = (bf16[4,8]{{1,0}}, u32[], token[]) send(%x, %token), channel_id=2, is_host_transfer=true,
+      frontend_attributes={{{megascale}="ONE_TO_ONE"}}
+  %recv = (bf16[4,8]{{1,0}}, u32[], token[]) recv(%token), channel_id=1, is_host_transfer=true,
+      frontend_attributes={{{megascale}="ONE_TO_ONE"}}
+  %send-done = token[] send-done(%send), channel_id=2, is_host_transfer=true
+  %recv-done = (bf16[4,8]{{1,0}}, token[]) recv-done(%recv), channel_id=1, is_host_transfer=true
+  %y = bf16[4,8]{{1,0}} get-tuple-element(%recv-done), index=0
+  ROOT %r = (s32[], bf16[4,8]{{1,0}}) tuple(%i, %y)
+}}
+
+%cond (q: (s32[], bf16[4,8])) -> pred[] {{
+  %q = (s32[], bf16[4,8]{{1,0}}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}}
+
+ENTRY %main (v: f32[16], w: bf16[4,8]) -> f32[16] {{
+  %v = f32[16]{{0}} parameter(0)
+  %w = bf16[4,8]{{1,0}} parameter(1)
+  %zero = s32[] constant(0)
+  %t = (s32[], bf16[4,8]{{1,0}}) tuple(%zero, %w)
+  %loop = (s32[], bf16[4,8]{{1,0}}) while(%t), condition=%cond, body=%body,
+      backend_config={{"known_trip_count":{{"n":"34"}}}}
+  %token = token[] after-all()
+  %psum = (f32[16]{{0}}, u32[], token[]) send(%v, %token), channel_id=3, is_host_transfer=true,
+      frontend_attributes={{{megascale}="ALL_REDUCE",_xla_megascale_reduce_operation="SUM"}}
+  %host = (f32[16]{{0}}, u32[], token[]) send(%v, %token), channel_id=4, is_host_transfer=true
+  %psum-done = token[] send-done(%psum), channel_id=3, is_host_transfer=true
+  ROOT %out = f32[16]{{0}} copy(%v)
+}}
+""")
+  assert _nonzero(collectives(text)) == {
+    "collective-permute": _stats(34, 34 * 4 * 8 * 2, loops=34),
+    "all-reduce": _stats(1, 16 * 4),
+  }
+
+
 def test_a_counter_that_counts_down_or_up_to_an_inclusive_limit():
   def trips(init, step, direction, limit, op="add"):
     text = f"""

@@ -149,3 +149,18 @@ def test_a_3d_pipeline_compiles_for_a_tpu_slice_without_permutes_in_stage_branch
   _, compiled, _ = compile_train_step(cfg, tpu_target("v5e:2x4"))
   permutes = collectives(compiled.as_text())["collective-permute"]
   assert permutes["count"] > 0 and permutes["in_branches"] == 0
+
+
+def test_a_step_larger_than_the_chip_is_a_one_line_error():
+  """libtpu refuses to compile a program that does not fit the chip's memory; the plan says so in one line with the
+  compiler's figures and what to change (tiny with 4096 sequences per v5e chip: about 96 GB of temporaries)."""
+  pytest.importorskip("libtpu", reason="the TPU compiler comes with requirements-dev.txt (jax[tpu])")
+  from parallel.target import tpu_target
+  from settings import ConfigError
+  from trainer.plan import compile_train_step
+
+  cfg = load_config_file("configs/tiny.py")
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.train.global_batch_size = 1, 4, 16_384
+  with pytest.raises(ConfigError, match=r"does not fit on TPU v5 lite x 4: RESOURCE_EXHAUSTED: .*grad_accum") as e:
+    compile_train_step(cfg, tpu_target("v5e:2x2"))
+  assert "\n" not in str(e.value)

@@ -56,7 +56,19 @@ def compile_train_step(cfg, target: Target):
   mesh = make_mesh(cfg.mesh, target.devices)
   exp = build(cfg, cfg.data.vocab_size, mesh)
   start = time.perf_counter()
-  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), exp.abstract_frozen()).compile()
+  lowered = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), exp.abstract_frozen())
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program larger than the chip's memory: a fact about the layout, not a crash.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    reason = str(e).strip().splitlines()[0].rstrip(".")
+    raise ConfigError(
+      f"the train step does not fit on {target.device_kind} x {target.chips}: {reason}; "
+      "give each chip fewer sequences (config.train.grad_accum, more fsdp or data devices) or keep fewer "
+      "activations (config.model.remat=full)"
+    ) from None
   return exp, compiled, time.perf_counter() - start
 
 
