@@ -69,7 +69,7 @@ class Target:
       "device_kind": self.device_kind,
       "topology": self.topology,
       "chips": self.chips,
-      "slices": self.slices,
+      "num_slices": self.slices,
       "hbm_bytes_per_chip": self.hbm_bytes_per_chip,
     }
 

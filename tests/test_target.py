@@ -102,13 +102,13 @@ def test_tiny_compiles_for_a_tpu_slice_with_splash_attention():
   result = describe(cfg, target, exp, compiled, seconds)
   assert result["attention"] == "splash"
   t = result["target"]
-  assert (t["platform"], t["topology"], t["chips"], t["slices"]) == ("tpu", "v5e:2x2", 4, 1)
+  assert (t["platform"], t["topology"], t["chips"], t["num_slices"]) == ("tpu", "v5e:2x2", 4, 1)
   assert t["hbm_bytes_per_chip"] == 16 << 30 and t["fits"] is True
   # FSDP: every layer's gradients leave the layer loop's backward as a reduce-scatter, none as an all-reduce.
-  scatter, reduce = result["collectives"]["reduce-scatter"], result["collectives"]["all-reduce"]
+  scatter, reduce = result["collective_details"]["reduce-scatter"], result["collective_details"]["all-reduce"]
   assert scatter["in_loops"] >= cfg.model.num_layers and reduce["bytes"] < scatter["bytes"] / 10
-  b = t["bytes_per_chip"]
-  assert b["total"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] > 0
+  assert t["total_bytes"] == t["argument_bytes"] + t["output_bytes"] - t["alias_bytes"] + t["temp_bytes"] > 0
+  assert t["temp_bytes"] == result["temp_bytes_per_device"]
 
 
 def test_topology_mistakes_are_one_line_errors():

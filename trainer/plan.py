@@ -31,12 +31,15 @@ CPU_NOTE = (
 
 
 def program_bytes(memory) -> dict[str, int]:
-  """A compiled program's memory per device (XLA's memory analysis): its arguments, temporaries, outputs, the
-  part of the outputs that reuses donated arguments (aliased), and `total`, what it holds at its peak."""
-  field = {"arguments": "argument", "temporaries": "temp", "outputs": "output", "aliased": "alias"}
-  sizes = {name: int(getattr(memory, f"{xla}_size_in_bytes", 0) or 0) for name, xla in field.items()}
-  sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+  """A compiled program's memory per device (XLA's memory analysis), as plan.json's `target` names it: its
+  arguments, temporaries, outputs, the part of the outputs that reuses donated arguments (alias), and `total_bytes`,
+  what it holds at its peak."""
+  sizes = {f"{name}_bytes": int(getattr(memory, f"{name}_size_in_bytes", 0) or 0) for name in PROGRAM_PARTS}
+  sizes["total_bytes"] = sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"] + sizes["temp_bytes"]
   return sizes
+
+
+PROGRAM_PARTS = ("argument", "temp", "output", "alias")
 
 
 def _check_slices(cfg, target: Target) -> None:
@@ -89,6 +92,7 @@ def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict
   mesh, abstract_state = exp.mesh, exp.abstract_state()
   memory = compiled.memory_analysis()
   program = program_bytes(memory)
+  details = collectives(compiled.as_text())
   hbm = target.hbm_bytes_per_chip
   tokens = cfg.train.global_batch_size * cfg.data.seq_len
   trainable = int(sum(x.size for x in jax.tree.leaves(exp.abstract_params)))
@@ -107,15 +111,16 @@ def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict
     # The model's FLOPs (docs/performance.md), all devices together. XLA's cost analysis is no substitute: it counts
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
-    # Per collective op: executions per step (layer loops' trips included) and bytes moved per device
-    # (parallel/hlo.py; docs/parallelism.md).
-    "collectives": collectives(compiled.as_text()),
+    # Per collective op: executions per step, layer loops' trips included (parallel/hlo.py; docs/parallelism.md);
+    # `collective_details` adds the bytes each moves per device and step, and where they sit (loops, branches).
+    "collectives": {op: stats["count"] for op, stats in details.items()},
+    "collective_details": details,
     # What `model.attention=auto` stands for on the target's platform and this sequence length.
     "attention": resolve(cfg.model.attention, target.platform, cfg.data.seq_len, exp.model_cfg.dtype),
     "target": {
       **target.describe(),
-      "bytes_per_chip": program,
-      "fits": None if hbm is None else program["total"] <= hbm,
+      **program,
+      "fits": None if hbm is None else program["total_bytes"] <= hbm,
       "compile_seconds": round(compile_seconds, 1),
     },
   }
