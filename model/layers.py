@@ -214,7 +214,12 @@ def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, rules, platform, residua
   # the batch shards, as plain autodiff of the wide einsum had it.
   _, vjp_w = jax.vjp(lambda w: matmul_einsum(spec, x.astype(out_dtype), w, platform=platform), w.astype(out_dtype))
   (dw,) = vjp_w(dy)
-  return dx, constrain(dw.astype(kernel.dtype), names, rules)
+  # The barrier gives the gradient its sharded form here, where it is made. Its sum over the batch shards is an
+  # all-reduce of the whole [in, out] array and a slice of it (XLA:CPU has no reduce-scatter, and TPU's compiler
+  # decomposes reduce-scatters so on 3-D tori), and TPU's scheduler took that slice only where the optimizer reads
+  # it, after the backward pass of the layer stack: the whole fp32 sum (the LM head's: d_model x vocab) stayed
+  # live through it, at the step's peak (docs/performance.md).
+  return dx, jax.lax.optimization_barrier(constrain(dw.astype(kernel.dtype), names, rules))
 
 
 _einsum_wide_out.defvjp(_einsum_wide_out_fwd, _einsum_wide_out_bwd)
