@@ -214,7 +214,12 @@ def _einsum_wide_out_bwd(spec, dtype, out_dtype, names, rules, platform, residua
   # the batch shards, as plain autodiff of the wide einsum had it.
   _, vjp_w = jax.vjp(lambda w: matmul_einsum(spec, x.astype(out_dtype), w, platform=platform), w.astype(out_dtype))
   (dw,) = vjp_w(dy)
-  return dx, constrain(dw.astype(kernel.dtype), names, rules)
+  # The barrier gives the gradient its sharded form here, where it is made. Its sum over the batch shards is an
+  # all-reduce of the whole [in, out] array and a slice of it (XLA:CPU has no reduce-scatter, and TPU's compiler
+  # decomposes reduce-scatters so on 3-D tori), and TPU's scheduler took that slice only where the optimizer reads
+  # it, after the backward pass of the layer stack: the whole fp32 sum (the LM head's: d_model x vocab) stayed
+  # live through it, at the step's peak (docs/performance.md).
+  return dx, jax.lax.optimization_barrier(constrain(dw.astype(kernel.dtype), names, rules))
 
 
 _einsum_wide_out.defvjp(_einsum_wide_out_fwd, _einsum_wide_out_bwd)
@@ -286,10 +291,13 @@ def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float, scaling: 
   inv_freq = rope_inv_freq(x_BxLxNxH.shape[-1], theta, scaling)
   angle_BxLxH = positions_BxL[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angle_BxLxH)[:, :, None, :], jnp.cos(angle_BxLxH)[:, :, None, :]
-  x = x_BxLxNxH.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxNxH.dtype)
+  # Split before widening, and each rotated half rounded to x's dtype before the halves are joined: the values of
+  # rotating all of x in fp32, but autodiff then carries the halves' gradients in x's dtype, not fp32. TPU stores
+  # a half of a 128-wide head padded to 128 lanes, and fp32 halves of q's and k's gradients were the largest
+  # buffers at the peak of a bf16 layer's backward pass (docs/performance.md).
+  x1, x2 = x_BxLxNxH[..., :half].astype(jnp.float32), x_BxLxNxH[..., half:].astype(jnp.float32)
+  dt = x_BxLxNxH.dtype
+  return jnp.concatenate([(x1 * cos - x2 * sin).astype(dt), (x2 * cos + x1 * sin).astype(dt)], axis=-1)
 
 
 def sinusoidal(positions_BxL: jax.Array, d: int) -> jax.Array:

@@ -319,6 +319,32 @@ def test_bf16_projection_accumulates_in_fp32(spec, w_shape):
     np.testing.assert_allclose(g.astype(f32), r, rtol=2**-8, atol=1e-6)
 
 
+def test_bf16_rope_is_the_rotation_rounded_once_and_its_gradient_the_inverse_rotation():
+  """RoPE of bf16 q or k turns each pair (x_i, x_{i + H/2}) by position x theta^(-2i/H), computed in fp32 and
+  rounded once to bf16. Its gradient, in bf16 too, turns the cotangent back by the same angle (a rotation's
+  transpose is its inverse). Reference: both rotations written out in float64."""
+  from model.layers import rope
+
+  kx, kc, kp = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(kx, (2, 8, 3, 16), jnp.bfloat16)
+  cotangent = jax.random.normal(kc, x.shape, jnp.bfloat16)
+  positions = jax.random.randint(kp, (2, 8), 0, 100)
+  got, rope_vjp = jax.vjp(lambda x: rope(x, positions, 10_000.0), x)
+  (grad,) = rope_vjp(cotangent)
+
+  half = x.shape[-1] // 2
+  angle = np.asarray(positions, np.float64)[:, :, None, None] * 10_000.0 ** (-np.arange(half) / half)
+
+  def turn(v, direction):
+    v = np.asarray(v.astype(jnp.float32), np.float64)
+    v1, v2, sin, cos = v[..., :half], v[..., half:], direction * np.sin(angle), np.cos(angle)
+    return np.concatenate([v1 * cos - v2 * sin, v2 * cos + v1 * sin], axis=-1)
+
+  assert got.dtype == grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), turn(x, 1), rtol=2**-8, atol=1e-4)
+  np.testing.assert_allclose(grad.astype(jnp.float32), turn(cotangent, -1), rtol=2**-8, atol=1e-4)
+
+
 def test_projections_of_one_input_keep_it_once_for_the_backward():
   """q, k and v read one activation: the backward of a layer scan keeps what a single projection would, not
   three stacked copies of the input."""

@@ -102,6 +102,10 @@ def test_fsdp_gathers_weights_inside_the_layer_loop():
   # Gradients leave the backward pass reduced and sliced to each device's shard. XLA:CPU has no
   # ReduceScatterCreator pass (GPU and TPU do), so here that reduction is an all-reduce feeding a slice.
   assert counts["all-reduce"] + counts["reduce-scatter"] >= 1
+  # A dense layer's loop gathers weights and reduces their gradients, and moves no activation: the batch stays
+  # split as it came. (The embedding lookup's all-to-alls, outside the loop, move the looked-up rows.)
+  in_loops = {op: stats["in_loops"] for op, stats in collectives(hlo).items() if stats["in_loops"]}
+  assert set(in_loops) <= {"all-gather", "all-reduce", "reduce-scatter"}, in_loops
 
 
 def test_tensor_parallel_all_reduces_activations_and_never_gathers_weights():
