@@ -200,6 +200,7 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.cloud_name)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs that it found no TPU workers
   try:
     description = topologies.get_topology_desc(
       platform="tpu",
