@@ -414,8 +414,8 @@ def test_export_params_keeps_a_tokenizer_json_and_decodes_like_the_run(run_dir, 
 def test_greedy_decoding_of_an_imported_mistral_equals_transformers(tmp_path):
   """A random Hugging Face Mistral with a sliding window shorter than prompt + completion, imported by hf/: the
   cached greedy completion equals argmax over transformers' own full forward, token by token."""
-  import torch
-  import transformers
+  torch = pytest.importorskip("torch")  # the newest stack has none (compat.py says why)
+  transformers = pytest.importorskip("transformers")
 
   from hf.convert import import_hf
   from tests.test_data import write_hf_tokenizer
