@@ -13,6 +13,7 @@ import compat
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "jax_version, flax_version",
   [("0.10.2", "0.12.8"), ("0.11.2", "0.12.10"), ("0.11.2", "0.12.12"), ("0.12.0.1", "0.12.12")],
@@ -21,12 +22,14 @@ def test_pairs_that_import_together_pass(jax_version, flax_version):
   compat.check_flax_matches_jax(jax_version, flax_version)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("jax_version, flax_version", [("0.11.2", "0.12.8"), ("0.12.0.1", "0.12.9")])
 def test_a_flax_that_fails_to_import_with_this_jax_is_named(jax_version, flax_version):
   with pytest.raises(compat.VersionError, match=rf"^flax {flax_version} does not import with jax {jax_version}; "):
     compat.check_flax_matches_jax(jax_version, flax_version)
 
 
+@pytest.mark.fast
 def test_train_py_stops_with_one_line_before_importing_flax(tmp_path):
   """jax 0.11.2 and flax 0.12.8 installed (their metadata first on the path): train.py exits non-zero with
   compat's line, before flax's import would fail with an AttributeError, and writes nothing."""

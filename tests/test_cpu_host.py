@@ -64,6 +64,7 @@ def _run(prepare: bool, script: str = _STEPS) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_cpu_steps_reuse_their_memory():
   plain, prepared = _run(prepare=False), _run(prepare=True)
@@ -73,6 +74,7 @@ def test_cpu_steps_reuse_their_memory():
   assert prepared["applied"] and prepared["faults"] < pages_per_step / 4, prepared
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
 def test_every_thread_allocates_from_one_heap():
   """A thread with a heap of its own gets blocks over 64 MB by mmap and unmaps them on free, whatever M_MMAP_MAX
@@ -82,6 +84,7 @@ def test_every_thread_allocates_from_one_heap():
   assert prepared["applied"] and prepared["heaps"] == 1, prepared
 
 
+@pytest.mark.fast
 def test_accelerator_platforms_are_left_alone():
   import jax
 

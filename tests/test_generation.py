@@ -146,6 +146,7 @@ def naive_greedy(decoder, params, prompt, steps, stop=()) -> list[int]:
   return sequence[len(prompt) :]
 
 
+@pytest.mark.fast
 def test_greedy_equals_a_naive_loop_and_beam_width_1_equals_greedy(dense):
   decoder, params = dense
   out = generate(decoder, params, PROMPTS, max_new_tokens=NEW, sampling=Sampling(temperature=0.0), stop_ids=[])
@@ -187,6 +188,7 @@ def test_beam_search_equals_a_naive_beam_search(dense):
   assert any(b.stopped for b in beams), "some beam should end on a stop id"
 
 
+@pytest.mark.fast
 def test_stop_tokens_end_a_row_and_are_left_out(dense):
   decoder, params = dense
   greedy = Sampling(temperature=0.0)
@@ -226,6 +228,7 @@ def reference_sets(logits, top_k, top_p):
   return set(nucleus)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.7), (1, 1.0)])
 def test_top_k_and_top_p_never_sample_outside_their_sets(top_k, top_p):
   v, vocab, draws = 40, 32, 4000
