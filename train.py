@@ -5,8 +5,13 @@ import os
 import sys
 
 if __name__ == "__main__":
+  import compat
   from trainer import cpu_host
 
+  try:
+    compat.check_flax_matches_jax()  # before anything imports flax, which fails with a traceback of its own
+  except compat.VersionError as e:
+    sys.exit(f"error: {e}")
   cpu_host.prepare_heap()  # CPU runs: glibc's heap settings, before JAX (imported below) starts any thread
 
 from absl import app, flags

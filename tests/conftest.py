@@ -7,4 +7,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from compat import check_flax_matches_jax  # noqa: E402
+
+check_flax_matches_jax()  # a flax too old for this jax: one line naming both, not flax's own import error
+
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -125,6 +125,7 @@ def test_backends_and_auto_choice():
   assert resolve("auto", "tpu", 256, jnp.float32) == "splash"
 
 
+@pytest.mark.fast
 def test_model_gives_the_same_logits_with_every_cpu_implementation():
   from tests.test_model import logits_of, make_model
 
@@ -148,6 +149,7 @@ def test_accelerator_kernels_on_cpu_are_a_one_line_config_error(impl, backend):
     build(cfg, VOCAB, mesh_for(cfg))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "length,s,mesh,window",
   [(128, 128, False, 0), (128, 256, True, 0), (128, 128, False, 6)],
@@ -186,6 +188,7 @@ def test_splash_kernel_in_the_pallas_interpreter_matches_naive_reference(length,
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
+@pytest.mark.fast
 def test_chunked_gradient_never_holds_a_dense_mask():
   """Memory O(L x block): the gradient of the chunked kernel, with the ids as jitted inputs (as in training),
   holds no array as large as the [B, N, L, S] scores, mask included; the xla kernel, which does, is the control."""

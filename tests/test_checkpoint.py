@@ -104,6 +104,7 @@ def _experiment(layout: dict):
   return build(cfg, VOCAB, mesh_for(cfg))
 
 
+@pytest.mark.fast
 def test_restore_onto_another_layout_gives_the_same_parameters_and_next_loss(tmp_path):
   rng = np.random.default_rng(0)
   batches = [packed_batch(rng, 8, 16) for _ in range(3)]
@@ -379,6 +380,7 @@ def _steps_by_kind(workdir) -> tuple[list[int], list[int]]:
   return [r["step"] for r in records if "loss" in r], [r["step"] for r in records if "eval_loss" in r]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("torn", ['{"step": 3, "lo', '{"step": 3, "loss": 2.5}'])
 def test_metric_writer_keeps_one_line_per_step_and_mends_a_torn_last_line(tmp_path, torn):
   """A kill mid-write leaves part of a line: cut off unless it is a whole record, which gets its newline."""

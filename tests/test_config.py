@@ -12,6 +12,7 @@ from settings.validate import validate
 TINY = "configs/tiny.py"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "override,message",
   [
@@ -34,6 +35,7 @@ def test_good_overrides_pass():
   check_overrides(["train.py", f"--config={TINY}", "--config.model.num_layers=3", "--config.data.files=a.txt,b.txt"])
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "changes,message",
   [
@@ -73,6 +75,7 @@ def test_bf16_master_weights_pass_when_allowed():
   validate(cfg)
 
 
+@pytest.mark.fast
 def test_every_named_config_is_valid():
   import glob
 

@@ -159,6 +159,7 @@ def naive_features(rows):
 # Default corpus and tokenizer
 
 
+@pytest.mark.fast
 def test_default_corpus_is_the_standard_library_source():
   corpus = Corpus(make_data_cfg("unused"))
   keys = [document.key for document in corpus.documents()]
@@ -169,6 +170,7 @@ def test_default_corpus_is_the_standard_library_source():
   assert "json/decoder.py" in keys
 
 
+@pytest.mark.fast
 def test_tokenizer_ids_cache_and_run_copy(tokenizer, module_dir, monkeypatch):
   assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2, 3)
   assert tokenizer.vocab_size == VOCAB_SIZE
@@ -228,6 +230,7 @@ def test_packed_rows_match_a_naive_packer(lengths):
     np.testing.assert_array_equal(features[name], value, err_msg=name)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("unit_bytes", [1 << 20, 100])
 def test_batches_match_a_naive_packer_at_document_boundaries(tokenizer, tmp_path, unit_bytes):
   texts = numbered_documents(12)
@@ -267,6 +270,7 @@ def test_an_epoch_holds_every_training_token_once(tokenizer, tmp_path):
 # The per-index shuffle (data/permutation.py)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 64, 1000, 1023, 1025, 10007])
 def test_the_permutation_is_a_bijection_of_every_range(n):
   for seed in range(4):
@@ -349,6 +353,7 @@ def small_corpus(directory):
   return f"{docs},{directory / 'records.jsonl'}"
 
 
+@pytest.mark.fast
 def test_global_batches_are_the_same_on_every_mesh_and_resume_at_a_row(tokenizer, tmp_path):
   cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200, eval_fraction=0.1)
   layouts = {
@@ -377,6 +382,7 @@ def test_global_batches_are_the_same_on_every_mesh_and_resume_at_a_row(tokenizer
   np.testing.assert_array_equal(resumed, rows[2 * B :])
 
 
+@pytest.mark.fast
 def test_the_next_batch_is_built_in_the_background_and_errors_reach_the_caller(tokenizer, tmp_path, monkeypatch):
   cfg = make_data_cfg(tmp_path / "cache", files=small_corpus(tmp_path), seq_len=16, unit_bytes=200)
   built = []
@@ -670,6 +676,7 @@ def test_a_one_document_corpus_trains_without_evaluation(tokenizer, tmp_path, ca
 # Sources, paths and bad input
 
 
+@pytest.mark.fast
 def test_jsonl_parquet_and_text_sources_in_units(tokenizer, tmp_path):
   import pyarrow
   import pyarrow.parquet
@@ -845,6 +852,7 @@ def write_hf_tokenizer(directory, specials=("<pad>", "<s>", "</s>"), config=None
   return str(directory / "tokenizer.json"), hf
 
 
+@pytest.mark.fast
 def test_tokenizer_json_round_trip_ids_and_pickling(tmp_path):
   import pickle
 

@@ -4,6 +4,8 @@ relative link in the README and docs/ leads to a file (and heading) that exists.
 import re
 from pathlib import Path
 
+import pytest
+
 from configs.base import base_config
 from scripts import config_reference
 
@@ -18,12 +20,14 @@ def _keys(cfg, prefix=""):
       yield prefix + key
 
 
+@pytest.mark.fast
 def test_config_reference_is_generated_from_base():
   assert (ROOT / "docs" / "config.md").read_text() == config_reference.render(), (
     "docs/config.md is stale: run python scripts/config_reference.py"
   )
 
 
+@pytest.mark.fast
 def test_every_config_key_is_documented():
   # Rows of docs/config.md: | `key` | `default` | description |
   text = (ROOT / "docs" / "config.md").read_text()
@@ -32,6 +36,7 @@ def test_every_config_key_is_documented():
   assert not missing, f"docs/config.md describes no {missing}: write a comment beside each in configs/base.py"
 
 
+@pytest.mark.fast
 def test_reference_reads_comments_beside_and_above_assignments():
   source = """
 def base_config():
@@ -92,6 +97,7 @@ def _anchors(page: Path) -> set[str]:
   return anchors
 
 
+@pytest.mark.fast
 def test_relative_links_resolve():
   broken = []
   for page in _pages():
@@ -105,6 +111,7 @@ def test_relative_links_resolve():
   assert not broken, "broken links:\n" + "\n".join(broken)
 
 
+@pytest.mark.fast
 def test_the_resume_table_lists_exactly_the_execution_fields():
   """docs/checkpoints.md's "how the step computes" cell names the config keys of model/config.py's Execution,
   the settings a resume never compares."""

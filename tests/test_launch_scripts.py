@@ -49,6 +49,7 @@ def _gone(pid: int, timeout: float = 3.0) -> bool:
 # --- shellcheck -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_every_script_passes_shellcheck():
   exe = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
   if exe is None:
@@ -59,6 +60,7 @@ def test_every_script_passes_shellcheck():
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("script", ["launch_local.sh", "launch_tpu.sh", "launch_slurm.sbatch"])
 def test_help(script):
   proc = subprocess.run(["bash", str(SCRIPTS / script), "-h"], capture_output=True, text=True)
@@ -85,6 +87,7 @@ def _dry_run(env, *args) -> list[str]:
   return proc.stdout.splitlines()
 
 
+@pytest.mark.fast
 def test_tpu_dry_run_prints_the_plan_and_runs_nothing(no_cloud):
   env, mark = no_cloud
   lines = _dry_run(env, "--tpu", "my-tpu", "--zone", "us-central2-b", "--", *TRAIN_ARGS)

@@ -132,6 +132,7 @@ def test_adapter_dropout_applies_in_training_only(tokens):
   assert np.abs(training - evaluation).max() > 1e-2
 
 
+@pytest.mark.fast
 def test_only_targeted_projections_get_adapters():
   _, abstract, names = abstract_model(_model_cfg(lora_rank=2, lora_targets=("attn_q", "attn_v")))
   adapters, _ = lora.split(abstract)
@@ -239,6 +240,7 @@ def test_plan_reports_trainable_parameters_and_their_optimizer_state():
   assert result["params_bytes_per_device"] == 4 * (plain_params + 2 * per_layer)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "change, fragment",
   [

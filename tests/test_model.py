@@ -98,6 +98,7 @@ def test_attention_matches_naive_multi_head_reference(num_kv_heads):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.fast
 def test_gqa_with_all_kv_heads_equals_mha_model():
   """num_kv_heads == num_heads is plain MHA: the same weights give the same logits whatever the grouping path."""
   gqa = make_model(num_kv_heads=2)
@@ -143,6 +144,7 @@ def test_untied_head_and_stacked_layer_axis():
     assert leaf.shape[0] == 3
 
 
+@pytest.mark.fast
 def test_cross_entropy_matches_formula_with_mask_and_z_loss():
   from model import cross_entropy_sums
 
@@ -252,6 +254,7 @@ def test_unrolled_layer_scan_gives_the_same_loss_and_gradients(scan_unroll, rema
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.fast
 def test_host_offload_is_a_config_error_on_cpu():
   from settings import ConfigError
   from tests.helpers import VOCAB, mesh_for, small_config
@@ -299,6 +302,7 @@ def test_projection_matmul_equals_einsum_in_value_and_gradient(spec, x_shape, w_
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("spec, w_shape", [("BLD,DF->BLF", (16, 24)), ("BLD,VD->BLV", (24, 16))])
 def test_bf16_projection_accumulates_in_fp32(spec, w_shape):
   """bf16 inputs: the output and both gradients are the fp32 results rounded once to bf16 (every dot accumulates

@@ -130,6 +130,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "capacity_factor,group_size",
   [(0.0, 512), (4.0, 512), (4.0, 3)],
@@ -175,6 +176,7 @@ def test_capacity_is_capped_at_the_group_size():
   assert expert_capacity(100.0, 16, 2, 8) == 16
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("group_size,length", [(4, 10), (3, 10), (512, 10)])
 def test_capacity_drops_per_group_as_the_formula_says(group_size, length):
   """A zero router ties every score, so every token picks experts 0 and 1 (ties: lower index first). In a group
@@ -398,6 +400,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   return output.at[dst_PxQxR.reshape(-1)].set(rows.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
+@pytest.mark.fast
 def test_emulated_ragged_all_to_all_reproduces_the_documented_example():
   # jax.lax.ragged_all_to_all's docstring: an axis of size 2 and these arguments give these results.
   mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
@@ -501,6 +504,7 @@ def test_dropless_exchange_values_and_gradients_equal_one_device(impl, layout, d
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("layout", ["expert4_data2", "expert2_data2_tensor2"])
 def test_grouped_capacity_path_under_expert_parallelism_equals_one_device(layout):
   # Groups of 2 in sequences of 4, one slot per expert and group: tokens are dropped, so placement matters.
@@ -514,6 +518,7 @@ def test_grouped_capacity_path_under_expert_parallelism_equals_one_device(layout
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.fast
 def test_ragged_path_lowers_to_ragged_all_to_all_forward_and_backward():
   x, experts, gates, weights, cotangent = _dropless_inputs()
   cfg = small_config(**LAYOUTS["expert4_data2"])

@@ -177,6 +177,7 @@ def _tiny_cmd(workdir, port: int, *flags: str) -> list[str]:
           f"--coordinator_address=127.0.0.1:{port}", *flags]  # fmt: skip
 
 
+@pytest.mark.fast
 def test_unreachable_coordinator_fails_in_one_line_within_the_timeout(tmp_path):
   port = _free_port()  # nothing listens here
   start = time.time()

@@ -160,6 +160,7 @@ def test_preference_rows_hold_chosen_then_rejected(tmp_path):
     assert trained == reply + "<|im_end|>\n"  # the EOS (weighted, decoded to nothing) closes the reply
 
 
+@pytest.mark.fast
 def test_dpo_loss_is_its_formula_on_hand_made_logprobs():
   rng = np.random.default_rng(0)
   pc, pr, rc, rr = (rng.normal(-20, 5, size=6) for _ in range(4))
@@ -178,6 +179,7 @@ def test_dpo_loss_is_its_formula_on_hand_made_logprobs():
   assert float(chosen[0]) == -5.0 and float(rejected[0]) == -5.0
 
 
+@pytest.mark.fast
 def test_distill_kl_is_the_kl_divergence():
   rng = np.random.default_rng(1)
   student, teacher = rng.normal(size=(2, 3, 7)), rng.normal(size=(2, 3, 7))
@@ -439,6 +441,7 @@ def test_label_smoothing_example_is_its_formula():
   assert float(nll_sum) == pytest.approx(np.sum(nll * mask), rel=1e-5)
 
 
+@pytest.mark.fast
 def test_a_user_objective_from_a_file_outside_the_package_trains(tmp_path, monkeypatch):
   """train.objective=module:attribute, the module a copy of the example outside the repository: the run trains,
   and its step-1 cross-entropy (reported as `nll`) is the `lm` objective's step-1 loss on the same batch."""

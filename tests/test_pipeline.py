@@ -113,8 +113,15 @@ def runs(batches):
   return get
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
+# The fast tests take one schedule on a layout with stage, tensor and data axes and gradient accumulation.
+@pytest.mark.parametrize(
+  "schedule,layout",
+  [
+    pytest.param(s, lay, marks=pytest.mark.fast) if (s, lay) == ("gpipe", "stage2_tensor2_data2_accum2") else (s, lay)
+    for s in SCHEDULES
+    for lay in LAYOUTS
+  ],
+)
 def test_pipeline_trains_like_one_stage(schedule, layout, runs):
   want_losses, want_params, _, _ = runs(layout, None)
   losses, params, exp, _ = runs(layout, schedule)
@@ -135,6 +142,7 @@ def test_stacked_layers_are_split_over_stages_and_initialise_as_one_stage(runs):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("stages,microbatches,repeats", [(2, 2, 2), (4, 4, 2), (4, 16, 3), (3, 7, 2)])
 def test_table_bubble_is_the_formula(schedule, stages, microbatches, repeats):
@@ -179,6 +187,7 @@ def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_pe
   assert ratio == (4 * stages + 1) / (stages + 1)  # stash + one gradient slot each
 
 
+@pytest.mark.fast
 def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
   _, _, staged, init = runs("stage4_data2", "1f1b")
   _, _, single, _ = runs("stage4_data2", None)
@@ -198,6 +207,7 @@ def test_checkpoints_move_between_stage_counts(runs, batches, tmp_path):
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "changes,error,message",
   [

@@ -48,7 +48,10 @@ def single_device_run(batches):
   return run_steps(layout_config("single"), batches)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# The fast tests take the 3-D layout: data, fsdp and tensor axes at once.
+@pytest.mark.parametrize(
+  "layout", [pytest.param(k, marks=pytest.mark.fast) if k == "data2_fsdp2_tensor2" else k for k in LAYOUTS]
+)
 def test_layout_reproduces_single_device_training(layout, batches, single_device_run):
   want_losses, want_params, _ = single_device_run
   losses, params, exp = run_steps(layout_config(layout), batches)
@@ -70,6 +73,7 @@ def _state_bytes(exp):
   )
 
 
+@pytest.mark.fast
 def test_bytes_per_device_follow_the_layout():
   single_params, single_opt = _state_bytes(_experiment("single"))
   fsdp_params, fsdp_opt = _state_bytes(_experiment("fsdp8"))
@@ -96,6 +100,7 @@ def test_data_parallel_all_reduces_gradients_and_gathers_nothing():
   assert counts["all-reduce"] >= 1 and counts["all-gather"] == 0 and counts["all-to-all"] == 0
 
 
+@pytest.mark.fast
 def test_fsdp_gathers_weights_inside_the_layer_loop():
   counts, hlo = _collectives("fsdp8")
   assert counts["all-gather"] >= 2
@@ -108,6 +113,7 @@ def test_fsdp_gathers_weights_inside_the_layer_loop():
   assert set(in_loops) <= {"all-gather", "all-reduce", "reduce-scatter"}, in_loops
 
 
+@pytest.mark.fast
 def test_tensor_parallel_all_reduces_activations_and_never_gathers_weights():
   counts, hlo = _collectives("tensor4_data2")
   # Megatron: one all-reduce after attention-out and one after MLP-down per layer, forward and backward.

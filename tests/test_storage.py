@@ -46,6 +46,7 @@ def test_local_paths_are_left_to_the_code_that_uses_them(tmp_path):
   assert not (tmp_path / "not").exists()
 
 
+@pytest.mark.fast
 def test_a_missing_client_library_names_the_scheme():
   with pytest.raises(StorageError, match=r"config\.data\.tokenizer=az://x/t\.model cannot be reached .*install"):
     check_urls([("config.data.tokenizer", "az://x/t.model", False)], timeout_s=10)

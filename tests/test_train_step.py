@@ -13,6 +13,7 @@ from tests.helpers import packed_batch, run_steps, small_config
 from trainer.optim import decay_mask, lr_schedule, make_optimizer
 
 
+@pytest.mark.fast
 def test_schedule_matches_formula_at_key_steps():
   peak, final, warmup, total = 3e-4, 3e-5, 100, 1000
   schedule = lr_schedule(peak, final, warmup, total)
@@ -29,6 +30,7 @@ def test_schedule_matches_formula_at_key_steps():
   assert float(schedule(warmup // 2)) == pytest.approx(peak / 2, rel=1e-6)
 
 
+@pytest.mark.fast
 def test_clipping_bounds_the_global_norm_of_the_update_input():
   cfg = small_config(**{"optim.clip_norm": 0.5, "optim.b1": 0.9})
   params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
@@ -58,6 +60,7 @@ def test_grad_accumulation_is_the_same_update_as_the_full_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_train_step_compiles_once_and_loss_falls():
   rng = np.random.default_rng(1)
   batch = packed_batch(rng, 8, 16)
