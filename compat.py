@@ -34,6 +34,15 @@ def _release(version: str) -> tuple[int, ...]:
   return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
+def flax_for_jax(jax_version: str, flax_version: str | None) -> str | None:
+  """The flax version to install with this jax when `flax_version` (None: none installed) does not import with
+  it, else None."""
+  for since_jax, min_flax, tested_flax in _FLAX_FOR_JAX:
+    if _release(jax_version) >= since_jax and (flax_version is None or _release(flax_version) < min_flax):
+      return tested_flax
+  return None
+
+
 def check_flax_matches_jax(jax_version: str | None = None, flax_version: str | None = None) -> None:
   """Raises VersionError when flax is too old to import with this jax. Versions default to the installed ones;
   a missing package is left to its import to report."""
@@ -42,9 +51,9 @@ def check_flax_matches_jax(jax_version: str | None = None, flax_version: str | N
     flax_version = flax_version or metadata.version("flax")
   except metadata.PackageNotFoundError:
     return
-  for since_jax, min_flax, tested_flax in _FLAX_FOR_JAX:
-    if _release(jax_version) >= since_jax and _release(flax_version) < min_flax:
-      raise VersionError(
-        f"flax {flax_version} does not import with jax {jax_version}; install flax=={tested_flax} (as "
-        "requirements-next.txt does), or the pinned pair of requirements.txt"
-      )
+  tested_flax = flax_for_jax(jax_version, flax_version)
+  if tested_flax is not None:
+    raise VersionError(
+      f"flax {flax_version} does not import with jax {jax_version}; install flax=={tested_flax} (as "
+      "requirements-next.txt does), or the pinned pair of requirements.txt"
+    )

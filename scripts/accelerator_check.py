@@ -44,6 +44,9 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import compat  # noqa: E402  (the repository's own module, no third-party imports)
+
 _START = time.perf_counter()
 
 # Module -> distribution of what the sections import (kiln's modules, train.py and its run directory).
@@ -64,8 +67,6 @@ REQUIRED = {
   "tensorboardX": "tensorboardX",
   "matplotlib": "matplotlib",
 }
-# jax >= 0.11 needs flax >= 0.12.12 (flax 0.12.8 fails at import: jax.experimental.hijax has no HiPrimitive).
-FLAX_FOR_NEW_JAX = "0.12.12"
 
 
 def _version(dist: str) -> str | None:
@@ -73,16 +74,6 @@ def _version(dist: str) -> str | None:
     return importlib.metadata.version(dist)
   except importlib.metadata.PackageNotFoundError:
     return None
-
-
-def _release(version: str) -> tuple[int, ...]:
-  parts = []
-  for piece in version.split(".")[:3]:
-    digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-    if not digits:
-      break
-    parts.append(int(digits))
-  return tuple(parts)
 
 
 def _pins() -> dict[str, str]:
@@ -107,11 +98,10 @@ def missing_packages() -> list[str]:
   """`dist==version` for every distribution the sections need and this Python lacks (or has too old)."""
   pins = _pins()
   missing = [f"{dist}=={pins.get(dist.lower(), '')}".rstrip("=") for m, dist in REQUIRED.items() if not _importable(m)]
-  jax_version, flax_version = _version("jax"), _version("flax")
-  if jax_version and _release(jax_version) >= (0, 11):
-    missing = [f"flax=={FLAX_FOR_NEW_JAX}" if m.startswith("flax==") else m for m in missing]
-    if flax_version and _release(flax_version) < _release(FLAX_FOR_NEW_JAX):
-      missing.append(f"flax=={FLAX_FOR_NEW_JAX}")
+  jax_version = _version("jax")
+  flax = compat.flax_for_jax(jax_version, _version("flax")) if jax_version else None
+  if flax is not None:  # too old for this jax, or missing: the flax that imports with it
+    missing = [m for m in missing if not m.startswith("flax==")] + [f"flax=={flax}"]
   return missing
 
 

@@ -46,6 +46,7 @@ def _scan_of_psums(outer: int, inner: int, width: int) -> str:
   return g.lower(jax.ShapeDtypeStruct((outer, inner, width), jnp.float32)).compile().as_text()
 
 
+@pytest.mark.fast
 def test_a_psum_inside_nested_scans_runs_once_per_trip():
   outer, inner, width = 3, 5, 24
   hlo = _scan_of_psums(outer, inner, width)
@@ -319,6 +320,7 @@ ENTRY %main (big: f32[64,32], grad: bf16[512,1024], w: bf16[2,32,32], x: f32[8,8
 """)
 
 
+@pytest.mark.fast
 def test_synthetic_tpu_and_gpu_forms():
   gathered = 2 * 32 * 128 * 2  # the async collective fusion's all-gather result, bf16[2,32,128]
   assert _nonzero(collectives(_SYNTHETIC)) == {

@@ -10,6 +10,7 @@ from settings.load import load_config_file
 from tests.helpers import small_config
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "name,family,shape,chips,wrap,jax_name",
   [
@@ -37,6 +38,7 @@ def test_tpu_names_give_the_slice_cloud_tpu_makes(name, family, shape, chips, wr
   assert parse_tpu_name(tpu.cloud_name) == tpu
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
   "name,message",
   [
@@ -52,6 +54,7 @@ def test_bad_topology_names_are_one_line(name, message):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.fast
 def test_each_platform_resolves_auto_to_its_own_kernels():
   """model.attention=auto and moe.dropless_impl=auto follow the target's platform, whatever backend plans it."""
   from model.moe import resolve_dropless
@@ -70,6 +73,7 @@ def _lowered_step_text(cfg, mesh) -> str:
   return exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), exp.abstract_frozen()).as_text()
 
 
+@pytest.mark.fast
 def test_the_cpu_program_takes_the_cpu_paths():
   """A bf16 config planned on the CPU keeps its bf16 residuals as uint16 bits (model/layers.py: as_residual, made
   for XLA:CPU's bf16 handling); the TPU test below finds none in the TPU program."""
