@@ -14,33 +14,19 @@ stays at two microbatch inputs per stage:
 table.)
 """
 
-from configs.base import base_config
+from configs.llama_7b import get_config as llama_7b_config
 
 
 def get_config():
-  c = base_config()
+  c = llama_7b_config()  # Llama 2's recipe: vocabulary, norms, untied head, bf16, full remat, 2048 tokens
   c.model.num_layers = 80
   c.model.d_model = 8192
   c.model.num_heads = 64
   c.model.num_kv_heads = 8
   c.model.mlp_dim = 28_672
-  c.model.rope_theta = 10_000.0
-  c.model.norm_eps = 1e-5
-  c.model.tie_embeddings = False
-  c.model.compute_dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.vocab_size = 32_000
-  c.data.tokenizer_sample_bytes = 50_000_000
-  c.data.seq_len = 2048
   c.optim.peak_lr = 1.5e-4
   c.optim.final_lr = 1.5e-5
-  c.optim.warmup_steps = 2000
-  c.train.steps = 100_000
   c.train.global_batch_size = 1024
-  c.train.eval_every = 1000
-  c.checkpoint.every_steps = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
   c.mesh.dcn_stage = 2
   c.pipeline.schedule = "1f1b"
   c.pipeline.microbatches = 16
