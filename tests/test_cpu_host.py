@@ -98,3 +98,20 @@ def test_accelerator_platforms_are_left_alone():
     assert cpu_host.runs_on_cpu()
   finally:
     jax.config.update("jax_platforms", original)
+
+
+def test_libtpu_without_tpu_chips_leaves_the_host_a_cpu_host(monkeypatch):
+  """requirements-dev.txt installs libtpu to compile for TPUs; only attached chips make a host a TPU host."""
+  import glob
+  import importlib.util
+
+  from trainer import cpu_host
+
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu comes with requirements-dev.txt")
+  if importlib.util.find_spec("jax_plugins") is not None:
+    pytest.skip("a GPU plugin is installed: the host counts as a GPU host whatever libtpu finds")
+  monkeypatch.setattr(glob, "glob", lambda pattern: [])
+  assert not cpu_host.accelerator_attached()
+  monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/accel0"] if pattern.startswith("/dev/accel") else [])
+  assert cpu_host.accelerator_attached()

@@ -37,33 +37,22 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-# Device files by which an accelerator's plugin finds its hardware: TPU VMs (v4/v5e: accel, v5p/v6e: vfio),
-# NVIDIA and AMD GPUs.
+# Device files by which libtpu finds TPU chips: v4 and v5e VMs have /dev/accel*, v5p and v6e /dev/vfio/N.
 _TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
-_PLUGIN_DEVICE_FILES = {"cuda": ("/dev/nvidia[0-9]*",), "rocm": ("/dev/kfd",)}
-
-
-def _present(patterns) -> bool:
-  return any(glob.glob(pattern) for pattern in patterns)
 
 
 def accelerator_attached() -> bool:
-  """Whether JAX would find a GPU or TPU: a plugin is installed (the checks of JAX's own plugin discovery:
-  libtpu, the `jax_plugins` namespace package and entry points) and, for TPUs and NVIDIA or AMD GPUs, the
-  devices it drives are there. libtpu is installed on CPU machines too, to compile for TPUs (`--topology`)."""
-  if importlib.util.find_spec("libtpu") is not None and _present(_TPU_DEVICE_FILES):
+  """Whether JAX would find a GPU or TPU (the checks of JAX's own plugin discovery: libtpu, the `jax_plugins`
+  namespace package and entry points). libtpu counts only with TPU chips attached: it is installed on CPU
+  machines too, to compile for TPUs (`--dry_run --topology`). A GPU plugin counts as installed."""
+  if importlib.util.find_spec("libtpu") is not None and any(glob.glob(p) for p in _TPU_DEVICE_FILES):
     return True
-  names = []
   if importlib.util.find_spec("jax_plugins") is not None:
     import jax_plugins
 
-    names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
-  names += [e.name for e in metadata.entry_points(group="jax_plugins")]
-  for name in names:
-    kind = next((k for k in _PLUGIN_DEVICE_FILES if k in name.lower()), None)
-    if kind is None or _present(_PLUGIN_DEVICE_FILES[kind]):
+    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
       return True
-  return False
+  return bool(metadata.entry_points(group="jax_plugins"))
 
 
 def runs_on_cpu() -> bool:
