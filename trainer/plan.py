@@ -30,6 +30,9 @@ CPU_NOTE = (
 )
 
 
+PROGRAM_PARTS = ("argument", "temp", "output", "alias")
+
+
 def program_bytes(memory) -> dict[str, int]:
   """A compiled program's memory per device (XLA's memory analysis), as plan.json's `target` names it: its
   arguments, temporaries, outputs, the part of the outputs that reuses donated arguments (alias), and `total_bytes`,
@@ -37,9 +40,6 @@ def program_bytes(memory) -> dict[str, int]:
   sizes = {f"{name}_bytes": int(getattr(memory, f"{name}_size_in_bytes", 0) or 0) for name in PROGRAM_PARTS}
   sizes["total_bytes"] = sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"] + sizes["temp_bytes"]
   return sizes
-
-
-PROGRAM_PARTS = ("argument", "temp", "output", "alias")
 
 
 def _check_slices(cfg, target: Target) -> None:
@@ -90,8 +90,7 @@ def plan(cfg, workdir: str | None = None, target: Target | None = None) -> dict:
 def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict:
   """plan.json's entries for a train step `compile_train_step` compiled."""
   mesh, abstract_state = exp.mesh, exp.abstract_state()
-  memory = compiled.memory_analysis()
-  program = program_bytes(memory)
+  program = program_bytes(compiled.memory_analysis())
   details = collectives(compiled.as_text())
   hbm = target.hbm_bytes_per_chip
   tokens = cfg.train.global_batch_size * cfg.data.seq_len
@@ -107,7 +106,7 @@ def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict
     "params_bytes_per_device": bytes_per_device(exp.abstract_params, exp.shardings.params)
     + bytes_per_device(exp.frozen_shapes, exp.frozen_sharding),
     "opt_state_bytes_per_device": bytes_per_device(abstract_state.opt_state, exp.shardings.opt_state),
-    "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", 0)),
+    "temp_bytes_per_device": program["temp_bytes"],
     # The model's FLOPs (docs/performance.md), all devices together. XLA's cost analysis is no substitute: it counts
     # the body of the layer scan once, not once per layer.
     "flops_per_step": float(flops_per_token(exp.model_cfg, cfg.data.seq_len) * tokens),
