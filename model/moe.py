@@ -130,8 +130,9 @@ class Moe(nnx.Module):
     # The router stays in fp32 whatever the compute dtype: routing and its z-loss are sensitive to rounding.
     names = ("batch", "length", None)
     r = cfg.rules
-    router = functools.partial(project, name="router", dtype=jnp.float32, rules=r, platform=cfg.platform)
-    logits_BxLxE = router(x_BxLxD, self.router_DxE, "BLD,DE->BLE", names)
+    logits_BxLxE = project(
+      x_BxLxD, self.router_DxE, "BLD,DE->BLE", names, name="router", dtype=jnp.float32, rules=r, platform=cfg.platform
+    )
     experts_BxLxK, gates_BxLxK, probs_BxLxE = _route(logits_BxLxE, cfg.top_k, cfg.router_score, cfg.renormalize_gates)
     gate = cast_kernel(self.w_gate_ExDxF, dt, r) if cfg.mlp_type == "swiglu" else None
     weights = (gate, cast_kernel(self.w_up_ExDxF, dt, r), cast_kernel(self.w_down_ExFxD, dt, r))
