@@ -449,22 +449,18 @@ def measure_train_step(cfg, warmup: int, steps: int) -> dict:
   import numpy as np
 
   from data.synthetic import packed_batch
-  from parallel.mesh import make_mesh
+  from parallel.target import live_target
   from settings.validate import validate
-  from trainer.experiment import build
   from trainer.metrics import flops_per_token, peak_flops_per_device
+  from trainer.plan import compile_train_step, program_bytes
 
   validate(cfg)
   batch, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
   row = {"remat": cfg.model.remat, "global_batch_size": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len}
-  exp = build(cfg, cfg.data.vocab_size, make_mesh(cfg.mesh))
-  start = time.perf_counter()
-  compiled = exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), exp.abstract_frozen()).compile()
-  row["compile_s"] = round(time.perf_counter() - start, 1)
-  memory = compiled.memory_analysis()
-  if memory is not None:
-    needed = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-    needed += memory.temp_size_in_bytes
+  exp, compiled, compile_s = compile_train_step(cfg, live_target())
+  row["compile_s"] = round(compile_s, 1)
+  needed = program_bytes(compiled.memory_analysis())["total_bytes"]  # 0 where the backend gives no analysis
+  if needed:
     row["compiled_memory_gib"] = round(needed / 2**30, 2)
     stats = _device_memory()
     if "bytes_limit" in stats:
