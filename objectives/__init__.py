@@ -10,6 +10,10 @@ own (examples/objectives/label_smoothing.py is a complete one).
 The loss function contract (`LossFn`): (params, frozen, batch, dropout_key) -> ((loss_sum, z_sum, count), aux),
 sums over the batch so microbatches and shards combine exactly; the step divides by `count_fn` of the whole
 batch. `frozen` holds the parameter trees the step reads but never trains, by the names of `Setup.frozen`.
+
+Most objectives train on a stream of batches read from data (`load_documents`). One that makes its batches from the
+model being trained (grpo: rollouts of the current policy) gives `batches`, a factory of a `BatchSource` the loop
+asks for each step's batch with the current state.
 """
 
 import dataclasses
@@ -19,8 +23,10 @@ import pkgutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 
 LossFn = Callable[[dict, dict, dict, jax.Array | None], tuple[tuple[jax.Array, jax.Array, jax.Array], dict]]
 
@@ -57,6 +63,21 @@ class Setup:
   frozen: dict[str, FrozenModel] = dataclasses.field(default_factory=dict)
 
 
+class BatchSource(Protocol):
+  """Where a run's train batches come from, step by step (the loop's only view of its data)."""
+
+  def next(self, state) -> tuple[dict, dict]:
+    """The batch of the step that `state` (a TrainState) is about to take, and host metrics for its train line."""
+
+  def position(self, done: int) -> dict:
+    """The checkpoint's `data` item once `done` steps are complete ({"next_row": global cursor})."""
+
+  def can_stop(self, done: int) -> bool:
+    """Whether the run may checkpoint and stop after `done` steps and resume exactly from there."""
+
+  def close(self) -> None: ...
+
+
 def _no_problems(cfg) -> list[str]:
   del cfg
   return []
@@ -89,6 +110,11 @@ class Objective:
   text_corpus: bool = True
   # a data.tokenizer given anyway must be that of `tokenizer_runs` (distillation compares logits id by id)
   same_tokenizer: bool = False
+  # batch fields besides BATCH_FIELDS (trainer/experiment.py), each [B, L] of this dtype, that the loss reads
+  extra_batch_fields: dict[str, jnp.dtype] = dataclasses.field(default_factory=dict)
+  # (cfg, tokenizer, experiment, frozen, start_step, saved data item or None) -> (BatchSource, eval batches);
+  # None: the stream of `load_documents` (trainer/loop.py)
+  batches: Callable | None = None
 
 
 class ObjectiveError(ValueError):
@@ -117,21 +143,37 @@ def get(name: str) -> Objective:
 
 
 def _user_objective(spec: str) -> Objective:
-  where, _, attribute = spec.rpartition(":")
   try:
-    module = _load_file(where) if where.endswith(".py") else importlib.import_module(where)
-  except Exception as e:  # noqa: BLE001 (the user's module failed to import: say so in one line)
-    raise ObjectiveError(
-      f"config.train.objective={spec!r}: cannot import {where} ({type(e).__name__}: {_first_line(e)}); give an "
-      "importable module (on PYTHONPATH) or a path to a .py file"
-    ) from None
-  objective = getattr(module, attribute, None)
+    objective = import_attribute(spec)
+  except ImportError as e:
+    raise ObjectiveError(f"config.train.objective={spec!r}: {e}") from None
+  except AttributeError:
+    objective = None
   if not isinstance(objective, Objective):
+    where, _, attribute = spec.rpartition(":")
     raise ObjectiveError(
       f"config.train.objective={spec!r}: {where} has no Objective named {attribute!r} "
       f"(found {type(objective).__name__}); define {attribute} = objectives.Objective(...)"
     )
   return objective
+
+
+def import_attribute(spec: str):
+  """The attribute named by `module:attribute` or `path/to/file.py:attribute`; ImportError or AttributeError with
+  one line saying what failed and how to name it instead."""
+  where, _, attribute = spec.rpartition(":")
+  if not where or not attribute:
+    raise ImportError("name it as module:attribute or path/to/file.py:attribute")
+  try:
+    module = _load_file(where) if where.endswith(".py") else importlib.import_module(where)
+  except Exception as e:  # noqa: BLE001 (the user's module failed to import: say so in one line)
+    raise ImportError(
+      f"cannot import {where} ({type(e).__name__}: {_first_line(e)}); give an importable module (on PYTHONPATH) "
+      "or a path to a .py file"
+    ) from None
+  if not hasattr(module, attribute):
+    raise AttributeError(f"{where} has no attribute {attribute!r}")
+  return getattr(module, attribute)
 
 
 def _first_line(error: BaseException) -> str:

@@ -72,8 +72,10 @@ class Experiment:
     return {name: load() for name, load in self.frozen_loaders.items()}
 
   def abstract_batch(self) -> dict:
+    """The train step's batch as ShapeDtypeStructs: BATCH_FIELDS and the fields the objective adds."""
     shape = (self.cfg.train.global_batch_size, self.cfg.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in BATCH_FIELDS.items()}
+    fields = {**BATCH_FIELDS, **objectives.get(self.cfg.train.objective).extra_batch_fields}
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in fields.items()}
 
 
 def _objective(cfg, model: TrainedModel, params_sharding, mesh: Mesh, rules):

@@ -154,12 +154,12 @@ class _MetricsLogger:
     self.last_train = record
 
 
-def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config: dict) -> tuple[object, int | None]:
-  """(state, saved data row cursor or None): the newest readable checkpoint of this run, else a new run's state
-  (optionally with the weights, and the optimizer moments, of another run)."""
+def _initial_state(exp: Experiment, checkpointer: Checkpointer, ckpt_cfg, config: dict) -> tuple[object, dict | None]:
+  """(state, the checkpoint's data item or None): the newest readable checkpoint of this run, else a new run's
+  state (optionally with the weights, and the optimizer moments, of another run)."""
   restored = checkpointer.restore_latest(exp.abstract_state(), config)
   if restored is not None:
-    return restored.state, (restored.data or {}).get("next_row")
+    return restored.state, restored.data
   state = exp.init_state()
   # LoRA: init_from names the frozen base (exp.load_frozen), not where the trained adapters start.
   if ckpt_cfg.init_from and exp.model_cfg.lora_rank == 0:
@@ -219,8 +219,7 @@ class _Run:
   schedule: _Schedule
   config_json: str
   start_step: int
-  start_row: int
-  batch_rows: int
+  source: objectives.BatchSource
   workdir: str
 
   def evaluate(self, state) -> dict | None:
@@ -233,6 +232,8 @@ def _after_step(run: _Run, done: int, state, metrics: dict, preemption: Preempti
   profile, checkpoint. Returns the signal's name when the run was asked to stop (it has saved)."""
   schedule = run.schedule
   stop = _preemption_requested(preemption, done, schedule.log_every)
+  if stop is not None and not run.source.can_stop(done):
+    stop = None  # the source cannot resume exactly from here (mid rollout batch): the next step that can stops
   run.logger.dispatched(done, metrics, due=schedule.logs(done) or stop is not None)
   evaluates, saves = schedule.evaluates(done), schedule.checkpoints(done) or stop is not None
   profile_ends = bool(schedule.profile) and done == schedule.profile.stop
@@ -249,12 +250,11 @@ def _after_step(run: _Run, done: int, state, metrics: dict, preemption: Preempti
     run.logger.write_eval(done, eval_metrics)
   if saves:
     run.logger.writer.flush()  # an object store gets the lines before the checkpoint that holds their steps
-    position = {"next_row": run.start_row + (done - run.start_step) * run.batch_rows}
-    run.checkpointer.save(done, state, position, run.config_json)
+    run.checkpointer.save(done, state, run.source.position(done), run.config_json)
   return stop
 
 
-def _train_steps(run: _Run, state, train_iter):
+def _train_steps(run: _Run, state):
   """Steps from `run.start_step` to the end of the schedule, or to a preemption; returns the last state."""
   if run.start_step == 0 and (baseline := run.evaluate(state)) is not None:
     run.logger.write_eval(0, baseline)  # the untrained model's loss: every later eval is read against it
@@ -262,8 +262,9 @@ def _train_steps(run: _Run, state, train_iter):
     for step in range(run.start_step, run.schedule.steps):
       if step == run.schedule.profile.start and run.schedule.profile:
         jax.profiler.start_trace(run.logger.writer.tensorboard_dir)
-      state, metrics = run.exp.train_step(state, next(train_iter), run.frozen)
-      stop = _after_step(run, step + 1, state, metrics, preemption)
+      batch, host_metrics = run.source.next(state)
+      state, metrics = run.exp.train_step(state, batch, run.frozen)
+      stop = _after_step(run, step + 1, state, {**metrics, **host_metrics}, preemption)
       if stop:
         run.checkpointer.wait()
         run.logger.progress.close()
@@ -283,7 +284,7 @@ def train(cfg, workdir: str) -> dict:
   exp = build(cfg, tokenizer.vocab_size, mesh)
   config_json = cfg.to_json_best_effort(indent=2, sort_keys=True)
   # Restored before config.json is rewritten: a checkpoint that does not fit must leave the run as it was.
-  state, next_row = _initial_state(exp, checkpointer, cfg.checkpoint, json.loads(config_json))
+  state, saved_position = _initial_state(exp, checkpointer, cfg.checkpoint, json.loads(config_json))
   frozen = exp.load_frozen()  # models the objective reads but never trains; {} for pre-training
   if is_writer:
     (as_path(workdir) / "config.json").write_text(config_json)
@@ -291,10 +292,8 @@ def train(cfg, workdir: str) -> dict:
   if start_step >= steps:
     _log.info("the run in %s is complete (step %d of %d); nothing to do", workdir, start_step, steps)
     return {"train": {}, "eval": {}, "state": state, "experiment": exp}
-  # The data position is a global row cursor: the same for any number of processes, and it carries over a
-  # change of batch size. Checkpoints without one were written at a constant batch size.
-  start_row = next_row if next_row is not None else start_step * batch_rows
-  train_iter, eval_batches = _batches(cfg, tokenizer, exp, start_row)
+  make_batches = objectives.get(cfg.train.objective).batches or _stream_batches
+  source, eval_batches = make_batches(cfg, tokenizer, exp, frozen, start_step, saved_position)
 
   writer = MetricWriter(workdir, enabled=is_writer)
   throughput = _Throughput(exp.model_cfg, batch_rows * cfg.data.seq_len, cfg.data.seq_len, exp.model_cfg.dtype)
@@ -304,11 +303,11 @@ def train(cfg, workdir: str) -> dict:
     exp=exp, frozen=frozen, eval_batches=eval_batches, checkpointer=checkpointer,
     logger=_MetricsLogger(writer, throughput, progress),
     schedule=_schedule(cfg, start_step, profiles=is_writer), config_json=config_json,
-    start_step=start_step, start_row=start_row, batch_rows=batch_rows, workdir=workdir,
+    start_step=start_step, source=source, workdir=workdir,
   )  # fmt: skip
-  state = _train_steps(run, state, train_iter)
+  state = _train_steps(run, state)
   progress.close()
-  train_iter.close()  # the background thread that builds the next batch
+  source.close()  # e.g. the background thread that builds the next batch
   checkpointer.wait()
   checkpointer.close()
   writer.close()
@@ -317,11 +316,37 @@ def train(cfg, workdir: str) -> dict:
   return {"train": run.logger.last_train, "eval": run.logger.last_eval, "state": state, "experiment": exp}
 
 
-def _batches(cfg, tokenizer, exp: Experiment, start_row: int) -> tuple[object, list[dict]]:
-  """(the train batch iterator from global row `start_row`, the fixed eval batches)."""
+class _StreamBatches:
+  """The batches of a data stream (objectives' `load_documents`): step s takes global rows from a cursor that
+  advances by the batch size, whatever the state."""
+
+  def __init__(self, train_iter, start_step: int, start_row: int, batch_rows: int):
+    self._iter, self._start_step, self._start_row, self._rows = train_iter, start_step, start_row, batch_rows
+
+  def next(self, state) -> tuple[dict, dict]:
+    del state
+    return next(self._iter), {}
+
+  def position(self, done: int) -> dict:
+    return {"next_row": self._start_row + (done - self._start_step) * self._rows}
+
+  def can_stop(self, done: int) -> bool:
+    del done
+    return True
+
+  def close(self) -> None:
+    self._iter.close()  # the background thread that builds the next batch
+
+
+def _stream_batches(cfg, tokenizer, exp: Experiment, frozen: dict, start_step: int, saved: dict | None):
+  """(the train batches from the saved row cursor, the fixed eval batches)."""
+  del frozen
+  batch_rows = cfg.train.global_batch_size
+  # The data position is a global row cursor: the same for any number of processes, and it carries over a
+  # change of batch size. Checkpoints without one were written at a constant batch size.
+  start_row = (saved or {}).get("next_row", start_step * batch_rows)
   # Once, for the train and the eval batches: the corpus's token cache, or the sft / dpo examples.
   token_cache = objectives.get(cfg.train.objective).load_documents(cfg.data, tokenizer)
-  batch_rows = cfg.train.global_batch_size
   train_iter = data.make_train_iterator(
     cfg.data, tokenizer, global_batch_size=batch_rows, seed=cfg.train.seed, sharding=exp.batch_sharding,
     start_row=start_row, token_cache=token_cache,
@@ -331,7 +356,7 @@ def _batches(cfg, tokenizer, exp: Experiment, start_row: int) -> tuple[object, l
     cfg.data, tokenizer, global_batch_size=batch_rows, num_batches=cfg.train.eval_batches,
     sharding=exp.batch_sharding, token_cache=token_cache,
   )  # fmt: skip
-  return train_iter, eval_batches
+  return _StreamBatches(train_iter, start_step, start_row, batch_rows), eval_batches
 
 
 def _schedule(cfg, start_step: int, profiles: bool) -> _Schedule:
