@@ -118,7 +118,8 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.eval_every = 100  # steps between evaluations (also at step 0 and at the last step)
   c.train.eval_batches = 8  # batches per evaluation (fewer if the held-out split is small)
   c.train.seed = 0  # parameters, data order and dropout
-  # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher) | module:attribute or
+  # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher) | grpo (prompt JSONL,
+  # rewards) | module:attribute or
   # path/to/file.py:attribute naming an objectives.Objective of your own (docs/fine-tuning.md)
   c.train.objective = "lm"
   c.train.compilation_cache = True  # JAX's persistent compilation cache under `<data cache dir>/jax`
@@ -151,6 +152,32 @@ def _fine_tuning(c: ml_collections.ConfigDict) -> None:
   c.dpo = ml_collections.ConfigDict()  # train.objective=dpo
   c.dpo.beta = 0.1  # strength of the implicit KL to the reference: larger keeps the policy closer to it
   c.dpo.reference = ""  # the frozen reference run/checkpoint; empty: checkpoint.init_from, else this run's init
+
+  # train.objective=grpo: reinforcement learning from verifiable rewards on prompt JSONL (data.files), rollouts
+  # sampled by the policy being trained (docs/fine-tuning.md)
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.prompts_per_step = 4  # prompts per rollout; train.global_batch_size must be prompts_per_step x group_size
+  c.grpo.group_size = 4  # completions sampled per prompt; advantages compare the rewards within a group
+  c.grpo.max_new_tokens = 64  # most tokens per completion (a completion ends at EOS)
+  c.grpo.temperature = 1.0  # sampling temperature; log-probabilities in the loss use the same
+  c.grpo.top_p = 1.0  # nucleus sampling of the rollouts; 1: off
+  c.grpo.top_k = 0  # top-k sampling of the rollouts; 0: off
+  # comma-separated reward functions: exact_answer | format | overlong (objectives/rewards.py), or
+  # module:function / path/to/file.py:function, each fn(prompts, completions, **fields) -> list[float]
+  c.grpo.rewards = "exact_answer"
+  c.grpo.reward_weights = ""  # comma-separated weights, one per reward function; empty: all 1
+  c.grpo.format_pattern = r"(?s).*####\s*\S+"  # the `format` reward: a regex the whole stripped completion matches
+  # the `overlong` reward: its penalty grows over the last this many tokens before max_new_tokens (DAPO)
+  c.grpo.overlong_window = 16
+  c.grpo.scale_rewards = True  # advantages divided by the group's reward std (GRPO); False as Dr. GRPO recommends
+  c.grpo.epsilon = 0.2  # the ratio's clip below: 1 - epsilon
+  c.grpo.epsilon_high = 0.2  # the ratio's clip above: 1 + epsilon_high (DAPO's clip-higher: 0.28)
+  c.grpo.iterations = 1  # optimizer steps on each rollout batch; > 1 compares with the sampling policy's log-probs
+  c.grpo.beta = 0.0  # weight of the KL to the frozen reference (k3 estimator); 0: no reference model at all
+  c.grpo.reference = ""  # the reference run/checkpoint; empty: checkpoint.init_from, else this run's init (LoRA: base)
+  # sequence_mean (GRPO: mean of each completion's token mean) | token_mean (DAPO) | constant (Dr. GRPO)
+  c.grpo.loss_agg = "token_mean"
+  c.grpo.drop_equal_groups = False  # True: groups whose rewards are all equal weigh nothing (DAPO's dynamic sampling)
 
   c.distill = ml_collections.ConfigDict()  # train.objective=distill
   c.distill.teacher = ""  # a run directory (or checkpoint) of any size trained with the same tokenizer

@@ -68,7 +68,7 @@ def make_train_iterator(
       "left out; add documents or lower data.eval_fraction"
     )
   rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=seed, shuffle=data_cfg.shuffle)
-  batches = _GlobalBatches(rows.__getitem__, global_batch_size, data_cfg.seq_len, sharding)
+  batches = GlobalBatches(rows.__getitem__, global_batch_size, data_cfg.seq_len, sharding)
   return _Prefetcher(lambda i: batches.at(start_row + i * global_batch_size))
 
 
@@ -103,12 +103,12 @@ def make_eval_batches(
   rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=0, shuffle=False)
   padding = empty_row(data_cfg.seq_len + 1, tokenizer.pad_id, weighted="loss_weights" in rows[0])
   row_at = lambda r: rows[r] if r < rows.rows_per_epoch else padding
-  batches = _GlobalBatches(row_at, global_batch_size, data_cfg.seq_len, sharding)
+  batches = GlobalBatches(row_at, global_batch_size, data_cfg.seq_len, sharding)
   count = min(num_batches, math.ceil(rows.rows_per_epoch / global_batch_size))
   return [batches.at(step * global_batch_size) for step in range(count)]
 
 
-class _GlobalBatches:
+class GlobalBatches:
   """Global batches of B consecutive rows; this process builds only the rows its devices hold."""
 
   def __init__(self, row_at: Callable[[int], dict[str, np.ndarray]], batch_size: int, seq_len: int, sharding) -> None:
@@ -119,6 +119,7 @@ class _GlobalBatches:
     indices = sharding.addressable_devices_indices_map(self._shape).values()
     self._local_rows = sorted({r for index in indices for r in range(*index[0].indices(batch_size))})
     assert self._local_rows, "this process's devices hold no rows of the batch"
+    self.local_rows = tuple(self._local_rows)  # batch rows (0 .. B - 1) this process builds, ascending
     self._position = {r: i for i, r in enumerate(self._local_rows)}
 
   def at(self, first_row: int) -> dict[str, jax.Array]:

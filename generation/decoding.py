@@ -105,6 +105,48 @@ class Decoder:
 
     return self._jit("step", run, donate=(4,), static=(0,))(sampling, params, tokens_B, positions_B, cache, key)
 
+  # Rollouts ---------------------------------------------------------------------------------------------
+
+  def rollout(self, params, tokens_QxP, lengths_Q, rows_B, key, sampling: Sampling, max_new_tokens: int, stop_ids):
+    """Samples a completion for every row b of prompt rows_B[b], all on the device in one call: the Q distinct
+    prompts are prefilled once, their cache rows copied to the B rows that continue them, then up to
+    `max_new_tokens` decode steps run in a loop that ends early once every row has produced a stop id.
+    -> (tokens [B, max_new_tokens] int32: row b's new tokens, its first stop id included, anything after it
+    meaningless; done [B] bool: whether the row produced a stop id). Token t of every row is drawn with
+    fold_in(key, t), so the draw is the same on every layout of the same mesh size (threefry is partitionable)."""
+    fn = self._jit("rollout", self._rollout, static=(0, 1))
+    args = (tokens_QxP, lengths_Q, rows_B, stop_ids)
+    return fn(sampling, max_new_tokens, params, *(jnp.asarray(a, jnp.int32) for a in args), key)
+
+  def _rollout(self, sampling, max_new_tokens, params, tokens_QxP, lengths_Q, rows_B, stop_ids, key):
+    cfg = self.model_cfg
+    batch, width = rows_B.shape[0], tokens_QxP.shape[1]
+    cache = init_cache(
+      cfg.num_layers, tokens_QxP.shape[0], width + max_new_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, None,
+      self.rules,
+    )  # fmt: skip
+    logits_QxV, cache = self._prefill_logits(params, tokens_QxP, lengths_Q, cache)
+    cache = select_rows(cache, rows_B, self.rules)
+    lengths_B = jnp.take(lengths_Q, rows_B)
+    first_B = sample(jax.random.fold_in(key, 0), jnp.take(logits_QxV, rows_B, axis=0), sampling, self.vocab_size)
+
+    def unfinished(carry):
+      t, _, _, done_B, _ = carry
+      return (t < max_new_tokens) & ~jnp.all(done_B)
+
+    def decode(carry):
+      t, token_B, tokens_BxT, done_B, cache = carry
+      tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, token_B[:, None], (0, t))
+      done_B = done_B | jnp.isin(token_B, stop_ids)
+      logits_BxV, cache = self._step_logits(params, token_B, lengths_B + t, cache)
+      token_B = sample(jax.random.fold_in(key, t + 1), logits_BxV, sampling, self.vocab_size)
+      return t + 1, token_B, tokens_BxT, done_B, cache
+
+    tokens_BxT = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    carry = (jnp.zeros((), jnp.int32), first_B, tokens_BxT, jnp.zeros((batch,), bool), cache)
+    _, _, tokens_BxT, done_B, _ = jax.lax.while_loop(unfinished, decode, carry)
+    return tokens_BxT, done_B
+
   def _prefill_logits(self, params, tokens_BxP, lengths_B, cache):
     slot_P = jnp.arange(tokens_BxP.shape[1], dtype=jnp.int32)
     segment_ids_BxP = (slot_P[None, :] < lengths_B[:, None]).astype(jnp.int32)

@@ -110,8 +110,9 @@ class Objective:
   text_corpus: bool = True
   # a data.tokenizer given anyway must be that of `tokenizer_runs` (distillation compares logits id by id)
   same_tokenizer: bool = False
-  # batch fields besides BATCH_FIELDS (trainer/experiment.py), each [B, L] of this dtype, that the loss reads
-  extra_batch_fields: dict[str, jnp.dtype] = dataclasses.field(default_factory=dict)
+  # config -> the batch fields besides BATCH_FIELDS (trainer/experiment.py) that the loss reads: {name: dtype},
+  # each [B, L]
+  batch_fields: Callable[[object], dict[str, jnp.dtype]] = lambda cfg: {}
   # (cfg, tokenizer, experiment, frozen, start_step, saved data item or None) -> (BatchSource, eval batches);
   # None: the stream of `load_documents` (trainer/loop.py)
   batches: Callable | None = None

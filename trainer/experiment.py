@@ -58,6 +58,7 @@ class Experiment:
   frozen_shapes: dict = dataclasses.field(default_factory=dict)
   frozen_sharding: dict = dataclasses.field(default_factory=dict)
   frozen_loaders: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
+  rules: dict = dataclasses.field(default_factory=dict)  # logical axis -> mesh axes, as the step lays arrays out
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: for ahead-of-time compilation and for restoring checkpoints."""
@@ -74,7 +75,7 @@ class Experiment:
   def abstract_batch(self) -> dict:
     """The train step's batch as ShapeDtypeStructs: BATCH_FIELDS and the fields the objective adds."""
     shape = (self.cfg.train.global_batch_size, self.cfg.data.seq_len)
-    fields = {**BATCH_FIELDS, **objectives.get(self.cfg.train.objective).extra_batch_fields}
+    fields = {**BATCH_FIELDS, **objectives.get(self.cfg.train.objective).batch_fields(self.cfg)}
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in fields.items()}
 
 
@@ -194,6 +195,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     frozen_shapes=frozen_shapes,
     frozen_sharding=frozen_sharding,
     frozen_loaders=frozen_loaders,
+    rules=rules,
   )
 
 

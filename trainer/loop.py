@@ -122,6 +122,8 @@ class _MetricsLogger:
     """The last dispatched step is followed by host work (eval, checkpoint, end of a profile or of the run):
     its line is written now, and the device is waited for, so the pause falls in no throughput interval."""
     pending, self._pending = self._pending, None
+    if pending is None:  # already read (the step before a pause)
+      return
     if pending.due:
       self._write_train(pending, following=None)
     else:
@@ -254,6 +256,18 @@ def _after_step(run: _Run, done: int, state, metrics: dict, preemption: Preempti
   return stop
 
 
+def _save_before_failing(run: _Run, done: int, state) -> None:
+  """Saves the steps completed since the last checkpoint when the run is about to stop on bad user input, so that
+  the fixed run resumes where this one stopped."""
+  if done == run.start_step or run.schedule.checkpoints(done) or not run.source.can_stop(done):
+    return
+  run.logger.before_pause()
+  run.logger.writer.flush()
+  run.checkpointer.save(done, state, run.source.position(done), run.config_json)
+  run.checkpointer.wait()
+  _log.info("saved checkpoint at step %d before stopping", done)
+
+
 def _train_steps(run: _Run, state):
   """Steps from `run.start_step` to the end of the schedule, or to a preemption; returns the last state."""
   if run.start_step == 0 and (baseline := run.evaluate(state)) is not None:
@@ -262,7 +276,11 @@ def _train_steps(run: _Run, state):
     for step in range(run.start_step, run.schedule.steps):
       if step == run.schedule.profile.start and run.schedule.profile:
         jax.profiler.start_trace(run.logger.writer.tensorboard_dir)
-      batch, host_metrics = run.source.next(state)
+      try:
+        batch, host_metrics = run.source.next(state)
+      except data.DataError:  # e.g. a reward function failed: keep the steps done so far, then stop
+        _save_before_failing(run, step, state)
+        raise
       state, metrics = run.exp.train_step(state, batch, run.frozen)
       stop = _after_step(run, step + 1, state, {**metrics, **host_metrics}, preemption)
       if stop:
