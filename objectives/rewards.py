@@ -27,7 +27,7 @@ from objectives import import_attribute
 
 RewardFn = Callable[..., Sequence[float]]
 
-_ANSWER = re.compile(r"####\s*([^\n]*)|\\boxed\{([^{}]*)\}")
+_ANSWER = re.compile(r"####\s*(\S+)|\\boxed\{([^{}]*)\}")
 
 
 class RewardError(DataError):
@@ -35,7 +35,7 @@ class RewardError(DataError):
 
 
 def final_answer(completion: str) -> str | None:
-  """The last `#### X` (up to the end of its line) or `\\boxed{X}` of a completion, stripped; None without one."""
+  """The last `#### X` (X up to the next whitespace) or `\\boxed{X}` of a completion, stripped; None without one."""
   matches = list(_ANSWER.finditer(completion))
   if not matches:
     return None

@@ -22,6 +22,8 @@ skipped when the time budget has too little left for it; progress and timings go
 - `decode`: llama_1b's KV-cache decoding with random weights at batch 1 and 32 through
   scripts/benchmark_generate.py's `measure` (prefill and decode tokens/s); xla attention if the accelerator's
   kernel fails there (its error is kept).
+- `grpo`: GRPO steps of llama_1b in bf16 from random weights (scripts/benchmark_grpo.py's `measure_grpo`):
+  rollout tokens/s (generation on the training mesh), update tokens/s and the share of a step spent generating.
 `--smoke` runs the same code with tiny shapes and configs/tiny.py on whatever backend is there (CI runs it on
 CPU). The last line on stdout is one JSON object: `device`, `versions`, one entry per section with its
 `status` (pass | fail | error | skip) and figures, `ok` (no section failed or errored), `failed`, `skipped`,
@@ -176,7 +178,8 @@ def plan(smoke: bool, backend: str) -> dict:
       "train_steps": (1, 2),  # warm-up, timed
       "decode_config": "configs/tiny.py",
       "decode": dict(batches=(1, 4), prompt_len=16, new_tokens=8),
-      "needs_s": dict(attention=5, moe=5, train_step=10, decode=5),
+      "grpo": dict(prompts=2, group=4, max_new_tokens=8, prompt_words=8, steps=3),
+      "needs_s": dict(attention=5, moe=5, train_step=10, decode=5, grpo=10),
     }
   return {
     "kernel": kernel,
@@ -188,7 +191,8 @@ def plan(smoke: bool, backend: str) -> dict:
     "train_steps": (2, 8),
     "decode_config": "configs/llama_1b.py",
     "decode": dict(batches=(1, 32), prompt_len=128, new_tokens=128),
-    "needs_s": dict(attention=30, moe=20, train_step=100, decode=90),
+    "grpo": dict(prompts=4, group=8, max_new_tokens=128, prompt_words=32, steps=4),
+    "needs_s": dict(attention=30, moe=20, train_step=100, decode=90, grpo=80),
   }
 
 
@@ -581,6 +585,21 @@ def check_decode(p: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# GRPO: rollouts and updates of the decode config's model in bf16 (scripts/benchmark_grpo.py)
+
+
+def check_grpo(p: dict) -> dict:
+  from scripts.benchmark_grpo import measure_grpo
+
+  cfg = _config(p["decode_config"], **{"model.compute_dtype": "bfloat16"})
+  result = measure_grpo(cfg, **p["grpo"])
+  for key in ("rollout_tokens_per_sec", "update_tokens_per_sec", "rollout_share", "completion_len_mean"):
+    result[key] = round(result[key], 3)
+  ok = result["rollout_tokens_per_sec"] > 0 and result["update_tokens_per_sec"] > 0
+  return {"config": p["decode_config"], **result, "status": "pass" if ok else "fail"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def versions() -> dict:
@@ -657,9 +676,10 @@ def main() -> int:
         report, "train_step", lambda: check_train_step(p, budget, needs["decode"]), budget, needs["train_step"]
       )
       run_section(report, "decode", lambda: check_decode(p), budget, needs["decode"])
+      run_section(report, "grpo", lambda: check_grpo(p), budget, needs["grpo"])
     finally:
       train_py.stop()
-  sections = ("attention", "moe", "train_py", "train_step", "decode")
+  sections = ("attention", "moe", "train_py", "train_step", "decode", "grpo")
   report["failed"] = [s for s in sections if report.get(s, {}).get("status") in ("fail", "error")]
   report["skipped"] = [s for s in sections if report.get(s, {}).get("status") == "skip"]
   report["ok"] = not report["failed"]

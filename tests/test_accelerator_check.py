@@ -25,7 +25,7 @@ def test_smoke_run_ends_with_one_json_line_and_every_check_passes():
   assert report["ok"] and report["failed"] == [] and report["skipped"] == [], report
   assert report["device"] == {"device_kind": "cpu", "platform": "cpu", "count": 2}
   assert set(report["versions"]) >= {"python", "jax", "jaxlib", "flax", "optax", "orbax", "numpy"}
-  for section in ("attention", "moe", "train_py", "train_step", "decode"):
+  for section in ("attention", "moe", "train_py", "train_step", "decode", "grpo"):
     assert report[section]["status"] == "pass", (section, report[section])
 
   attention = report["attention"]

@@ -259,7 +259,7 @@ def grpo_tokenizer(tmp_path_factory):
 
   root = tmp_path_factory.mktemp("grpo_tokenizer")
   corpus = root / "text.txt"
-  corpus.write_text("".join(open(f).read() for f in ("examples/arithmetic_sft.jsonl", "examples/sft.jsonl",
+  corpus.write_text("".join(open(f).read() for f in ("examples/grpo_sft.jsonl", "examples/sft.jsonl",
                                                        "examples/dpo.jsonl")))  # fmt: skip
   data_cfg = base_config().data
   data_cfg.files, data_cfg.vocab_size, data_cfg.cache_dir, data_cfg.eval_fraction = str(corpus), 400, str(root), 0.0

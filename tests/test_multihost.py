@@ -214,3 +214,35 @@ def test_mismatched_process_counts_fail_in_one_line(tmp_path):
     assert err.strip().splitlines()[-1] == (
       "error: process 1 was started with --num_processes=3 but process 0 with 2; give every process the same count"
     )
+
+
+def _grpo_args(workdir, cache, layout: dict) -> list[str]:
+  """A 4-step GRPO run of a 2-layer model on examples/grpo.jsonl: 2 prompts x 4 completions per rollout."""
+  overrides = {
+    **layout, "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 4,
+    "model.mlp_dim": 128, "data.vocab_size": 512, "data.cache_dir": cache, "data.seq_len": 48,
+    "data.chat_template": "{content}", "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.max_new_tokens": 8,
+    "grpo.rewards": "format,overlong", "grpo.overlong_window": 4, "grpo.beta": 0.04,
+    "train.global_batch_size": 8, "train.steps": 4, "train.log_every": 1, "checkpoint.every_steps": 4,
+    "optim.warmup_steps": 1, "optim.peak_lr": 1e-2,
+  }  # fmt: skip
+  return ["train.py", "--config", "configs/grpo_tiny.py", f"--workdir={workdir}"] + [
+    f"--config.{k}={v}" for k, v in overrides.items()
+  ]
+
+
+@pytest.mark.slow
+def test_two_processes_roll_out_score_and_update_as_one(cache, tmp_path):
+  """GRPO over fsdp x tensor on 2 x 4 devices: each process generates and scores the rows its devices hold; the
+  rewards, advantages (over whole groups) and updates are those of one process."""
+  layout = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}
+  records = {}
+  for processes in (1, 2):
+    workdir = tmp_path / f"p{processes}"
+    for r in _run_processes(_grpo_args(workdir, cache, layout), processes):
+      assert r.returncode == 0, r.stderr[-3000:]
+    records[processes] = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  one, two = records[1], records[2]
+  assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+  for name in ("reward_mean", "reward_std", "reward/format", "completion_len_mean", "loss", "kl", "grad_norm"):
+    np.testing.assert_allclose([r[name] for r in two], [r[name] for r in one], rtol=2e-5, atol=1e-6, err_msg=name)

@@ -211,29 +211,40 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_losses(workdir: str) -> str:
-  """Writes loss.png (train and eval loss against step) from metrics.jsonl; returns its path."""
+  """Writes loss.png (train and eval loss against step) from metrics.jsonl, and rewards.png beside it for a run
+  with rewards (grpo); returns loss.png's path."""
+  records = read_metrics(workdir)
+  # A file written before lines were kept one per step may repeat steps after a resume: the last line wins.
+  train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+  evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
+  curves = [("train loss", train, "-"), ("eval loss", evals, "o-")]
+  path = _plot(workdir, "loss.png", curves, "cross-entropy (nats/token)")
+  reward_names = sorted({k for r in records for k in r if k == "reward_mean" or k.startswith("reward/")})
+  if reward_names:
+    rewards = [(name, sorted({r["step"]: r[name] for r in records if name in r}.items()), "-") for name in reward_names]
+    _plot(workdir, "rewards.png", rewards, "mean reward per rollout")
+  return path
+
+
+def _plot(workdir: str, name: str, curves: list[tuple[str, list, str]], ylabel: str) -> str:
+  """Writes `name` in the run directory: each (label, [(step, value)], style) curve against step."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  records = read_metrics(workdir)
-  # A file written before lines were kept one per step may repeat steps after a resume: the last line wins.
-  train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
-  evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  if train:
-    ax.plot(*zip(*train), label="train loss", lw=1)
-  if evals:
-    ax.plot(*zip(*evals), "o-", label="eval loss", ms=3)
+  for label, points, style in curves:
+    if points:
+      ax.plot(*zip(*points), style, label=label, lw=1, ms=3)
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_ylabel(ylabel)
   ax.set_title(as_path(workdir).name)
   ax.grid(alpha=0.3)
   ax.legend()
   image = io.BytesIO()
   fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
   plt.close(fig)
-  path = as_path(workdir) / "loss.png"
+  path = as_path(workdir) / name
   path.write_bytes(image.getvalue())
   return str(path)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from data import chat
 from data.pipeline import GlobalBatches
 from data.prompts import load_prompts, prompt_order
 from data.tokenizer import Tokenizer
@@ -41,6 +42,7 @@ class Rollouts:
   def __init__(self, cfg, tokenizer: Tokenizer, exp: Experiment, frozen: dict, start_step: int, start_row: int):
     self.cfg, self.g, self.exp, self.frozen = cfg, cfg.grpo, exp, frozen
     self.tokenizer = tokenizer
+    self._end_marker = chat.turn_format(cfg.data.chat_template).split("{content}")[1].replace("{role}", chat.TRAINED_ROLE).strip()
     self.prompts = load_prompts(cfg.data, tokenizer)
     self.functions = rewards.reward_functions(self.g)
     self.weights = rewards.reward_weights(self.g, len(self.functions))
@@ -125,7 +127,7 @@ class Rollouts:
       end = int(np.argmax(np.isin(tokens_T, stop_ids))) if done else len(tokens_T)
       completion = [int(t) for t in tokens_T[: end + 1 if done else end]]  # the stop token is trained on
       self._local[r] = {"prompt": prompt_tokens[rows_B[r]], "completion": completion}
-      texts.append(self.tokenizer.decode(completion[:end]))
+      texts.append(self._answer_text(self.tokenizer.decode(completion[:end])))
       prompt_texts.append(prompts[rows_B[r]].text)
       counts.append(len(completion))
     names = sorted({name for p in prompts for name in p.fields})
@@ -158,6 +160,10 @@ class Rollouts:
       metrics["rollout_share"] = previous["seconds"] / (previous["seconds"] + update_seconds)
     self._timing = {"done": t_done, "seconds": t_done - t_start, "tokens": float(stats["row_tokens"])}
     return batch, metrics
+
+  def _answer_text(self, text: str) -> str:
+    """What the reward functions see of a completion: the assistant's turn, up to the template's end marker."""
+    return text.split(self._end_marker, 1)[0] if self._end_marker else text
 
   def _policy(self, params: dict) -> dict:
     """The full model's parameters: with LoRA, the adapters being trained over the frozen base."""
