@@ -155,6 +155,20 @@ def test_reward_names_that_import_nothing_are_one_line(tmp_path):
   assert rewards.score(functions, ["p"], ["#### 3"], {"answer": ["3"]})[f"{tmp_path}/mine.py:reward"].tolist() == [6.0]
 
 
+@pytest.mark.fast
+def test_a_completion_ends_at_its_stop_token_or_the_turns_end_marker():
+  from trainer.rollouts import split_completion
+
+  pieces = {1: "#### ", 2: "9", 3: "<|im", 4: "_end|>", 5: "\n", 6: "junk", 0: "</s>"}
+  decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+  # Stopped at EOS (id 0) before any marker: trained up to and with EOS, scored without it.
+  assert split_completion([1, 2, 0, 6], True, [0], "<|im_end|>", decode) == ([1, 2, 0], "#### 9")
+  # The marker's last token ends it; the rambling after it is neither trained on nor scored.
+  assert split_completion([1, 2, 3, 4, 5, 6, 0], True, [0], "<|im_end|>", decode) == ([1, 2, 3, 4], "#### 9")
+  # No stop token within max_new_tokens and no template marker: every token, all its text.
+  assert split_completion([1, 2, 6], False, [0], "", decode) == ([1, 2, 6], "#### 9junk")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rollouts on the training mesh
 

@@ -42,7 +42,8 @@ class Rollouts:
   def __init__(self, cfg, tokenizer: Tokenizer, exp: Experiment, frozen: dict, start_step: int, start_row: int):
     self.cfg, self.g, self.exp, self.frozen = cfg, cfg.grpo, exp, frozen
     self.tokenizer = tokenizer
-    self._end_marker = chat.turn_format(cfg.data.chat_template).split("{content}")[1].replace("{role}", chat.TRAINED_ROLE).strip()
+    turn_end = chat.turn_format(cfg.data.chat_template).split("{content}")[1]
+    self._end_marker = turn_end.replace("{role}", chat.TRAINED_ROLE).strip()  # "<|im_end|>" for chatml
     self.prompts = load_prompts(cfg.data, tokenizer)
     self.functions = rewards.reward_functions(self.g)
     self.weights = rewards.reward_weights(self.g, len(self.functions))
@@ -123,11 +124,9 @@ class Rollouts:
     # This process's rows: text, rewards, and the row of prompt + completion.
     self._local, texts, prompt_texts, counts = {}, [], [], []
     for r in self.rows.local_rows:
-      tokens_T, done = local[r]
-      end = int(np.argmax(np.isin(tokens_T, stop_ids))) if done else len(tokens_T)
-      completion = [int(t) for t in tokens_T[: end + 1 if done else end]]  # the stop token is trained on
+      completion, text = split_completion(*local[r], stop_ids, self._end_marker, self.tokenizer.decode)
       self._local[r] = {"prompt": prompt_tokens[rows_B[r]], "completion": completion}
-      texts.append(self._answer_text(self.tokenizer.decode(completion[:end])))
+      texts.append(text)
       prompt_texts.append(prompts[rows_B[r]].text)
       counts.append(len(completion))
     names = sorted({name for p in prompts for name in p.fields})
@@ -160,10 +159,6 @@ class Rollouts:
       metrics["rollout_share"] = previous["seconds"] / (previous["seconds"] + update_seconds)
     self._timing = {"done": t_done, "seconds": t_done - t_start, "tokens": float(stats["row_tokens"])}
     return batch, metrics
-
-  def _answer_text(self, text: str) -> str:
-    """What the reward functions see of a completion: the assistant's turn, up to the template's end marker."""
-    return text.split(self._end_marker, 1)[0] if self._end_marker else text
 
   def _policy(self, params: dict) -> dict:
     """The full model's parameters: with LoRA, the adapters being trained over the frozen base."""
@@ -221,6 +216,24 @@ class Rollouts:
   def _adapters(self, params: dict) -> dict:
     """The adapters of a LoRA policy's full parameters (the rest is the frozen base)."""
     return lora.split(params)[0] if self.exp.model_cfg.lora_rank > 0 else params
+
+
+def split_completion(tokens_T, stopped: bool, stop_ids, end_marker: str, decode) -> tuple[list[int], str]:
+  """(the tokens trained on, the text the reward functions see) of a row's new tokens. A completion ends at its
+  stop token (kept: the model learns to stop) or, in a chat template, with the token that completes the assistant
+  turn's end marker (`end_marker`, "" for none): what follows is not part of the answer, and is neither scored nor
+  trained on. `decode`: token ids -> text."""
+  tokens = [int(t) for t in tokens_T]
+  end = next(i for i, t in enumerate(tokens) if t in stop_ids) if stopped else len(tokens)
+  text = decode(tokens[:end])
+  if end_marker and end_marker in text:
+    # The shortest prefix whose text holds the marker (found by bisection: text grows with the prefix).
+    lo, hi = 1, end
+    while lo < hi:
+      mid = (lo + hi) // 2
+      lo, hi = (lo, mid) if end_marker in decode(tokens[:mid]) else (mid + 1, hi)
+    return tokens[:lo], text.split(end_marker, 1)[0]
+  return tokens[: end + 1 if stopped else end], text
 
 
 def _local_rows(completions_BxT: jax.Array, done_B: jax.Array) -> dict[int, tuple[np.ndarray, bool]]:
