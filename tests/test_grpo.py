@@ -184,6 +184,7 @@ def _decoder(layout: dict):
   return Decoder(model_config(cfg, VOCAB, tensor=mesh.shape["tensor"], rules=rules, platform="cpu"), VOCAB, mesh, rules)
 
 
+@pytest.mark.fast
 def test_rollouts_equal_one_device_generation_on_a_sharded_mesh():
   """Greedy: the rollout of each group's rows equals generate() of its prompt alone; sampled: every layout draws
   the same tokens (the draw is a function of the key, not of the layout)."""

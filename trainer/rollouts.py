@@ -132,7 +132,7 @@ class Rollouts:
     names = sorted({name for p in prompts for name in p.fields})
     fields = {name: [prompts[rows_B[r]].fields.get(name) for r in self.rows.local_rows] for name in names}
     fields["completion_tokens"] = counts
-    scores = rewards.score(self.functions, prompt_texts, texts, fields)
+    scores = _agreed(lambda: rewards.score(self.functions, prompt_texts, texts, fields))
     functions = list(self.functions)
     per_row = {r: np.array([scores[n][i] for n in functions], np.float32) for i, r in enumerate(self.rows.local_rows)}
     scores_BxF = jax.make_array_from_callback(
@@ -216,6 +216,26 @@ class Rollouts:
   def _adapters(self, params: dict) -> dict:
     """The adapters of a LoRA policy's full parameters (the rest is the frozen base)."""
     return lora.split(params)[0] if self.exp.model_cfg.lora_rank > 0 else params
+
+
+def _agreed(score):
+  """score()'s result on every process, or the same failure on all: a reward function that fails on one process
+  (where its rows' text is) must stop them all, before the next collective, to checkpoint and exit together."""
+  try:
+    result, error = score(), None
+  except rewards.RewardError as e:
+    result, error = None, e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.array(error is not None)))
+    if error is None and failed.any():
+      error = rewards.RewardError(
+        f"a reward function failed on process {int(np.argmax(failed))} (its log line names it); fix it and rerun"
+      )
+  if error is not None:
+    raise error
+  return result
 
 
 def split_completion(tokens_T, stopped: bool, stop_ids, end_marker: str, decode) -> tuple[list[int], str]:
