@@ -48,9 +48,8 @@ def _wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  root = tmp_path_factory.mktemp("uninterrupted")
-  cache = tmp_path_factory.mktemp("cache")
+def uninterrupted(tmp_path_factory, mini_run_cache):
+  root, cache = tmp_path_factory.mktemp("uninterrupted"), mini_run_cache
   args = mini_run_args(root / "run", cache, steps=RUN_STEPS)
   proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -414,14 +413,14 @@ _KILLED_RUN = {"train.steps": 12, "train.log_every": 2, "train.eval_every": 5, "
 
 
 @pytest.fixture(scope="module")
-def killed_after_checkpoint_8(tmp_path_factory):
+def killed_after_checkpoint_8(tmp_path_factory, mini_run_cache):
   """An in-process run of `_KILLED_RUN` that dies the moment its checkpoint at step 8 has committed (a logged
   step, not an eval step); returns (its run directory, its config)."""
   from tests.helpers import mini_run_config
   from trainer.loop import train
 
   root = tmp_path_factory.mktemp("killed")
-  cfg = mini_run_config(root / "cache", **{"mesh.data": -1, "train.global_batch_size": 8, **_KILLED_RUN})
+  cfg = mini_run_config(mini_run_cache, **{"mesh.data": -1, "train.global_batch_size": 8, **_KILLED_RUN})
   real_save = Checkpointer.save
 
   def save_then_die(self, step, *args, **kwargs):

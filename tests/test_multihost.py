@@ -76,8 +76,8 @@ def _losses(workdir) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
+def cache(mini_run_cache):
+  return mini_run_cache
 
 
 @pytest.fixture(scope="module")
