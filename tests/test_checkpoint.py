@@ -82,20 +82,9 @@ def assert_sigkill_resume_is_exact(workdir, args: list[str], want: dict) -> None
     assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
 
 
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(uninterrupted, tmp_path):
-  _, cache = uninterrupted
-  workdir = tmp_path / "run"
-  proc = _start(mini_run_args(workdir, cache, steps=10_000, every=10_000))
-  _wait_for_step(workdir, 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  stdout, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr[-3000:]
-  line = [x for x in stdout.splitlines() if x.startswith("SIGTERM")]
-  assert len(line) == 1 and "saved checkpoint at step" in line[0]
-  step = int(line[0].split("at step ")[1].split()[0])
-  assert step >= 3
-  assert os.path.isdir(workdir / "checkpoints" / str(step))
+# SIGTERM saves and exits 0: test_multihost's preempted runs, of one process (its [1-2] case) and of two, SIGTERM
+# after step 3 with no periodic checkpoint before the end, check the one "SIGTERM: saved checkpoint at step" line,
+# the exit status and the checkpoint, and resume from it.
 
 
 def _experiment(layout: dict):
