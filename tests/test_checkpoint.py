@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM saves, damaged checkpoints are skipped, layouts can change."""
 
+import functools
 import json
 import logging
 import os
@@ -88,7 +89,13 @@ def assert_sigkill_resume_is_exact(workdir, args: list[str], want: dict) -> None
 
 
 def _experiment(layout: dict):
-  cfg = small_config(**{"model.d_model": 64, "model.num_kv_heads": 4, **layout})
+  """The small model on `layout`, built once: the tests of one layout share its compiled init and step."""
+  return _built(tuple(sorted(layout.items())))
+
+
+@functools.cache
+def _built(layout: tuple):
+  cfg = small_config(**{"model.d_model": 64, "model.num_kv_heads": 4, **dict(layout)})
   return build(cfg, VOCAB, mesh_for(cfg))
 
 
