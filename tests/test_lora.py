@@ -264,9 +264,9 @@ _LORA_ARGS = ["--config.lora.rank=4", "--config.lora.targets=q,v,o,up,down", "--
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+def lora_run(tmp_path_factory, mini_run_cache):
   """A base run (3 steps of the mini model), then an uninterrupted LoRA run on it: (losses, LoRA run, base)."""
-  root, cache = tmp_path_factory.mktemp("lora_run"), tmp_path_factory.mktemp("cache")
+  root, cache = tmp_path_factory.mktemp("lora_run"), mini_run_cache
   base = root / "base"
   proc = subprocess.run([sys.executable, *mini_run_args(base, cache, steps=3, every=3)], env=ENV, capture_output=True,
                         text=True)  # fmt: skip

@@ -19,7 +19,7 @@ from tests.helpers import mini_run_args
 from trainer.experiment import build
 
 LAYOUTS = {"fsdp8": {"mesh.fsdp": 8}, "data2_tensor4": {"mesh.data": 2, "mesh.tensor": 4}}
-STEPS = 5
+STEPS = 24
 
 
 def _free_port() -> int:
@@ -70,48 +70,9 @@ def _run_processes(args: list[str], num_processes: int, timeout: float = 300) ->
   return results
 
 
-def _losses(workdir) -> list[float]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def one_process_runs(tmp_path_factory, cache):
-  runs = {}
-  for name, layout in LAYOUTS.items():
-    workdir = tmp_path_factory.mktemp(f"one_{name}")
-    proc = subprocess.run([sys.executable, *_args(workdir, cache, layout)], env=_env(8), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs[name] = workdir
-  return runs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_two_processes_log_the_losses_of_one(layout, one_process_runs, cache, tmp_path):
-  workdir = tmp_path / "run"
-  results = _run_processes(_args(workdir, cache, LAYOUTS[layout]), 2)
-  for r in results:
-    assert r.returncode == 0, r.stderr[-3000:]
-  assert "[process 1]" in results[1].stderr  # log lines say which process wrote them
-  want = _losses(one_process_runs[layout])
-  got = _losses(workdir)
-  assert len(got) == len(want) == STEPS  # one line per step: process 1 writes no metrics
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  # The checkpoint both processes wrote restores in this single process, onto its 8 devices, to the
-  # parameters of the one-process run.
-  for a, b in zip(
-    jax.tree.leaves(_restored_params(workdir)), jax.tree.leaves(_restored_params(one_process_runs[layout]))
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-RESUME_STEPS = 24
+def cache(mini_run_cache):
+  return mini_run_cache
 
 
 def _losses_by_step(workdir) -> dict[int, float]:
@@ -122,11 +83,19 @@ def _losses_by_step(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted_one_process(tmp_path_factory, cache):
-  workdir = tmp_path_factory.mktemp("one_uninterrupted")
-  args = _args(workdir, cache, LAYOUTS["fsdp8"], steps=RESUME_STEPS)
-  proc = subprocess.run([sys.executable, *args], env=_env(8), capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return _losses_by_step(workdir)
+  """layout -> (train loss by step, run directory) of one process, each run once."""
+  runs = {}
+
+  def get(layout: str):
+    if layout not in runs:
+      workdir = tmp_path_factory.mktemp(f"one_{layout}")
+      args = _args(workdir, cache, LAYOUTS[layout])
+      proc = subprocess.run([sys.executable, *args], env=_env(8), capture_output=True, text=True)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      runs[layout] = _losses_by_step(workdir), workdir
+    return runs[layout]
+
+  return get
 
 
 def _preempt(procs: list[subprocess.Popen], workdir, after_step: int, timeout: float = 300) -> int:
@@ -141,26 +110,46 @@ def _preempt(procs: list[subprocess.Popen], workdir, after_step: int, timeout: f
   outputs = [proc.communicate(timeout=timeout) for proc in procs]
   for proc, (_, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
-  line = next(x for x in outputs[0][0].splitlines() if x.startswith("SIGTERM: saved checkpoint at step"))
-  return int(line.split("at step ")[1].split()[0])
+  lines = [x for x in outputs[0][0].splitlines() if x.startswith("SIGTERM")]
+  assert len(lines) == 1 and lines[0].startswith("SIGTERM: saved checkpoint at step"), outputs[0][0][-3000:]
+  step = int(lines[0].split("at step ")[1].split()[0])
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  return step
 
 
+# Every two-process run of this file is a part of a preempted run: one layout starts as two processes and
+# resumes as one, the other starts as one and resumes as two. Each of their losses is the one-process run's.
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_a_run_resumes_with_another_process_count_as_if_uninterrupted(first, then, uninterrupted_one_process, cache,
-                                                                      tmp_path):  # fmt: skip
+@pytest.mark.parametrize("first,then,layout", [(2, 1, "fsdp8"), (1, 2, "data2_tensor4")])
+def test_two_processes_train_like_one_and_resume_with_another_process_count(first, then, layout,
+                                                                           uninterrupted_one_process, cache,
+                                                                           tmp_path):  # fmt: skip
   workdir = tmp_path / "run"
-  args = _args(workdir, cache, LAYOUTS["fsdp8"], steps=RESUME_STEPS)
+  args = _args(workdir, cache, LAYOUTS[layout])
   stopped_at = _preempt(_start_processes(args, first), workdir, after_step=3)
-  assert 3 <= stopped_at < RESUME_STEPS, "the run ended before the preemption: make it longer"
+  assert 3 <= stopped_at < STEPS, "the run ended before the preemption: make it longer"
   results = _run_processes(args, then)
   for r in results:
     assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming at step {stopped_at}" in results[0].stderr
-  got, want = _losses_by_step(workdir), uninterrupted_one_process
-  assert sorted(got) == sorted(want) == list(range(1, RESUME_STEPS + 1))
+  got, (want, one_process) = _losses_by_step(workdir), uninterrupted_one_process(layout)
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   # The same global batches at every step, before and after the move (a wrong batch would be off by far more).
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-5)
+  # One line per step, the two processes' steps included: process 1 writes no metrics.
+  assert _train_steps(workdir) == list(range(1, STEPS + 1))
+  if then == 2:
+    assert "[process 1]" in results[1].stderr  # log lines say which process wrote them
+    # The checkpoint both processes wrote at the end restores in this single process, onto its 8 devices, to the
+    # parameters of the one-process run.
+    for a, b in zip(jax.tree.leaves(_restored_params(workdir)), jax.tree.leaves(_restored_params(one_process))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _train_steps(workdir) -> list[int]:
+  """The step of every train line of metrics.jsonl, in file order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["step"] for r in map(json.loads, f) if "loss" in r]
 
 
 def _restored_params(run):

@@ -442,7 +442,7 @@ def test_label_smoothing_example_is_its_formula():
 
 
 @pytest.mark.fast
-def test_a_user_objective_from_a_file_outside_the_package_trains(tmp_path, monkeypatch):
+def test_a_user_objective_from_a_file_outside_the_package_trains(tmp_path, monkeypatch, mini_run_cache):
   """train.objective=module:attribute, the module a copy of the example outside the repository: the run trains,
   and its step-1 cross-entropy (reported as `nll`) is the `lm` objective's step-1 loss on the same batch."""
   import shutil
@@ -458,7 +458,7 @@ def test_a_user_objective_from_a_file_outside_the_package_trains(tmp_path, monke
   overrides |= {"mesh.data": -1, "train.global_batch_size": 8}  # the 8 emulated devices
   records = {}
   for objective in ("my_objective:OBJECTIVE", "lm"):
-    cfg = mini_run_config(tmp_path / "cache", **overrides, **{"train.objective": objective})
+    cfg = mini_run_config(mini_run_cache, **overrides, **{"train.objective": objective})
     validate(cfg)
     workdir = tmp_path / objective.split(":")[0]
     train(cfg, str(workdir))
@@ -467,7 +467,7 @@ def test_a_user_objective_from_a_file_outside_the_package_trains(tmp_path, monke
   assert [r["step"] for r in mine] == [1, 2, 3]
   assert mine[0]["nll"] == pytest.approx(lm[0]["loss"], rel=1e-5)
   assert (tmp_path / "my_objective" / "checkpoints" / "3").is_dir()
-  cfg = mini_run_config(tmp_path / "cache", **{"train.objective": "my_objective:NOTHING"})
+  cfg = mini_run_config(mini_run_cache, **{"train.objective": "my_objective:NOTHING"})
   with pytest.raises(ConfigError, match=r"has no Objective named 'NOTHING'"):
     validate(cfg)
   cfg.train.objective = str(tmp_path / "absent.py") + ":OBJECTIVE"

@@ -159,31 +159,23 @@ def test_1f1b_stashes_at_most_stages_activations_gpipe_all_microbatches():
     assert schedules.make_schedule("gpipe", stages, microbatches).stash_slots == microbatches
 
 
-def _compiled(schedule: str, microbatches: int):
-  cfg = small_config(
-    **{
-      "mesh.stage": 2,
-      "train.global_batch_size": 4 * microbatches,
-      "pipeline.schedule": schedule,
-      "pipeline.microbatches": microbatches,
-    }
-  )
-  exp = build(cfg, VOCAB, mesh_for(cfg))
-  return exp, exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile()
-
-
-def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_permute():
-  stages = 2
-  plans = {name: _compiled(name, 4 * stages) for name in ("gpipe", "1f1b")}
+def test_1f1b_needs_less_temp_memory_than_gpipe_and_stages_talk_by_collective_permute(runs):
+  # The programs the training comparisons compiled: 2 stages and M = 4 microbatches, more microbatches than stages.
+  layout = "stage2_fsdp2_tensor2_accum2"
+  stages = LAYOUTS[layout]["mesh.stage"]
+  plans = {}
+  for name in ("gpipe", "1f1b"):
+    exp = runs(layout, name)[2]
+    plans[name] = exp, exp.train_step.lower(exp.abstract_state(), exp.abstract_batch(), {}).compile()
   temp = {name: compiled.memory_analysis().temp_size_in_bytes for name, (_, compiled) in plans.items()}
   assert temp["1f1b"] < temp["gpipe"], temp
   for _, compiled in plans.values():
     assert collectives(compiled.as_text())["collective-permute"]["count"] >= 2  # activations up, gradients down
-  # The plan's own account: gpipe stashes 4S microbatch inputs, 1f1b S.
+  # The plan's own account: gpipe stashes M microbatch inputs, 1f1b S.
   ratio = (
     plans["gpipe"][0].pipeline["activation_bytes_per_device"] / plans["1f1b"][0].pipeline["activation_bytes_per_device"]
   )
-  assert ratio == (4 * stages + 1) / (stages + 1)  # stash + one gradient slot each
+  assert ratio == (M + 1) / (stages + 1)  # stash + one gradient slot each
 
 
 @pytest.mark.fast

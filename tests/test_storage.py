@@ -14,7 +14,7 @@ from tests.helpers import mini_run_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # gcsfs pointed at a closed port on this machine: a bucket out of reach without sending traffic anywhere else
 # (NO_GCE_CHECK keeps google-auth from looking for a cloud metadata server).
-UNREACHABLE_GCS = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "NO_GCE_CHECK": "true", "KILN_STORAGE_TIMEOUT_S": "3"}
+UNREACHABLE_GCS = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "NO_GCE_CHECK": "true", "KILN_STORAGE_TIMEOUT_S": "1"}
 
 
 def _train_py(cwd, *args: str) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def test_an_unreachable_url_is_one_line_and_creates_nothing_locally(tmp_path, fl
   assert proc.returncode != 0
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(f"error: {name}"), proc.stderr[-2000:]
-  assert "did not answer within 3 s" in lines[0] or "cannot be reached" in lines[0]
+  assert "did not answer within 1 s" in lines[0] or "cannot be reached" in lines[0]
   assert os.listdir(tmp_path) == []  # no `gs:` directory, no run directory, no cache
 
 
@@ -53,14 +53,14 @@ def test_a_missing_client_library_names_the_scheme():
 
 
 @pytest.mark.slow
-def test_a_run_directory_written_through_the_url_code_path_is_complete(tmp_path, monkeypatch):
+def test_a_run_directory_written_through_the_url_code_path_is_complete(tmp_path, monkeypatch, mini_run_cache):
   """Metric files take the staged route of object stores (written whole at each flush), checkpoints and the
   rest go through epath as for any URL; the run directory must end up exactly as a local run's."""
   from trainer.loop import train
 
   monkeypatch.setattr("trainer.metrics.is_url", lambda path: True)
   overrides = {"mesh.data": -1, "train.global_batch_size": 8, "train.steps": 8, "train.profile_steps": 2}
-  cfg = mini_run_config(tmp_path / "cache", **overrides)
+  cfg = mini_run_config(mini_run_cache, **overrides)
   workdir = tmp_path / "run"
   train(cfg, str(workdir))
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "loss.png", "metrics.jsonl", "tb",
@@ -80,7 +80,7 @@ def test_a_run_directory_written_through_the_url_code_path_is_complete(tmp_path,
   listener = lambda event, **kw: hits.append(event) if event.endswith("/compilation_cache/cache_hits") else None
   jax.monitoring.register_event_listener(listener)
   try:
-    train(mini_run_config(tmp_path / "cache", **overrides), str(tmp_path / "again"))
+    train(mini_run_config(mini_run_cache, **overrides), str(tmp_path / "again"))
   finally:
     jax.monitoring.unregister_event_listener(listener)
   assert len(hits) >= 2  # at least the train and the eval step
