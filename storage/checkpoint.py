@@ -307,9 +307,10 @@ def load_params(path: str, abstract_params, abstract_opt_state=None):
         item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
       )
     except Exception as e:  # noqa: BLE001
+      same = "model" if abstract_opt_state is None else "model and config.optim.optimizer (init_optimizer_state=True)"
       raise CheckpointError(
         f"cannot load parameters from {item_dir} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-        "check that config.checkpoint.init_from points at a run of the same model"
+        f"check that config.checkpoint.init_from points at a run of the same {same}"
       ) from None
   return restored["params"], restored.get("opt_state")
 
