@@ -99,19 +99,10 @@ def muon_dimensions(logical_names) -> dict:
   return jax.tree.map(one, logical_names, is_leaf=lambda x: isinstance(x, (tuple, jax.sharding.PartitionSpec)))
 
 
-def _only(tree, keep):
-  """`tree` with MaskedNode where `keep` is False: a tree shaped like what optax.partition shows each part."""
-  return jax.tree.map(lambda x, k: x if k else MaskedNode(), tree, keep)
-
-
-def _adamw(optim_cfg, schedule, logical_names):
+def _adamw(optim_cfg, schedule, decay: dict):
+  """AdamW, decaying the parameters `decay` marks True."""
   return optax.adamw(
-    schedule,
-    b1=optim_cfg.b1,
-    b2=optim_cfg.b2,
-    eps=optim_cfg.eps,
-    weight_decay=optim_cfg.weight_decay,
-    mask=decay_mask(logical_names),
+    schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=decay
   )
 
 
@@ -131,15 +122,9 @@ def _muon(optim_cfg, schedule, logical_names):
     optax.add_decayed_weights(optim_cfg.weight_decay),
     optax.scale_by_learning_rate(muon_lr),
   )
-  not_muon = jax.tree.map(lambda m: not m, on_muon)
-  adamw = optax.adamw(
-    schedule,
-    b1=optim_cfg.b1,
-    b2=optim_cfg.b2,
-    eps=optim_cfg.eps,
-    weight_decay=optim_cfg.weight_decay,
-    mask=_only(decay_mask(logical_names), not_muon),
-  )
+  # optax.partition shows each part its own parameters and MaskedNode for the other part's.
+  decay = jax.tree.map(lambda m, d: MaskedNode() if m else d, on_muon, decay_mask(logical_names))
+  adamw = _adamw(optim_cfg, schedule, decay)
   return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
 
@@ -180,7 +165,12 @@ def _lion(optim_cfg, schedule, logical_names):
   )
 
 
-_BUILDERS = {"adamw": _adamw, "muon": _muon, "adafactor": _adafactor, "lion": _lion}
+_BUILDERS = {
+  "adamw": lambda optim_cfg, schedule, logical_names: _adamw(optim_cfg, schedule, decay_mask(logical_names)),
+  "muon": _muon,
+  "adafactor": _adafactor,
+  "lion": _lion,
+}
 
 
 def make_optimizer(optim_cfg, total_steps: int, logical_names) -> tuple[optax.GradientTransformation, optax.Schedule]:
