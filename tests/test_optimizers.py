@@ -164,6 +164,7 @@ def _muon_update(grads, params, names, mesh, specs):
   return jax.device_get(update(place(grads), place(params)))
 
 
+@pytest.mark.fast
 def test_muon_update_is_newton_schulz_per_layer_and_the_same_sharded():
   rng = np.random.default_rng(0)
   L, D, N, H, F = 2, 16, 4, 8, 32
@@ -191,6 +192,7 @@ def test_muon_update_is_newton_schulz_per_layer_and_the_same_sharded():
       np.testing.assert_allclose(single[k][layer].reshape(fan_in, fan_out), want, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
 def test_wsd_schedule_follows_its_formula(shape):
   peak, final, warmup, total, fraction = 1e-3, 1e-4, 10, 100, 0.3
