@@ -98,13 +98,25 @@ def _data(c: ml_collections.ConfigDict) -> None:
 
 
 def _training(c: ml_collections.ConfigDict) -> None:
-  c.optim = ml_collections.ConfigDict()  # AdamW, linear warmup, then cosine decay
+  c.optim = ml_collections.ConfigDict()  # the optimizer and its learning-rate schedule (docs/model.md)
+  # adamw | muon (hidden matrices; AdamW for embeddings, head, norms, biases) | adafactor | lion. A run resumes
+  # only with the optimizer it was saved with
+  c.optim.optimizer = "adamw"
+  c.optim.schedule = "cosine"  # cosine | wsd (warmup, stable, decay) | linear | constant: after a linear warmup
   c.optim.peak_lr = 3e-4  # learning rate at the end of warmup
-  c.optim.final_lr = 3e-5  # learning rate at train.steps
+  c.optim.final_lr = 3e-5  # learning rate at train.steps (constant: unused)
   c.optim.warmup_steps = 100  # linear warmup from 0; must be fewer than train.steps
-  c.optim.b1 = 0.9  # AdamW's first-moment decay
-  c.optim.b2 = 0.95  # AdamW's second-moment decay
+  # wsd: the last this fraction of train.steps decays from peak_lr to final_lr (a longer resumed run moves it)
+  c.optim.decay_fraction = 0.2
+  c.optim.decay_shape = "linear"  # wsd's decay: linear | 1-sqrt
+  c.optim.b1 = 0.9  # AdamW's first-moment decay (lion: the update's interpolation)
+  c.optim.b2 = 0.95  # AdamW's second-moment decay (lion: the momentum's decay; its paper uses 0.99)
   c.optim.eps = 1e-8  # AdamW's epsilon
+  c.optim.muon_momentum = 0.95  # muon: Nesterov momentum of the hidden matrices' updates
+  # muon: update RMS matched to AdamW's (Moonlight), so peak_lr suits both parts; <= 0: Keller Jordan's
+  # sqrt(max(1, fan_out / fan_in)) scale, which wants muon_lr_multiplier near 0.02 / peak_lr
+  c.optim.muon_consistent_rms = 0.2
+  c.optim.muon_lr_multiplier = 1.0  # muon: the hidden matrices' lr is the schedule's times this
   c.optim.weight_decay = 0.1  # applied to matrices only (embeddings included), never to norms or biases
   c.optim.clip_norm = 1.0  # global-norm clipping; <= 0 disables
   c.optim.zero_stage = 0  # 0 | 1 | 2: optimizer state (1) and gradients (2) sharded over `data` (needs data > 1)

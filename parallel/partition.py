@@ -66,14 +66,37 @@ def state_shardings(
   sharded = named(zero_specs)
   abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
   opt_param_shardings = sharded if zero_stage >= 1 else params
-  opt_state = optax.tree_utils.tree_map_params(
-    optimizer,
-    lambda _, sharding: sharding,
-    abstract_opt_state,
-    opt_param_shardings,
-    transform_non_params=lambda _: replicated,
-  )
+  opt_state = _mirror_params(abstract_opt_state, abstract_params, opt_param_shardings, replicated)
   return StateShardings(params, opt_state, sharded if zero_stage >= 2 else params, replicated)
+
+
+def _mirror_params(abstract_opt_state, abstract_params, param_shardings, replicated: NamedSharding):
+  """Shardings of an optimizer state: an array whose path ends with a parameter's path is that parameter's
+  statistic. Of the parameter's shape (moments), it takes the parameter's sharding; with one axis fewer
+  (Adafactor's factored row and column statistics), the sharding without that axis's entry. Anything else
+  (counts, Muon's coefficients, Adafactor's placeholders of shape (1,)) is replicated. Read from paths and
+  shapes, so it holds for any optax state, partitioned and masked ones included."""
+  by_path = {
+    tuple(path): (leaf.shape, sharding)
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(param_shardings))
+  }  # fmt: skip
+  depths = sorted({len(path) for path in by_path}, reverse=True)
+
+  def one(path, leaf):
+    for depth in depths:
+      shape, sharding = by_path.get(tuple(path[-depth:]), ((), None))
+      if sharding is None:
+        continue
+      if leaf.shape == shape:
+        return sharding
+      spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+      for axis in range(len(shape)):
+        if leaf.shape == shape[:axis] + shape[axis + 1 :]:
+          return NamedSharding(sharding.mesh, PartitionSpec(*spec[:axis], *spec[axis + 1 :]))
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
 def with_shardings(shapes, shardings):

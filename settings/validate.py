@@ -15,6 +15,7 @@ from parallel.mesh import MeshError
 from parallel.partition import BATCH_AXES
 from parallel.rules import DEFAULT_RULES, entry_axes, logical_to_spec
 from settings import ConfigError
+from trainer.optim import DECAY_SHAPES, OPTIMIZERS, SCHEDULES
 
 
 def _require(ok: bool, message: str) -> None:
@@ -117,6 +118,7 @@ def _validate_training(cfg: ml_collections.ConfigDict) -> None:
     f"config.optim.final_lr={o.final_lr} must be between 0 and config.optim.peak_lr={o.peak_lr}",
   )
   _require(o.zero_stage in (0, 1, 2), f"config.optim.zero_stage={o.zero_stage} must be 0, 1 or 2 (fsdp is ZeRO-3)")
+  _validate_optimizer(o, t.steps)
   pipe = cfg.pipeline
   _require(pipe.microbatches > 0, f"config.pipeline.microbatches={pipe.microbatches} must be positive")
   _require(
@@ -132,6 +134,21 @@ def _validate_training(cfg: ml_collections.ConfigDict) -> None:
   unknown_rules = set(DEFAULT_RULES) - set(cfg.mesh.rules)
   _require(not unknown_rules, f"config.mesh.rules lacks {sorted(unknown_rules)}; every logical axis needs a rule")
   _require(0 <= cfg.data.eval_fraction < 1, "config.data.eval_fraction must be in [0, 1)")
+
+
+def _validate_optimizer(o: ml_collections.ConfigDict, steps: int) -> None:
+  """optim.optimizer, optim.schedule and the keys they read."""
+  for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES)):
+    _require(o[key] in choices, f"config.optim.{key}={o[key]!r} is not one of {', '.join(choices)}; pick one of them")
+  _require(0 < o.decay_fraction <= 1, f"config.optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+  decay_steps = round(o.decay_fraction * steps)
+  _require(
+    o.schedule != "wsd" or o.warmup_steps <= steps - decay_steps,
+    f"config.optim.warmup_steps={o.warmup_steps} runs into wsd's decay over the last {decay_steps} of "
+    f"config.train.steps={steps}; make warmup_steps or config.optim.decay_fraction smaller",
+  )
+  _require(0 <= o.muon_momentum < 1, f"config.optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
+  _require(o.muon_lr_multiplier > 0, f"config.optim.muon_lr_multiplier={o.muon_lr_multiplier} must be positive")
 
 
 def _validate_moe(cfg: ml_collections.ConfigDict) -> None:

@@ -9,8 +9,9 @@ the latest; old checkpoints are deleted only after a newer one has committed. Th
 On resume, two different things can be wrong with the newest checkpoint:
 - it cannot be read back (truncated or missing files): after one retry it is set aside as `<step>.corrupt`
   (kept, never deleted) and the one before it is used;
-- it reads fine but does not fit the current config (another model shape): nothing is renamed or skipped;
-  the run stops with one line naming the first differing array and the config keys that changed.
+- it reads fine but does not fit the current config (another model shape, architecture or optimizer): nothing
+  is renamed or skipped; the run stops with one line naming the first differing array or the config keys that
+  changed.
 """
 
 import dataclasses
@@ -104,6 +105,7 @@ class Checkpointer:
       path = self.directory / str(step)
       saved = self._read(step, lambda step=step: _leaf_shapes(self._state_metadata(step)))
       if saved is not None:
+        self._check_optimizer(step, config)  # first: another optimizer's state also has other arrays
         self._check_fits(step, saved, abstract_state, config)
         self._check_resumable(step, config)
       state = None
@@ -173,6 +175,21 @@ class Checkpointer:
       f"Resume with the config it was saved with ({path}/config/metadata), use a new --workdir, or start a "
       f"new run from its weights with --config.checkpoint.init_from={path}"
     )
+
+  def _check_optimizer(self, step: int, config: dict | None) -> None:
+    """The optimizer state means what optim.optimizer says (Adam's moments, Muon's momentum, Adafactor's factored
+    statistics): another optimizer cannot continue it. Checkpoints older than the key hold AdamW's."""
+    saved = self._read_json(step, "config") if config is not None else None
+    if saved is None:
+      return
+    old, new = saved.get("optim", {}).get("optimizer", "adamw"), config["optim"]["optimizer"]
+    if old != new:
+      path = self.directory / str(step)
+      raise CheckpointError(
+        f"checkpoint {path} holds the optimizer state of config.optim.optimizer={old}, not {new}. Nothing was "
+        f"changed on disk. Resume with --config.optim.optimizer={old}, use a new --workdir, or start a new run "
+        f"from its weights with --config.checkpoint.init_from={path}"
+      )
 
   def _check_resumable(self, step: int, config: dict | None) -> None:
     """What a resume compares besides shapes: the saved config's architecture (model/config.py: Architecture;
@@ -290,9 +307,10 @@ def load_params(path: str, abstract_params, abstract_opt_state=None):
         item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
       )
     except Exception as e:  # noqa: BLE001
+      same = "model" if abstract_opt_state is None else "model and config.optim.optimizer (init_optimizer_state=True)"
       raise CheckpointError(
         f"cannot load parameters from {item_dir} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-        "check that config.checkpoint.init_from points at a run of the same model"
+        f"check that config.checkpoint.init_from points at a run of the same {same}"
       ) from None
   return restored["params"], restored.get("opt_state")
 

@@ -1,5 +1,7 @@
 """Small configs, synthetic batches and a few-step runner shared by the tests."""
 
+import os
+
 import jax
 import numpy as np
 
@@ -104,3 +106,14 @@ def mini_run_overrides(cache_dir, *, steps: int = 12, every: int = 4) -> dict:
     "checkpoint.every_steps": every,
     "mesh.data": 1,
   }
+
+
+def tree_snapshot(directory) -> dict[str, bytes]:
+  """Every file under `directory` by relative path, with its bytes: equal snapshots mean nothing changed."""
+  snapshot = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        snapshot[os.path.relpath(path, directory)] = f.read()
+  return snapshot

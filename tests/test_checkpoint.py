@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from storage.checkpoint import Checkpointer, CheckpointError, check_writable, load_params
-from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config
+from tests.helpers import VOCAB, mesh_for, mini_run_args, packed_batch, small_config, tree_snapshot
 from trainer.experiment import build
 
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -202,17 +202,6 @@ def test_init_from_a_run_or_a_bf16_export_loads_its_parameters(tmp_path):
     load_params(str(tmp_path / "nothing_here"), fresh.params)
 
 
-def _tree_snapshot(directory) -> dict[str, bytes]:
-  """Every file under `directory` by relative path, with its bytes: equal snapshots mean nothing changed."""
-  snapshot = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        snapshot[os.path.relpath(path, directory)] = f.read()
-  return snapshot
-
-
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
   """A run directory with checkpoints at steps 1 and 2 of the small model, clipping at 1.0, and its config."""
@@ -235,6 +224,7 @@ def saved_run(tmp_path_factory):
     {"optim.clip_norm": 0.0},  # clipping turned off
     {"optim.clip_norm": 0.25, "optim.peak_lr": 1e-3, "optim.final_lr": 0.0},
     {"optim.warmup_steps": 7, "train.steps": 50, "train.log_every": 3, "checkpoint.every_steps": 5},
+    {"optim.schedule": "wsd", "optim.decay_fraction": 0.5, "optim.decay_shape": "1-sqrt", "train.steps": 40},
     {"optim.weight_decay": 0.0, "optim.b2": 0.99, "train.grad_accum": 2},
     {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optim.zero_stage": 1},  # another layout
     # Execution (model/config.py): how the step computes, never what the weights mean.
@@ -246,12 +236,12 @@ def test_a_change_that_keeps_the_state_structure_resumes_at_the_saved_step(saved
   workdir, _, saved_params = saved_run
   cfg = small_config(**{"optim.clip_norm": 1.0, **change})
   exp = build(cfg, VOCAB, mesh_for(cfg))
-  before = _tree_snapshot(workdir)
+  before = tree_snapshot(workdir)
   restored = Checkpointer(str(workdir), cfg.checkpoint).restore_latest(exp.abstract_state(), json.loads(cfg.to_json()))
   assert restored.step == 2 and int(restored.state.step) == 2 and restored.data == {"next_row": 16}
   for a, b in zip(jax.tree.leaves(jax.device_get(restored.state.params)), jax.tree.leaves(saved_params)):
     np.testing.assert_array_equal(a, b)
-  assert _tree_snapshot(workdir) == before
+  assert tree_snapshot(workdir) == before
 
 
 @pytest.mark.parametrize(
@@ -279,10 +269,10 @@ def _refused_resume(saved_run, change: dict) -> str:
   workdir, _, _ = saved_run
   cfg = small_config(**{"optim.clip_norm": 1.0, **change})
   exp = build(cfg, VOCAB, mesh_for(cfg))
-  before = _tree_snapshot(workdir)
+  before = tree_snapshot(workdir)
   with pytest.raises(CheckpointError) as error:
     Checkpointer(str(workdir), cfg.checkpoint).restore_latest(exp.abstract_state(), json.loads(cfg.to_json()))
-  assert _tree_snapshot(workdir) == before  # names and bytes: no checkpoint renamed, skipped over or touched
+  assert tree_snapshot(workdir) == before  # names and bytes: no checkpoint renamed, skipped over or touched
   return str(error.value)
 
 
@@ -350,14 +340,14 @@ def test_train_py_resumes_after_clipping_is_turned_off_and_refuses_another_model
   assert sorted(_losses(workdir)) == list(range(1, 13))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
 
-  before = _tree_snapshot(workdir)
+  before = tree_snapshot(workdir)
   other = subprocess.run([sys.executable, *args, "--config.model.mlp_dim=96", "--config.train.steps=20"], env=ENV,
                          capture_output=True, text=True)  # fmt: skip
   assert other.returncode != 0
   lines = [line for line in other.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith(f"error: checkpoint {workdir}/checkpoints/12 does not fit this config: params."), lines
   assert "model.mlp_dim: 64 -> 96" in lines[-1] and "train.steps: 12 -> 20" in lines[-1]
-  assert _tree_snapshot(workdir) == before  # every checkpoint, config.json and metrics.jsonl as they were
+  assert tree_snapshot(workdir) == before  # every checkpoint, config.json and metrics.jsonl as they were
 
 
 def _logged_steps(steps: int, log_every: int, eval_every: int) -> tuple[list[int], list[int]]:

@@ -58,6 +58,8 @@ def test_good_overrides_pass():
     ({"train.global_batch_size": 10, "train.grad_accum": 4}, r"global_batch_size=10 is not divisible by"),
     ({"optim.zero_stage": 3}, r"zero_stage=3 must be 0, 1 or 2"),
     ({"model.scan_unroll": 0}, r"config\.model\.scan_unroll=0 must be >= 1"),
+    ({"optim.optimizer": "sgd"}, r"config\.optim\.optimizer='sgd' is not one of adamw, muon, adafactor, lion"),
+    ({"optim.schedule": "wsd", "optim.warmup_steps": 250}, r"warmup_steps=250 runs into wsd's decay over the last 60"),
   ],
 )
 def test_inconsistent_values_are_rejected(changes, message):
