@@ -23,13 +23,19 @@ cpu_host.prepare_heap()  # as train.py: glibc's heap settings before JAX starts 
 
 from absl import app, flags  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "A model config file.")
-_STEPS = flags.DEFINE_integer("steps", 6, "GRPO steps to run; the first two are not measured.")
-_PROMPTS = flags.DEFINE_integer("prompts", 4, "Prompts per rollout.")
-_GROUP = flags.DEFINE_integer("group", 8, "Completions per prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens per completion.")
-_PROMPT_WORDS = flags.DEFINE_integer("prompt_words", 32, "Words per prompt.")
-_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when this file runs as a script: accelerator_check.py imports
+  `measure_grpo` beside other scripts that define flags of the same names."""
+  flags.DEFINE_string("config", "configs/tiny.py", "A model config file.")
+  flags.DEFINE_integer("steps", 6, "GRPO steps to run; the first two are not measured.")
+  flags.DEFINE_integer("prompts", 4, "Prompts per rollout.")
+  flags.DEFINE_integer("group", 8, "Completions per prompt.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens per completion.")
+  flags.DEFINE_integer("prompt_words", 32, "Words per prompt.")
+  flags.DEFINE_string("compute_dtype", "float32", "float32 | bfloat16")
 
 
 def measure_grpo(cfg, *, prompts: int, group: int, max_new_tokens: int, prompt_words: int, steps: int) -> dict:
@@ -94,12 +100,13 @@ def main(argv):
   from settings.load import load_config_file
 
   cpu_host.prepare()
-  cfg = load_config_file(_CONFIG.value)
-  cfg.model.compute_dtype = _DTYPE.value
-  result = measure_grpo(cfg, prompts=_PROMPTS.value, group=_GROUP.value, max_new_tokens=_MAX_NEW.value,
-                        prompt_words=_PROMPT_WORDS.value, steps=_STEPS.value)  # fmt: skip
-  print(json.dumps({"config": _CONFIG.value, **result}))
+  cfg = load_config_file(FLAGS.config)
+  cfg.model.compute_dtype = FLAGS.compute_dtype
+  result = measure_grpo(cfg, prompts=FLAGS.prompts, group=FLAGS.group, max_new_tokens=FLAGS.max_new_tokens,
+                        prompt_words=FLAGS.prompt_words, steps=FLAGS.steps)  # fmt: skip
+  print(json.dumps({"config": FLAGS.config, **result}))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -51,6 +51,10 @@ def test_smoke_run_ends_with_one_json_line_and_every_check_passes():
   assert sorted(decode["decode_tokens_per_sec"]) == ["1", "4"]
   assert all(r["decode_tokens_per_sec"] > 0 and r["prefill_tokens_per_sec"] > 0 for r in decode["results"])
 
+  grpo = report["grpo"]
+  assert grpo["rows"] == 8 and grpo["compute_dtype"] == "bfloat16" and grpo["steps_measured"] == 1
+  assert 0 < grpo["rollout_share"] < 1 and grpo["rollout_tokens_per_sec"] > 0
+
 
 def test_missing_packages_are_named_in_one_line_with_the_wheel_command(monkeypatch, capsys):
   real_find_spec = accelerator_check.importlib.util.find_spec
