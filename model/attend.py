@@ -16,7 +16,7 @@ Implementations (`impl`, config `model.attention`):
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as its `mask`; GPU only.
 - `splash`: the Pallas TPU splash kernel with segment ids; TPU only. It takes causality (and the window) from indices
   (query l sits at key index S - L + l), which equals the position rule for packed rows and for a cache.
-- `auto`: splash on TPU; on GPU cudnn for 16-bit inputs (cuDNN's flash kernel has no fp32), else as on CPU;
+- `auto`: splash on TPU (xla when the keys are not a multiple of splash's block, `SPLASH_BLOCK`); on GPU cudnn for 16-bit inputs (cuDNN's flash kernel has no fp32), else as on CPU;
   on CPU xla up to `AUTO_CHUNKED_ABOVE` keys and chunked beyond.
 """
 
@@ -32,6 +32,7 @@ from parallel import rules as sharding_rules
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 AUTO_CHUNKED_ABOVE = 1024
 BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
+SPLASH_BLOCK = 128  # the splash kernel's default query and key block: sequence lengths must be multiples of it
 # A finite "minus infinity" for masked scores: exp of it is 0, and it minus itself is 0 (no NaN on empty rows).
 _MASKED = -1e30
 
@@ -41,7 +42,7 @@ def resolve(impl: str, backend: str, kv_length: int, dtype) -> str:
   if impl != "auto":
     return impl
   if backend == "tpu":
-    return "splash"
+    return "splash" if kv_length % SPLASH_BLOCK == 0 else "xla"
   if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
     return "cudnn"
   return "chunked" if kv_length > AUTO_CHUNKED_ABOVE else "xla"

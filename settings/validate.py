@@ -8,6 +8,7 @@ import ml_collections
 import objectives
 from model.attend import BACKENDS as ATTENTION_BACKENDS
 from model.attend import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from model.attend import SPLASH_BLOCK
 from model.lora import TARGETS
 from model.moe import DROPLESS_IMPLS, RAGGED_BACKENDS
 from model.transformer import REMAT_POLICIES
@@ -73,6 +74,11 @@ def _validate_sizes_and_choices(cfg: ml_collections.ConfigDict) -> None:
 def _validate_model(cfg: ml_collections.ConfigDict) -> None:
   m = cfg.model
   _require(m.attention_block > 0, f"config.model.attention_block={m.attention_block} must be positive")
+  _require(
+    m.attention != "splash" or cfg.data.seq_len % SPLASH_BLOCK == 0,
+    f"config.model.attention='splash' needs data.seq_len a multiple of {SPLASH_BLOCK} (its block), not "
+    f"{cfg.data.seq_len}; change data.seq_len, or use auto (xla at such lengths)",
+  )
   for problem in field_problems(m):  # RoPE scaling, sliding window, scan
     _require(False, problem)
   _require(

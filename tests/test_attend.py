@@ -123,6 +123,7 @@ def test_backends_and_auto_choice():
   assert resolve("auto", "gpu", 4096, jnp.bfloat16) == "cudnn"
   assert resolve("auto", "gpu", 256, jnp.float32) == "xla"
   assert resolve("auto", "tpu", 256, jnp.float32) == "splash"
+  assert resolve("auto", "tpu", 64, jnp.float32) == "xla"  # splash needs multiples of its 128-key block
 
 
 @pytest.mark.fast

@@ -141,3 +141,11 @@ def test_llama_70b_has_llama_2_70b_shapes_and_splits_over_two_slices():
   mesh = mesh_shape(cfg.mesh, 128)
   assert mesh == {"stage": 2, "data": 1, "fsdp": 64, "expert": 1, "tensor": 1}
   validate_layout(cfg, mesh, stage_rules(parse_rules(cfg.mesh.rules), 2), 1, "tpu")
+
+
+@pytest.mark.fast
+def test_splash_needs_whole_blocks():
+  cfg = load_config_file(TINY)
+  cfg.model.attention, cfg.data.seq_len = "splash", 200
+  with pytest.raises(ConfigError, match=r"needs data.seq_len a multiple of 128 \(its block\), not 200"):
+    validate(cfg)
