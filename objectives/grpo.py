@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from model import lora
 from objectives import FrozenModel, LossFn, Objective, Setup, TrainedModel
-from objectives.losses import as_sums, model_logits, token_logprobs
+from objectives.losses import as_sums, model_logits
 from objectives.sft import chat_data_problems
 
 LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
@@ -80,10 +80,13 @@ def token_terms(logp_BxL, old_logp_BxL, advantages_BxL, *, epsilon: float, epsil
 
 
 def policy_logprobs(graphdef, params, batch: dict, temperature: float, dropout_key=None):
-  """(log-probabilities [B, L] of the targets under logits / temperature, those logits, the model's aux)."""
+  """(log-probabilities [B, L] of the targets under logits / temperature, the entropy [B, L] of that distribution
+  (no gradient), the model's aux), from one log-softmax over the vocabulary."""
   logits, aux = model_logits(graphdef, params, batch, dropout_key)
-  logits = logits.astype(jnp.float32) / temperature
-  return token_logprobs(logits, batch["targets"]), logits, aux
+  logp_BxLxV = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  logp_BxL = jnp.take_along_axis(logp_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  held = jax.lax.stop_gradient(logp_BxLxV)
+  return logp_BxL, -jnp.sum(jnp.exp(held) * held, axis=-1), aux
 
 
 def make_grpo_loss(graphdef, grpo_cfg) -> LossFn:
@@ -93,7 +96,7 @@ def make_grpo_loss(graphdef, grpo_cfg) -> LossFn:
 
   def loss_fn(params, frozen, batch, dropout_key):
     del frozen  # the reference's log-probabilities come with the batch, computed once per rollout
-    logp, logits, aux = policy_logprobs(graphdef, params, batch, grpo_cfg.temperature, dropout_key)
+    logp, entropy, aux = policy_logprobs(graphdef, params, batch, grpo_cfg.temperature, dropout_key)
     # One update per rollout: the sampling policy is this one, so the ratio is 1 with the gradient of pi / pi.
     old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logprobs"]
     terms = token_terms(
@@ -101,8 +104,6 @@ def make_grpo_loss(graphdef, grpo_cfg) -> LossFn:
       ref_logp_BxL=batch.get("ref_logprobs"),
     )  # fmt: skip
     share = batch["token_share"]  # token means for the logged statistics, whatever the loss's weights
-    probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-    entropy = -jnp.sum(probs * jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1), axis=-1)
     stats = {"clip_fraction": jnp.sum(share * terms["clipped"]), "entropy": jnp.sum(share * entropy)}
     if beta > 0:
       stats["kl"] = jnp.sum(share * jax.lax.stop_gradient(terms["kl"]))

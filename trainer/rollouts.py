@@ -84,7 +84,8 @@ class Rollouts:
     return self._batch, {}
 
   def position(self, done: int) -> dict:
-    return {"next_row": self.start_row + self._rollouts_done(done) * self.g.prompts_per_step}
+    # Called where can_stop(done): between rollout batches.
+    return {"next_row": self.start_row + (done - self.start_step) // self.g.iterations * self.g.prompts_per_step}
 
   def can_stop(self, done: int) -> bool:
     return done % self.g.iterations == 0
@@ -92,8 +93,6 @@ class Rollouts:
   def close(self) -> None:
     pass
 
-  def _rollouts_done(self, done: int) -> int:
-    return -(-(done - self.start_step) // self.g.iterations)
 
   # One rollout ----------------------------------------------------------------------------------------------
 
@@ -114,7 +113,7 @@ class Rollouts:
     rows_B = np.repeat(np.arange(len(prompts)), g.group_size)
     stop_ids = [self.tokenizer.eos_id]
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.cfg.train.seed), _SAMPLING_SALT), first_row)
-    params = self._policy(state.params)
+    params = self._policy(state.params, self.frozen)
     completions_BxT, done_B = self.decoder.rollout(
       params, tokens_QxP, lengths_Q, rows_B, key, self.sampling, g.max_new_tokens, stop_ids
     )
@@ -139,7 +138,8 @@ class Rollouts:
       (B, len(functions)), self._row_sharding, lambda index: np.stack([per_row[r] for r in range(*index[0].indices(B))])
     )
     raw = self.rows.at(0)
-    batch, stats = self._finish(params, self.frozen, raw, scores_BxF, jnp.asarray(self.weights, jnp.float32))
+    weights_F = jnp.asarray(self.weights, jnp.float32)
+    batch, stats = self._finish(state.params, self.frozen, raw, scores_BxF, weights_F)
     stats = jax.device_get(stats)
     t_done = time.perf_counter()
 
@@ -160,9 +160,9 @@ class Rollouts:
     self._timing = {"done": t_done, "seconds": t_done - t_start, "tokens": float(stats["row_tokens"])}
     return batch, metrics
 
-  def _policy(self, params: dict) -> dict:
+  def _policy(self, params: dict, frozen: dict) -> dict:
     """The full model's parameters: with LoRA, the adapters being trained over the frozen base."""
-    return lora.combine(params, self.frozen["base"]) if self.exp.model_cfg.lora_rank > 0 else params
+    return lora.combine(params, frozen["base"]) if self.exp.model_cfg.lora_rank > 0 else params
 
   def _row(self, r: int) -> dict:
     """Global row r of the rollout batch as packing.py's rows (length seq_len + 1): prompt and completion, one
@@ -184,7 +184,7 @@ class Rollouts:
 
   def _finish_batch(self, params, frozen, raw: dict, scores_BxF, weights_F):
     """On the devices, over the global batch: advantages, loss weights, the log-probabilities the loss compares
-    with, and the rollout's statistics."""
+    with, and the rollout's statistics. `params` are the trainable ones (with LoRA, the adapters)."""
     g = self.g
     rewards_B = scores_BxF @ weights_F
     mask_BxL = raw["loss_mask"]
@@ -197,9 +197,9 @@ class Rollouts:
     batch["advantages"] = grpo.group_advantages(rewards_B, g.group_size, g.scale_rewards)[:, None] * mask_BxL
     graphdef = self.exp.graphdef
     if g.iterations > 1:
-      batch["old_logprobs"] = grpo.policy_logprobs(graphdef, params, raw, g.temperature)[0]
+      batch["old_logprobs"] = grpo.policy_logprobs(graphdef, self._policy(params, frozen), raw, g.temperature)[0]
     if g.beta > 0:
-      reference = grpo.reference_params(self._adapters(params), frozen, self.exp.model_cfg.lora_rank)
+      reference = grpo.reference_params(params, frozen, self.exp.model_cfg.lora_rank)
       batch["ref_logprobs"] = grpo.policy_logprobs(graphdef, reference, raw, g.temperature)[0]
     lengths_B = jnp.sum(mask_BxL, axis=1)
     stats = {
@@ -212,11 +212,6 @@ class Rollouts:
       "equal_reward_groups": jnp.mean(equal_B.astype(jnp.float32)),
     }
     return batch, stats
-
-  def _adapters(self, params: dict) -> dict:
-    """The adapters of a LoRA policy's full parameters (the rest is the frozen base)."""
-    return lora.split(params)[0] if self.exp.model_cfg.lora_rank > 0 else params
-
 
 def _agreed(score):
   """score()'s result on every process, or the same failure on all: a reward function that fails on one process
