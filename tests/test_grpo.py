@@ -169,6 +169,35 @@ def test_a_completion_ends_at_its_stop_token_or_the_turns_end_marker():
   assert split_completion([1, 2, 6], False, [0], "", decode) == ([1, 2, 6], "#### 9junk")
 
 
+@pytest.mark.fast
+def test_prompt_lines_render_with_the_template_and_keep_their_fields(tmp_path):
+  from configs.base import base_config
+  from data.prompts import load_prompts, prompt_order
+
+  class Chars:  # a tokenizer of characters: what was rendered can be read back
+    bos_id = 1
+
+    def encode(self, text):
+      return [ord(c) for c in text]
+
+  (tmp_path / "p.jsonl").write_text(
+    json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n\n"
+    + json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                  "tests": [1, 2]}) + "\n"
+  )  # fmt: skip
+  data_cfg = base_config().data
+  data_cfg.files, data_cfg.chat_template = str(tmp_path / "p.jsonl"), "chatml"
+  first, second = load_prompts(data_cfg, Chars())
+  assert "".join(map(chr, first.tokens[1:])) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+  assert first.tokens[0] == 1 and first.text == "2+2?" and first.fields == {"answer": "4"}
+  assert second.text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+  assert second.fields == {"tests": [1, 2]}
+  # Each epoch takes every prompt once, in an order of its own; the same rows give the same prompts anywhere.
+  epochs = prompt_order(np.arange(30), 10, seed=3, shuffle=True).reshape(3, 10)
+  assert all(sorted(e) == list(range(10)) for e in epochs) and len({tuple(e) for e in epochs}) == 3
+  assert prompt_order(np.arange(12, 17), 10, seed=3, shuffle=True).tolist() == epochs.reshape(-1)[12:17].tolist()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rollouts on the training mesh
 
