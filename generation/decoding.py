@@ -24,7 +24,7 @@ from model.attend import BACKENDS, resolve
 from model.kv_cache import KVCache, cache_shardings, init_cache, select_rows
 from model.params import abstract_model
 from parallel.partition import param_specs, with_shardings
-from parallel.rules import Rules, freeze, traced_under
+from parallel.rules import Rules, freeze, logical_to_spec, traced_under
 from parallel.target import mesh_platform
 
 
@@ -114,9 +114,21 @@ class Decoder:
     -> (tokens [B, max_new_tokens] int32: row b's new tokens, its first stop id included, anything after it
     meaningless; done [B] bool: whether the row produced a stop id). Token t of every row is drawn with
     fold_in(key, t), so the draw is the same on every layout of the same mesh size (threefry is partitionable)."""
+    # The prompts' rows split evenly over the batch's devices (a dropless MoE's shard_map needs it): the last
+    # prompt repeated as padding, never selected.
+    tokens_QxP, lengths_Q = np.asarray(tokens_QxP), np.asarray(lengths_Q)
+    padding = -len(lengths_Q) % self._batch_shards()
+    tokens_QxP = np.concatenate([tokens_QxP, np.repeat(tokens_QxP[-1:], padding, axis=0)])
+    lengths_Q = np.concatenate([lengths_Q, np.repeat(lengths_Q[-1:], padding)])
     fn = self._jit("rollout", self._rollout, static=(0, 1))
     args = (tokens_QxP, lengths_Q, rows_B, stop_ids)
     return fn(sampling, max_new_tokens, params, *(jnp.asarray(a, jnp.int32) for a in args), key)
+
+  def _batch_shards(self) -> int:
+    """How many ways the decoder's mesh splits a batch (the mesh axes of the logical `batch` axis)."""
+    spec = logical_to_spec(("batch",), self.rules, self.mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([self.mesh.shape[a] for a in axes]))
 
   def _rollout(self, sampling, max_new_tokens, params, tokens_QxP, lengths_Q, rows_B, stop_ids, key):
     cfg = self.model_cfg

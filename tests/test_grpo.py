@@ -326,11 +326,13 @@ def _records(*files) -> list[dict]:
 
 
 def test_a_run_resumes_with_the_uninterrupted_runs_metrics(grpo_tokenizer, tmp_path):
-  """Two updates per rollout batch, a KL to the frozen reference: checkpoints at 2 and 4; with 4 gone the run
-  resumes at 2 and logs, for steps 3 and 4, the rewards and losses it logged the first time."""
+  """Two updates per rollout batch, a KL to the frozen reference, an MoE model over data x expert x tensor (the 2
+  prompts' prefill split over 4 batch shards): checkpoints at 2 and 4; with 4 gone the run resumes at 2 and logs,
+  for steps 3 and 4, the rewards and losses it logged the first time."""
   from trainer.loop import train
 
-  cfg = _run_cfg(grpo_tokenizer)
+  moe = {"moe.num_experts": 4, "moe.top_k": 2, "mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2}
+  cfg = _run_cfg(grpo_tokenizer, **moe)
   workdir = tmp_path / "run"
   train(cfg, str(workdir))
   shutil.rmtree(workdir / "checkpoints" / "4")
