@@ -1,0 +1,141 @@
+"""kiln as an lm-evaluation-harness model against lm-eval's own Hugging Face model (HFLM) on the same weights:
+a small random Llama with a byte-level BPE tokenizer (BOS added by its post-processor, as Llama's) is saved,
+imported into a kiln run, and both models answer the example tasks (examples/eval/): per-request
+log-likelihoods (multiple choice), rolling log-likelihoods (perplexity) and greedy generations with stop strings
+must agree; a sharded layout must give the one-device answers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from evaluation.harness import pack_rows
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = os.path.join(REPO, "examples", "eval")
+SEQ_LEN = 128
+
+
+@pytest.mark.fast
+def test_pack_rows_holds_every_request_once_and_fills_rows_nearly_full():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 12, 200).tolist()
+  rows = pack_rows(lengths, 16)
+  assert sorted(i for row in rows for i in row) == list(range(200))  # every request once
+  assert all(sum(lengths[i] for i in row) <= 16 for row in rows)
+  # First-fit decreasing uses at most 11/9 OPT + 6/9 rows, and OPT >= ceil(total / 16).
+  assert len(rows) <= 11 / 9 * -(-sum(lengths) // 16) + 6 / 9
+  assert pack_rows([16, 3, 13, 5], 16) == [[0], [2, 1], [3]]  # longest first, each into the first row with room
+
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("lm_eval")
+
+
+def _write_tokenizer(directory) -> int:
+  """A byte-level BPE with <pad>, <s>, </s> whose post-processor puts <s> first; returns its vocabulary size."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+  lines = [line for name in ("ppl.jsonl", "mc.jsonl") for line in open(os.path.join(TASKS, name))]
+  texts = [json.loads(line).get("text", line) for line in lines]
+  hf = tokenizers.Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  hf.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
+  hf.train_from_iterator(texts * 4, trainer=trainer)
+  hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", hf.token_to_id("<s>"))])
+  directory.mkdir(parents=True, exist_ok=True)
+  hf.save(str(directory / "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+  (directory / "tokenizer_config.json").write_text(json.dumps(config))
+  return hf.get_vocab_size(with_added_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """(HFLM, kiln run directory) for one small random Llama."""
+  from lm_eval.models.huggingface import HFLM
+
+  from hf.convert import import_hf
+
+  root = tmp_path_factory.mktemp("eval")
+  hf_dir, run = root / "hf", str(root / "run")
+  vocab = _write_tokenizer(hf_dir)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=vocab, max_position_embeddings=SEQ_LEN, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+  )  # fmt: skip
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.5 * torch.randn_like(p))
+      elif "embed" in name or "lm_head" in name:
+        p.mul_(10.0)  # a confident model: greedy choices far from ties, generations that end on their own
+  model.eval()
+  model.save_pretrained(str(hf_dir))
+  import_hf(str(hf_dir), run)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=SEQ_LEN, device="cpu")
+  return hflm, run
+
+
+def _kiln_lm(run, mesh=None, **kwargs):
+  from evaluation.harness import KilnLM
+  from generation.run import load_run
+
+  loaded = load_run(run, mesh=mesh)
+  return KilnLM(loaded.decoder, loaded.params, loaded.tokenizer, **kwargs)
+
+
+def _responses(lm, task: str) -> list:
+  """Every request's response, in the task's order, from lm-eval's own run of the task."""
+  from evaluation.tasks import run_tasks
+
+  results = run_tasks(lm, [os.path.join(TASKS, f"{task}.yaml")], log_samples=True)
+  return [resp for sample in results["samples"][task] for resp in sample["resps"]]
+
+
+@pytest.fixture(scope="module")
+def hf_answers(models):
+  hflm, _ = models
+  return {task: _responses(hflm, task) for task in ("kiln_mc", "kiln_ppl", "kiln_gen")}
+
+
+def test_loglikelihoods_rolling_and_generations_equal_lm_evals_hf_model(models, hf_answers):
+  _, run = models
+  lm = _kiln_lm(run, batch_size=4)
+  mc = _responses(lm, "kiln_mc")
+  assert len(mc) == 32
+  np.testing.assert_allclose([r[0][0] for r in mc], [r[0][0] for r in hf_answers["kiln_mc"]], atol=1e-4, rtol=0)
+  assert [r[0][1] for r in mc] == [r[0][1] for r in hf_answers["kiln_mc"]]
+  assert lm.device_calls <= 4  # about 3 requests per row of 128 tokens; one request per row would take 8 calls
+  ppl = _responses(lm, "kiln_ppl")
+  np.testing.assert_allclose([r[0] for r in ppl], [r[0] for r in hf_answers["kiln_ppl"]], atol=1e-4, rtol=0)
+  generations = _responses(lm, "kiln_gen")
+  assert generations == hf_answers["kiln_gen"]
+  assert len({len(g[0]) for g in generations}) > 1  # some rows end at a stop string, others at max_gen_toks
+
+
+def test_a_sharded_layout_gives_the_one_device_answers(models, hf_answers):
+  import jax
+
+  from configs.base import base_config
+  from evaluation.tasks import run_tasks
+  from parallel.mesh import make_mesh
+
+  _, run = models
+  mesh_cfg = base_config().mesh
+  mesh_cfg.update(data=2, fsdp=2, tensor=2)
+  lm = _kiln_lm(run, mesh=make_mesh(mesh_cfg, jax.devices()[:8]), batch_size=3, pack=False)
+  assert lm.rows_per_call == 4  # a whole number of batch shards
+  mc = _responses(lm, "kiln_mc")
+  np.testing.assert_allclose([r[0][0] for r in mc], [r[0][0] for r in hf_answers["kiln_mc"]], atol=1e-4, rtol=0)
+  results = run_tasks(lm, [os.path.join(TASKS, "kiln_gen.yaml")], log_samples=True)
+  assert [s["resps"] for s in results["samples"]["kiln_gen"]] == [[r] for r in hf_answers["kiln_gen"]]
