@@ -129,6 +129,11 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.log_every = 10  # steps between train lines of metrics.jsonl
   c.train.eval_every = 100  # steps between evaluations (also at step 0 and at the last step)
   c.train.eval_batches = 8  # batches per evaluation (fewer if the held-out split is small)
+  # lm-evaluation-harness tasks run on the live parameters: comma-separated task names or task YAML paths
+  # (e.g. examples/eval/kiln_mc.yaml), logged as eval/<task>/<metric>; "" runs none (docs/evaluation.md)
+  c.train.eval_tasks = ""
+  c.train.eval_tasks_every = 0  # steps between task evaluations (and at the last step); 0: at the last step only
+  c.train.eval_tasks_limit = 0  # documents per task (0: all)
   c.train.seed = 0  # parameters, data order and dropout
   # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher) | grpo (prompt JSONL,
   # rewards) | module:attribute or

@@ -113,11 +113,12 @@ def _is_network_error(error: BaseException) -> bool:
 
 def flat_metrics(results: dict) -> dict[str, float]:
   """{"eval/<task>/<metric>": value} of every task's numeric metrics (lm-eval's "metric,filter" keys: the
-  default filter "none" dropped, others kept as "metric_filter"; standard errors and aliases left out)."""
+  default filter "none" dropped, others kept as "metric_filter"; standard errors, aliases, sample counts left
+  out)."""
   flat = {}
   for task, metrics in results.get("results", {}).items():
     for key, value in metrics.items():
-      if "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+      if "_stderr" in key or key == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
         continue
       metric, _, filt = key.partition(",")
       name = metric if filt in ("", "none") else f"{metric}_{filt}"

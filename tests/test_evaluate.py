@@ -6,6 +6,8 @@ must agree; a sharded layout must give the one-device answers."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,3 +141,43 @@ def test_a_sharded_layout_gives_the_one_device_answers(models, hf_answers):
   np.testing.assert_allclose([r[0][0] for r in mc], [r[0][0] for r in hf_answers["kiln_mc"]], atol=1e-4, rtol=0)
   results = run_tasks(lm, [os.path.join(TASKS, "kiln_gen.yaml")], log_samples=True)
   assert [s["resps"] for s in results["samples"]["kiln_gen"]] == [[r] for r in hf_answers["kiln_gen"]]
+
+
+def test_tasks_during_training_equal_the_script_on_the_saved_checkpoint(tmp_path, mini_run_cache):
+  """train.eval_tasks scores the live parameters; scripts/evaluate.py on the checkpoint of the same step (the
+  parameters read back from disk) must give the same figures, and write results.json, results.md and a JSON line."""
+  from tests.helpers import mini_run_config
+  from trainer.loop import train
+
+  tasks = ",".join(os.path.join(TASKS, f"{t}.yaml") for t in ("kiln_ppl", "kiln_mc"))
+  overrides = {"mesh.data": -1, "train.global_batch_size": 8, "train.steps": 4}
+  overrides.update({"train.eval_tasks": tasks, "train.eval_tasks_every": 2, "train.eval_tasks_limit": 4})
+  workdir = tmp_path / "run"
+  train(mini_run_config(mini_run_cache, **overrides), str(workdir))
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  task_lines = {r["step"]: r for r in records if "eval/kiln_ppl/bits_per_byte" in r}
+  assert sorted(task_lines) == [2, 4] and "eval_loss" in task_lines[4]  # one eval line per step
+  out = subprocess.run(
+    [sys.executable, "scripts/evaluate.py", f"--workdir={workdir}", f"--tasks={tasks}", "--limit=4",
+     "--bootstrap_iters=0", "--batch_size=2"],
+    cwd=REPO, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-2000:]
+  line = json.loads(out.stdout.strip().splitlines()[-1])
+  assert line["step"] == "4" and line["out"] == str(workdir / "eval" / "4")
+  live = {k: v for k, v in task_lines[4].items() if k.startswith("eval/")}
+  assert live.keys() == line["metrics"].keys()
+  np.testing.assert_allclose([line["metrics"][k] for k in live], list(live.values()), rtol=1e-5)
+  assert json.loads((workdir / "eval" / "4" / "results.json").read_text())["results"].keys() == {"kiln_ppl", "kiln_mc"}
+  assert "bits_per_byte" in (workdir / "eval" / "4" / "results.md").read_text()
+
+
+@pytest.mark.fast
+def test_bad_tasks_are_one_line_errors(tmp_path):
+  from evaluation.tasks import TaskError, resolve_tasks
+
+  assert resolve_tasks("kiln_mc,kiln_ppl", TASKS)[0] == ["kiln_mc", "kiln_ppl"]  # found without lm-eval's catalogue
+  with pytest.raises(TaskError, match=r"task file .*nope.yaml does not exist"):
+    resolve_tasks(str(tmp_path / "nope.yaml"))
+  with pytest.raises(TaskError, match=r"--include_path=.* is not a directory"):
+    resolve_tasks("kiln_mc", str(tmp_path / "missing"))
