@@ -89,6 +89,9 @@ def _data(c: ml_collections.ConfigDict) -> None:
   c.data.tokenizer_sample_bytes = 5_000_000  # training text sampled to train the tokenizer
   c.data.seq_len = 256  # tokens per training sequence
   c.data.eval_fraction = 0.01  # fraction of documents held out, chosen by a hash of their key; 0: no evaluation
+  # Named held-out sets, "NAME:GLOB,NAME:GLOB" (e.g. "wiki:/data/wiki/*.txt,code:/data/code/*.py"): every document
+  # of each is scored at every evaluation, logged as eval_loss/<name> and eval_ppl/<name>; "": none
+  c.data.eval_files = ""
   c.data.num_workers = 2  # processes that tokenize
   c.data.cache_dir = ""  # tokenizer and token cache, a path or a URL; empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
   c.data.shuffle = True  # shuffle documents and rows each epoch (from train.seed)

@@ -145,16 +145,32 @@ def test_a_sharded_layout_gives_the_one_device_answers(models, hf_answers):
 
 def test_tasks_during_training_equal_the_script_on_the_saved_checkpoint(tmp_path, mini_run_cache):
   """train.eval_tasks scores the live parameters; scripts/evaluate.py on the checkpoint of the same step (the
-  parameters read back from disk) must give the same figures, and write results.json, results.md and a JSON line."""
+  parameters read back from disk) must give the same figures, and write results.json, results.md and a JSON line.
+  A named held-out set (data.eval_files) must score as the corpus's own held-out split scores the same files."""
+  import data
+  from data.tokenizer import Tokenizer
   from tests.helpers import mini_run_config
-  from trainer.loop import train
+  from trainer.loop import evaluate, train
 
   tasks = ",".join(os.path.join(TASKS, f"{t}.yaml") for t in ("kiln_ppl", "kiln_mc"))
   overrides = {"mesh.data": -1, "train.global_batch_size": 8, "train.steps": 4}
   overrides.update({"train.eval_tasks": tasks, "train.eval_tasks_every": 2, "train.eval_tasks_limit": 4})
+  overrides["data.eval_files"] = f"docs:{TASKS}/ppl.jsonl"
   workdir = tmp_path / "run"
-  train(mini_run_config(mini_run_cache, **overrides), str(workdir))
+  cfg = mini_run_config(mini_run_cache, **overrides)
+  result = train(cfg, str(workdir))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  # The reference: ppl.jsonl as a corpus whose held-out split is every document, scored by the loop's evaluate.
+  corpus_cfg = cfg.data.copy_and_resolve_references()
+  corpus_cfg.files, corpus_cfg.eval_fraction = f"{TASKS}/ppl.jsonl", 1.0
+  exp = result["experiment"]
+  batches = data.make_eval_batches(
+    corpus_cfg, Tokenizer(str(workdir / "tokenizer.model")), global_batch_size=8, num_batches=1,
+    sharding=exp.batch_sharding,
+  )  # fmt: skip
+  want = evaluate(exp, result["state"].params, batches, {})
+  assert records[-1]["eval_loss/docs"] == pytest.approx(want["eval_loss"], rel=1e-6)
+  assert records[-1]["eval_ppl/docs"] == pytest.approx(want["eval_ppl"], rel=1e-6)
   task_lines = {r["step"]: r for r in records if "eval/kiln_ppl/bits_per_byte" in r}
   assert sorted(task_lines) == [2, 4] and "eval_loss" in task_lines[4]  # one eval line per step
   out = subprocess.run(
@@ -181,3 +197,10 @@ def test_bad_tasks_are_one_line_errors(tmp_path):
     resolve_tasks(str(tmp_path / "nope.yaml"))
   with pytest.raises(TaskError, match=r"--include_path=.* is not a directory"):
     resolve_tasks("kiln_mc", str(tmp_path / "missing"))
+  from evaluation.heldout import parse_eval_files
+  from settings import ConfigError
+
+  assert parse_eval_files("wiki:/d/*.txt, code:gs://b/*.py") == [("wiki", "/d/*.txt"), ("code", "gs://b/*.py")]
+  for bad, message in (("/d/*.txt", "is not NAME:GLOB"), ("gs://b/*.py", "is not NAME:GLOB"), ("a:x,a:y", "twice")):
+    with pytest.raises(ConfigError, match=message):
+      parse_eval_files(bad)

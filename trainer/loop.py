@@ -226,10 +226,16 @@ class _Run:
   source: objectives.BatchSource
   workdir: str
   tasks: object = None  # evaluation.training.TrainingTasks of train.eval_tasks, or None
+  named_eval: dict = dataclasses.field(default_factory=dict)  # data.eval_files: {name: fixed eval batches}
 
   def evaluate(self, state) -> dict | None:
-    """The eval metrics of `state`; None when nothing is held out (data.eval_fraction=0, a one-document corpus)."""
-    return evaluate(self.exp, state.params, self.eval_batches, self.frozen) if self.eval_batches else None
+    """The eval metrics of `state`: the corpus's held-out loss and each named set's (`eval_loss/<name>`); None
+    when nothing is held out (data.eval_fraction=0 or a one-document corpus, and no data.eval_files)."""
+    metrics = evaluate(self.exp, state.params, self.eval_batches, self.frozen) if self.eval_batches else {}
+    for name, batches in self.named_eval.items():
+      named = evaluate(self.exp, state.params, batches, self.frozen)
+      metrics[f"eval_loss/{name}"], metrics[f"eval_ppl/{name}"] = named["eval_loss"], named["eval_ppl"]
+    return metrics or None
 
   def tasks_due(self, step: int) -> bool:
     return self.tasks is not None and self.tasks.due(step)
@@ -332,6 +338,7 @@ def train(cfg, workdir: str) -> dict:
     logger=_MetricsLogger(writer, throughput, progress),
     schedule=_schedule(cfg, start_step, profiles=is_writer), config_json=config_json,
     start_step=start_step, source=source, workdir=workdir, tasks=_training_tasks(cfg, exp, tokenizer),
+    named_eval=_named_eval_batches(cfg, tokenizer, exp),
   )  # fmt: skip
   state = _train_steps(run, state)
   progress.close()
@@ -351,6 +358,18 @@ def _training_tasks(cfg, exp: Experiment, tokenizer):
   from evaluation.training import TrainingTasks
 
   return TrainingTasks(cfg.train, exp, tokenizer, cfg.data.chat_template)
+
+
+def _named_eval_batches(cfg, tokenizer, exp: Experiment) -> dict:
+  """data.eval_files: {name: fixed eval batches} of each named held-out set ({} without any)."""
+  if not cfg.data.get("eval_files"):
+    return {}
+  from evaluation.heldout import named_eval_batches
+
+  return named_eval_batches(
+    cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size, num_batches=cfg.train.eval_batches,
+    sharding=exp.batch_sharding,
+  )  # fmt: skip
 
 
 class _StreamBatches:
