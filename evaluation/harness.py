@@ -32,6 +32,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from data.tokenizer import Tokenizer
+from evaluation.packing import bucket, pack_rows
 from generation.decoding import Decoder, right_pad
 from generation.sampling import Sampling
 
@@ -40,30 +41,6 @@ _log = logging.getLogger(__name__)
 # Device calls, as broadcast to the following processes: a header of _HEADER float64 values (the op first).
 _STOP, _SCORE, _PREFILL, _STEP = 0, 1, 2, 3
 _HEADER = 16
-
-
-def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
-  """First-fit decreasing: indices of `lengths` grouped into rows of at most `row_len` tokens, longest first.
-  Deterministic (ties keep their order)."""
-  assert all(0 < n <= row_len for n in lengths), (max(lengths, default=0), row_len)
-  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-  rows: list[list[int]] = []
-  free: list[int] = []
-  for i in order:
-    for r, room in enumerate(free):
-      if lengths[i] <= room:
-        rows[r].append(i)
-        free[r] -= lengths[i]
-        break
-    else:
-      rows.append([i])
-      free.append(row_len - lengths[i])
-  return rows
-
-
-def _bucket(n: int, cap: int) -> int:
-  """The row length of a call whose longest row holds n tokens: the next power of two (few compiles), <= cap."""
-  return min(cap, 1 << max(n - 1, 0).bit_length())
 
 
 @dataclasses.dataclass
@@ -203,7 +180,7 @@ class KilnLM(TemplateLM):
     results: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
     for start in range(0, len(rows), self.rows_per_call):
       call = rows[start : start + self.rows_per_call]
-      width = _bucket(max(sum(lengths[i] for i in row) for row in call), self.max_length)
+      width = bucket(max(sum(lengths[i] for i in row) for row in call), self.max_length)
       arrays = np.zeros((4, self.rows_per_call, width), np.int32)  # tokens, positions, segments, targets
       slots = []
       for r, row in enumerate(call):
@@ -258,7 +235,7 @@ class KilnLM(TemplateLM):
     count = len(prompts)
     prompts = prompts + [prompts[-1]] * (self.rows_per_call - count)  # whole batch shards; extra rows unread
     tokens_BxP, lengths_B = right_pad(prompts, max(self.kiln_tokenizer.pad_id, 0))
-    width = _bucket(tokens_BxP.shape[1], self.max_length - max_new)  # few prompt widths: few compiles
+    width = bucket(tokens_BxP.shape[1], self.max_length - max_new)  # few prompt widths: few compiles
     tokens_BxP = np.pad(tokens_BxP, ((0, 0), (0, width - tokens_BxP.shape[1])))
     header = np.array([max_new, sampling.temperature, sampling.top_k, sampling.top_p, self.seed], np.float64)
     next_B = self._call(_PREFILL, header, tokens_BxP, lengths_B)
