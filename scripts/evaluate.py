@@ -85,7 +85,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import logging as std_logging
 
-  std_logging.getLogger("lm_eval").setLevel(std_logging.ERROR)  # its per-task notes drown the results
+  for noisy in ("lm_eval", "huggingface_hub", "datasets"):  # per-task notes and retries drown the results
+    std_logging.getLogger(noisy).setLevel(std_logging.ERROR)
   if not _WORKDIR.value:
     sys.exit("error: --workdir is required; pass a run directory or an export")
   if not _TASKS.value:
