@@ -101,7 +101,7 @@ def run_tasks(
 
 
 def _is_network_error(error: BaseException) -> bool:
-  words = ("connection", "offline", "resolve", "hub", "network", "timed out", "couldn't reach", "max retries")
+  words = ("connection", "offline", "network", "timed out", "couldn't reach", "max retries", "name or service")
   seen: BaseException | None = error
   while seen is not None:
     text = f"{type(seen).__name__} {seen}".lower()
