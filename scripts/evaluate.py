@@ -70,7 +70,10 @@ def eval_mesh(mesh_cfg, sizes: str | None):
     mesh_cfg.fsdp = -1  # a run trained on another device count: its fixed sizes may not fit; fsdp takes the rest
     for axis in ("data", "expert"):
       mesh_cfg[axis] = 1
-  return make_mesh(mesh_cfg)
+  try:
+    return make_mesh(mesh_cfg)
+  except MeshError as e:
+    raise MeshError(f"--mesh={sizes}: {e}" if sizes else f"the run's mesh: {e}; pass --mesh") from None
 
 
 def _step_name(source: str) -> str:
