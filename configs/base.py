@@ -89,6 +89,9 @@ def _data(c: ml_collections.ConfigDict) -> None:
   c.data.tokenizer_sample_bytes = 5_000_000  # training text sampled to train the tokenizer
   c.data.seq_len = 256  # tokens per training sequence
   c.data.eval_fraction = 0.01  # fraction of documents held out, chosen by a hash of their key; 0: no evaluation
+  # Named held-out sets, "NAME:GLOB,NAME:GLOB" (e.g. "wiki:/data/wiki/*.txt,code:/data/code/*.py"): every document
+  # of each is scored at every evaluation, logged as eval_loss/<name> and eval_ppl/<name>; "": none
+  c.data.eval_files = ""
   c.data.num_workers = 2  # processes that tokenize
   c.data.cache_dir = ""  # tokenizer and token cache, a path or a URL; empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
   c.data.shuffle = True  # shuffle documents and rows each epoch (from train.seed)
@@ -129,6 +132,11 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.log_every = 10  # steps between train lines of metrics.jsonl
   c.train.eval_every = 100  # steps between evaluations (also at step 0 and at the last step)
   c.train.eval_batches = 8  # batches per evaluation (fewer if the held-out split is small)
+  # lm-evaluation-harness tasks run on the live parameters: comma-separated task names or task YAML paths
+  # (e.g. examples/eval/kiln_mc.yaml), logged as eval/<task>/<metric>; "" runs none (docs/evaluation.md)
+  c.train.eval_tasks = ""
+  c.train.eval_tasks_every = 0  # steps between task evaluations (and at the last step); 0: at the last step only
+  c.train.eval_tasks_limit = 0  # documents per task (0: all)
   c.train.seed = 0  # parameters, data order and dropout
   # lm | sft (chat JSONL) | dpo (preference JSONL) | distill (from config.distill.teacher) | grpo (prompt JSONL,
   # rewards) | module:attribute or

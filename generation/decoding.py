@@ -84,6 +84,25 @@ class Decoder:
       segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     return self._jit("forward", run)(params, jnp.asarray(tokens_BxT, jnp.int32), jnp.asarray(segment_ids_BxT))
 
+  def token_logprobs(self, params, tokens_BxT, positions_BxT, segment_ids_BxT, targets_BxT):
+    """Teacher-forced scores of packed rows (several sequences per row, told apart by segment ids, positions
+    restarting at 0): (log-probability of targets[b, t] after tokens[b, :t + 1] of its segment [B, T] fp32,
+    whether it is the argmax [B, T] bool), normalised over every row of the LM head as the training loss is.
+    Only these [B, T] leave the device, replicated, so every process of a multi-host mesh can read them."""
+
+    def run(params, tokens_BxT, positions_BxT, segment_ids_BxT, targets_BxT):
+      logits_BxTxV = self._model(params)(tokens_BxT, positions_BxT, segment_ids_BxT)[0]
+      logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+      target_BxT = jnp.take_along_axis(logprobs_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+      greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+      replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      return jax.lax.with_sharding_constraint((target_BxT, greedy_BxT), replicated)
+
+    batch = NamedSharding(self.mesh, logical_to_spec(("batch", None), self.rules, self.mesh))
+    args = [jax.device_put(np.asarray(a, np.int32), batch) for a in (tokens_BxT, positions_BxT, segment_ids_BxT)]
+    targets = jax.device_put(np.asarray(targets_BxT, np.int32), batch)
+    return self._jit("token_logprobs", run)(params, *args, targets)
+
   # Sampling -------------------------------------------------------------------------------------------------
 
   def prefill(self, params, tokens_BxP, lengths_B, cache: KVCache, key, sampling: Sampling):

@@ -33,13 +33,15 @@ def one_device_mesh() -> Mesh:
   return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def load_run(workdir: str, checkpoint: str | None = None, *, compute_dtype: str | None = None) -> LoadedRun:
-  """Config, tokenizer, decoder and parameters of a run; bad input raises a one-line ConfigError, DataError or
-  CheckpointError."""
+def load_run(
+  workdir: str, checkpoint: str | None = None, *, compute_dtype: str | None = None, mesh: Mesh | None = None
+) -> LoadedRun:
+  """Config, tokenizer, decoder and parameters of a run, on `mesh` (default one device); bad input raises a
+  one-line ConfigError, DataError or CheckpointError."""
   run = open_run(workdir, checkpoint, compute_dtype=compute_dtype)
   tokenizer = Tokenizer(run.tokenizer_path)
   # Rules of runs made before a logical name existed fall back to its default.
   rules = {**parse_rules(DEFAULT_RULES), **parse_rules(run.cfg.mesh.rules)}
-  decoder = Decoder(run.model_cfg, tokenizer.vocab_size, one_device_mesh(), rules)
+  decoder = Decoder(run.model_cfg, tokenizer.vocab_size, mesh or one_device_mesh(), rules)
   params = run.load_params(decoder.abstract_sharded_params())
   return LoadedRun(cfg=run.cfg, tokenizer=tokenizer, decoder=decoder, params=params, source=run.source)

@@ -58,6 +58,8 @@ def _validate_sizes_and_choices(cfg: ml_collections.ConfigDict) -> None:
   ):
     group, name = key.split(".")
     _require(cfg[group][name] > 0, f"config.{key}={cfg[group][name]} must be positive")
+  for key in ("eval_tasks_every", "eval_tasks_limit"):
+    _require(cfg.train.get(key, 0) >= 0, f"config.train.{key}={cfg.train.get(key)} must be 0 or more")
   _one_of(cfg, "model.mlp_type", ("swiglu", "gelu"))
   _one_of(cfg, "model.norm_type", ("rmsnorm", "layernorm"))
   _one_of(cfg, "model.position_type", ("rope", "learned", "sinusoidal"))
@@ -218,6 +220,11 @@ def validate_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int], rules:
     cfg.lora.rank == 0 or stages == 1,
     f"config.lora.rank={cfg.lora.rank} with mesh.stage={stages}: LoRA does not run under the pipeline; set "
     "mesh.stage=1 (the base can be sharded with mesh.fsdp and mesh.tensor)",
+  )
+  _require(
+    not t.get("eval_tasks") or stages == 1,
+    f"config.train.eval_tasks with mesh.stage={stages}: downstream tasks do not run under the pipeline; set "
+    "mesh.stage=1, or evaluate a checkpoint with scripts/evaluate.py",
   )
   pipeline_micro = cfg.pipeline.microbatches if stages > 1 else 1
   _require(  # validate() checked grad_accum alone; a pipeline splits each of its microbatches again

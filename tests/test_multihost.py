@@ -214,6 +214,8 @@ def _grpo_args(workdir, cache, layout: dict) -> list[str]:
     "grpo.rewards": "format,overlong", "grpo.overlong_window": 4, "grpo.beta": 0.04,
     "train.global_batch_size": 8, "train.steps": 4, "train.log_every": 1, "checkpoint.every_steps": 4,
     "optim.warmup_steps": 1, "optim.peak_lr": 1e-2,
+    # lm-eval tasks at the last step: process 0 drives the harness, process 1 follows its device calls.
+    "train.eval_tasks": "examples/eval/kiln_ppl.yaml,examples/eval/kiln_gen.yaml", "train.eval_tasks_limit": 2,
   }  # fmt: skip
   return ["train.py", "--config", "configs/grpo_tiny.py", f"--workdir={workdir}"] + [
     f"--config.{k}={v}" for k, v in overrides.items()
@@ -223,7 +225,8 @@ def _grpo_args(workdir, cache, layout: dict) -> list[str]:
 @pytest.mark.slow
 def test_two_processes_roll_out_score_and_update_as_one(cache, tmp_path):
   """GRPO over fsdp x tensor on 2 x 4 devices: each process generates and scores the rows its devices hold; the
-  rewards, advantages (over whole groups) and updates are those of one process."""
+  rewards, advantages (over whole groups) and updates are those of one process. So are the lm-eval figures of
+  the last step (rolling log-likelihoods and generations), which process 0 drives and process 1 follows."""
   layout = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}
   records = {}
   for processes in (1, 2):
@@ -231,7 +234,11 @@ def test_two_processes_roll_out_score_and_update_as_one(cache, tmp_path):
     for r in _run_processes(_grpo_args(workdir, cache, layout), processes):
       assert r.returncode == 0, r.stderr[-3000:]
     records[processes] = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  one, two = records[1], records[2]
+  one, two = ([r for r in records[n] if "loss" in r] for n in (1, 2))  # the train lines
   assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
   for name in ("reward_mean", "reward_std", "reward/format", "completion_len_mean", "loss", "kl", "grad_norm"):
     np.testing.assert_allclose([r[name] for r in two], [r[name] for r in one], rtol=2e-5, atol=1e-6, err_msg=name)
+  evals = {n: next(r for r in records[n] if "eval/kiln_ppl/bits_per_byte" in r) for n in (1, 2)}
+  assert evals[1]["step"] == evals[2]["step"] == 4
+  for name in ("eval/kiln_ppl/bits_per_byte", "eval/kiln_gen/exact_match"):
+    np.testing.assert_allclose(evals[2][name], evals[1][name], rtol=2e-5, err_msg=name)

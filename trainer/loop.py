@@ -132,7 +132,9 @@ class _MetricsLogger:
   def write_eval(self, step: int, metrics: dict) -> None:
     self.last_eval = {"step": step, **metrics}
     self.writer.write(self.last_eval)
-    self.progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:.2f})")
+    shown = [f"eval_loss {metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:.2f})"] if "eval_loss" in metrics else []
+    shown += [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("eval/")]
+    self.progress.write(f"step {step}: {', '.join(shown)}")
 
   def _write_train(self, pending: _Pending, following: _Pending | None) -> None:
     host = jax.device_get(pending.metrics)
@@ -223,10 +225,20 @@ class _Run:
   start_step: int
   source: objectives.BatchSource
   workdir: str
+  tasks: object = None  # evaluation.training.TrainingTasks of train.eval_tasks, or None
+  named_eval: dict = dataclasses.field(default_factory=dict)  # data.eval_files: {name: fixed eval batches}
 
   def evaluate(self, state) -> dict | None:
-    """The eval metrics of `state`; None when nothing is held out (data.eval_fraction=0, a one-document corpus)."""
-    return evaluate(self.exp, state.params, self.eval_batches, self.frozen) if self.eval_batches else None
+    """The eval metrics of `state`: the corpus's held-out loss and each named set's (`eval_loss/<name>`); None
+    when nothing is held out (data.eval_fraction=0 or a one-document corpus, and no data.eval_files)."""
+    metrics = evaluate(self.exp, state.params, self.eval_batches, self.frozen) if self.eval_batches else {}
+    for name, batches in self.named_eval.items():
+      named = evaluate(self.exp, state.params, batches, self.frozen)
+      metrics[f"eval_loss/{name}"], metrics[f"eval_ppl/{name}"] = named["eval_loss"], named["eval_ppl"]
+    return metrics or None
+
+  def tasks_due(self, step: int) -> bool:
+    return self.tasks is not None and self.tasks.due(step)
 
 
 def _after_step(run: _Run, done: int, state, metrics: dict, preemption: PreemptionGuard) -> str | None:
@@ -239,7 +251,8 @@ def _after_step(run: _Run, done: int, state, metrics: dict, preemption: Preempti
   run.logger.dispatched(done, metrics, due=schedule.logs(done) or stop is not None)
   evaluates, saves = schedule.evaluates(done), schedule.checkpoints(done) or stop is not None
   profile_ends = bool(schedule.profile) and done == schedule.profile.stop
-  if not (evaluates or saves or profile_ends):
+  tasks_due = run.tasks_due(done)
+  if not (evaluates or saves or profile_ends or tasks_due):
     return None
   run.logger.before_pause()
   if profile_ends:
@@ -248,7 +261,10 @@ def _after_step(run: _Run, done: int, state, metrics: dict, preemption: Preempti
     run.logger.progress.write(
       f"profiled steps {schedule.profile.start + 1}..{done}: open {run.workdir}/tb in TensorBoard (Profile tab)"
     )
-  if evaluates and (eval_metrics := run.evaluate(state)) is not None:
+  eval_metrics = (run.evaluate(state) or {}) if evaluates else {}
+  if tasks_due:  # one eval line per step: the held-out loss and the tasks' figures together
+    eval_metrics.update(run.tasks(state.params, run.frozen))
+  if eval_metrics:
     run.logger.write_eval(done, eval_metrics)
   if saves:
     run.logger.writer.flush()  # an object store gets the lines before the checkpoint that holds their steps
@@ -321,7 +337,8 @@ def train(cfg, workdir: str) -> dict:
     exp=exp, frozen=frozen, eval_batches=eval_batches, checkpointer=checkpointer,
     logger=_MetricsLogger(writer, throughput, progress),
     schedule=_schedule(cfg, start_step, profiles=is_writer), config_json=config_json,
-    start_step=start_step, source=source, workdir=workdir,
+    start_step=start_step, source=source, workdir=workdir, tasks=_training_tasks(cfg, exp, tokenizer),
+    named_eval=_named_eval_batches(cfg, tokenizer, exp),
   )  # fmt: skip
   state = _train_steps(run, state)
   progress.close()
@@ -332,6 +349,27 @@ def train(cfg, workdir: str) -> dict:
   if is_writer:
     plot_losses(workdir)
   return {"train": run.logger.last_train, "eval": run.logger.last_eval, "state": state, "experiment": exp}
+
+
+def _training_tasks(cfg, exp: Experiment, tokenizer):
+  """train.eval_tasks, ready to run on the live parameters; None without any (lm-eval is imported only then)."""
+  if not cfg.train.eval_tasks:
+    return None
+  from evaluation.training import TrainingTasks
+
+  return TrainingTasks(cfg.train, exp, tokenizer, cfg.data.chat_template)
+
+
+def _named_eval_batches(cfg, tokenizer, exp: Experiment) -> dict:
+  """data.eval_files: {name: fixed eval batches} of each named held-out set ({} without any)."""
+  if not cfg.data.get("eval_files"):
+    return {}
+  from evaluation.heldout import named_eval_batches
+
+  return named_eval_batches(
+    cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size, num_batches=cfg.train.eval_batches,
+    sharding=exp.batch_sharding,
+  )  # fmt: skip
 
 
 class _StreamBatches:

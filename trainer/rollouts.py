@@ -93,7 +93,6 @@ class Rollouts:
   def close(self) -> None:
     pass
 
-
   # One rollout ----------------------------------------------------------------------------------------------
 
   def _rollout(self, state, k: int) -> tuple[dict, dict]:
@@ -146,7 +145,9 @@ class Rollouts:
     metrics = {
       "reward_mean": float(stats["reward_mean"]),
       "reward_std": float(stats["reward_std"]),
-      **{f"reward/{name.rpartition(':')[2]}": float(stats["reward_per_function"][i]) for i, name in enumerate(functions)},
+      **{
+        f"reward/{name.rpartition(':')[2]}": float(stats["reward_per_function"][i]) for i, name in enumerate(functions)
+      },
       "completion_len_mean": float(stats["completion_len_mean"]),
       "equal_reward_groups": float(stats["equal_reward_groups"]),
       "rollout_tokens_per_sec": float(stats["completion_tokens"]) / max(t_generated - t_start, 1e-9),
@@ -212,6 +213,7 @@ class Rollouts:
       "equal_reward_groups": jnp.mean(equal_B.astype(jnp.float32)),
     }
     return batch, stats
+
 
 def _agreed(score):
   """score()'s result on every process, or the same failure on all: a reward function that fails on one process
