@@ -136,6 +136,8 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.objective = "lm"
   c.train.compilation_cache = True  # JAX's persistent compilation cache under `<data cache dir>/jax`
   c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into `<workdir>/tb` for TensorBoard
+  # Projection weights that are zero when a step starts stay zero (fine-tuning a pruned run: scripts/prune.py)
+  c.train.keep_sparsity = False
 
 
 def _parallel(c: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from model.quant import dequantize, is_quantized
 from parallel.rules import constrain
 
 
@@ -181,7 +182,9 @@ def project(
   projection; `adapter_key` is its dropout key (None: no dropout).
   """
 
-  kernel_array = kernel[...]
+  kernel_array = kernel.get_value()
+  if is_quantized(kernel_array):  # weight-only quantized (model/quant.py): the matmul reads it in `dtype`
+    kernel_array = dequantize(kernel_array, dtype)
   names = kernel_names(kernel, kernel_array.ndim)
   if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
     wide = (jnp.dtype(dtype), jnp.dtype(out_dtype))

@@ -162,6 +162,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     pipelined=_pipelined(stage_schedule, mesh, model_cfg, rules),
     loss_fn=loss_fn or next_token_loss(graphdef),
     count_fn=count_fn,
+    keep_sparsity=cfg.train.keep_sparsity,
   )
   train_step = jax.jit(
     traced_under(mesh, step_fn),

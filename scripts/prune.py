@@ -1,0 +1,162 @@
+"""Prune a trained run's projections and write the result as a run that training starts from.
+
+  python scripts/prune.py --workdir runs/tiny --out runs/tiny_wanda --method wanda --sparsity 0.5
+      [--calibration_batches 8] [--checkpoint STEP|PATH]
+
+--method magnitude | wanda | 2:4 (model/sparsity.py): magnitude and wanda zero the --sparsity fraction of lowest
+scores among the weights of each output; Wanda's score is |W| times the norm of the weight's input feature over
+--calibration_batches batches of the run's training data; 2:4 keeps the 2 of highest Wanda score in every 4
+consecutive inputs (--sparsity is then 0.5). Attention and MLP projections of dense models are pruned; embeddings,
+head, norms and biases are not.
+
+Writes `<out>/params` (as scripts/export_params.py does), the run's config.json and tokenizer, and
+`<out>/prune.json` with the method and the held-out loss before and after. A pruned weight is exactly zero: the
+zeros are the mask, and fine-tuning with `--config.checkpoint.init_from=<out> --config.train.keep_sparsity=true`
+keeps them zero. Ends with one JSON line: method, sparsity, eval_loss_before, eval_loss_after.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, tokenizer, checkpoints) or export.")
+_OUT = flags.DEFINE_string("out", None, "Output run directory (must not exist).")
+_METHOD = flags.DEFINE_enum("method", None, ["magnitude", "wanda", "2:4"], "Pruning method.")
+_SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Fraction of each output's weights set to zero (2:4: 0.5).")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "Training batches that Wanda's input norms come from.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Step number, or path to a checkpoint or export.")
+
+
+def _eval_loss(graphdef, params, batches) -> float:
+  import jax
+
+  from objectives.losses import next_token_loss, token_count
+
+  loss_fn = next_token_loss(graphdef)
+  step = jax.jit(lambda p, b: (loss_fn(p, {}, b, None)[0][0], token_count(b)))
+  sums = jax.device_get([step(params, b) for b in batches])
+  return sum(float(n) for n, _ in sums) / max(sum(float(t) for _, t in sums), 1.0)
+
+
+def prune(
+  workdir: str,
+  out: str,
+  method: str,
+  sparsity: float = 0.5,
+  calibration_batches: int = 8,
+  checkpoint: str | None = None,
+) -> dict:
+  """Prunes the run in `workdir` into the run `out`; -> the figures of the JSON line. Bad input raises a one-line
+  ValueError, ConfigError, DataError or CheckpointError."""
+  import itertools
+  import shutil
+
+  import jax
+  import orbax.checkpoint as ocp
+
+  import data
+  import objectives
+  from data.tokenizer import copy_run_tokenizer
+  from model import sparsity as sp
+  from model.params import abstract_model
+  from parallel.partition import with_shardings
+  from storage import as_path
+  from storage.run import open_run
+
+  if as_path(out).exists():
+    raise ValueError(f"--out={out} exists; pass an --out that does not, so nothing is overwritten")
+  if method == "2:4":
+    if sparsity != 0.5:
+      raise ValueError(f"--method=2:4 prunes exactly half the weights; drop --sparsity={sparsity} (or give 0.5)")
+  elif not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"--sparsity={sparsity}; give a fraction in [0, 1)")
+  if method != "magnitude" and calibration_batches < 1:
+    raise ValueError(f"--method={method} needs --calibration_batches >= 1 (its input norms come from them)")
+  run = open_run(workdir, checkpoint)
+  cfg, model_cfg = run.cfg, run.model_cfg
+  if model_cfg.num_experts > 0:
+    raise ValueError(f"{workdir} is an MoE model; pruning covers dense models (config.moe.num_experts=0)")
+  if cfg.lora.rank > 0:
+    raise ValueError(f"{workdir} is a LoRA run; export it merged (scripts/export_params.py) and prune the export")
+  if method == "2:4":
+    bad = [n for n, w in _inputs(abstract_model(model_cfg)[1]) if w % 4]
+    if bad:
+      raise ValueError(f"--method=2:4 needs input sizes divisible by 4; {', '.join(bad)} are not")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  graphdef, abstract, _ = abstract_model(model_cfg)
+  params = run.load_params(with_shardings(abstract, jax.tree.map(lambda _: device, abstract)))
+
+  tokenizer = data.Tokenizer(run.tokenizer_path)
+  token_cache = objectives.get("lm").load_documents(cfg.data, tokenizer)
+  rows = cfg.train.global_batch_size
+  eval_batches = data.make_eval_batches(
+    cfg.data, tokenizer, global_batch_size=rows, num_batches=cfg.train.eval_batches, sharding=device,
+    token_cache=token_cache,
+  )  # fmt: skip
+  if not eval_batches:
+    raise ValueError(f"{workdir} holds no data out (data.eval_fraction=0): no held-out loss to report")
+  norms = None
+  if method != "magnitude":
+    train_iter = data.make_train_iterator(
+      cfg.data, tokenizer, global_batch_size=rows, seed=cfg.train.seed, sharding=device, token_cache=token_cache
+    )
+    try:
+      calibration = list(itertools.islice(train_iter, calibration_batches))
+    finally:
+      getattr(train_iter, "close", lambda: None)()
+    norms = sp.input_norms(graphdef, params, calibration)
+  before = _eval_loss(graphdef, params, eval_batches)
+  pruned = jax.jit(lambda p, n: sp.prune_params(p, method, sparsity, n))(params, norms)
+  after = _eval_loss(graphdef, pruned, eval_batches)
+  figures = {
+    "method": method,
+    "sparsity": round(sp.sparsity_of(pruned), 6),
+    "calibration_batches": calibration_batches if norms is not None else 0,
+    "eval_loss_before": before,
+    "eval_loss_after": after,
+  }
+  os.makedirs(out)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(os.path.join(out, "params")), {"params": pruned})
+  with open(os.path.join(out, "prune.json"), "w") as f:
+    json.dump({**figures, "source": run.source}, f, indent=2)
+  shutil.copy(str(as_path(workdir) / "config.json"), os.path.join(out, "config.json"))
+  copy_run_tokenizer(workdir, out)
+  return figures
+
+
+def _inputs(abstract: dict, path: tuple = ()):
+  """(kernel path, the size of its last input axis) of every projection."""
+  from model.quant import PROJECTIONS
+
+  for key, value in abstract.items():
+    if isinstance(value, dict):
+      yield from _inputs(value, (*path, key))
+    elif key in PROJECTIONS:
+      n_in, n_out = PROJECTIONS[key]
+      yield "/".join((*path, key)), value.shape[value.ndim - n_out - 1]
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value or not _OUT.value or not _METHOD.value:
+    sys.exit("error: pass --workdir RUN --out RUN2 --method magnitude|wanda|2:4")
+  logging.set_verbosity(logging.WARNING)
+  from data import DataError
+  from settings import ConfigError
+  from storage.checkpoint import CheckpointError
+
+  try:
+    figures = prune(_WORKDIR.value, _OUT.value, _METHOD.value, _SPARSITY.value, _CALIBRATION.value, _CHECKPOINT.value)
+  except (ValueError, ConfigError, DataError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+  app.run(main)
