@@ -162,6 +162,9 @@ def _fine_tuning(c: ml_collections.ConfigDict) -> None:
   c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
   c.lora.dropout = 0.0  # on the adapter's input, training only
   c.lora.targets = "q,v"  # comma-separated among q, k, v, o, gate, up, down (MoE models: attention only)
+  # QLoRA: the frozen base's projections held as int8 | int4 | nf4 (model/quant.py); empty: as the base's dtype
+  c.lora.base_quant = ""
+  c.lora.base_group_size = 64  # lora.base_quant int4 | nf4: inputs per scale
 
   c.dpo = ml_collections.ConfigDict()  # train.objective=dpo
   c.dpo.beta = 0.1  # strength of the implicit KL to the reference: larger keeps the policy closer to it

@@ -6,12 +6,14 @@ integer values of W's shape and fp scales, W ~ qvalue * scale.
 - int8: one scale per output channel (absmax over the input axes / 127.5), as LLM.int8's and qwix's
   per-channel weight quantization.
 - int4: one scale per group of `group_size` consecutive inputs (along the last input axis) and output channel.
+- nf4 (QLoRA's 4-bit NormalFloat, for `lora.base_quant`): int4's groups, values the 16 quantiles of a normal.
 
 The quantized tree replaces the kernels in place, so the model's Params hold QArrays; `project` (model/layers.py)
 dequantizes each in the compute dtype where the matmul reads it. Embeddings, the LM head, norms, biases, routers
 and MoE experts stay as they were.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -28,9 +30,8 @@ PROJECTIONS = {
   "w_up_DxF": (1, 1),
   "w_down_FxD": (1, 1),
 }
-MODES = ("int8", "int4")
-_QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
-_BITS = {"int8": 8, "int4": 4}
+MODES = ("int8", "int4", "nf4")
+_QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
 
 
 def is_quantized(value) -> bool:
@@ -46,7 +47,7 @@ def _axes(name: str, ndim: int) -> tuple[list[int], list[int], list[int]]:
 
 
 def group_of(dim: int, group_size: int) -> int:
-  """The int4 group along an input axis of `dim`: `group_size`, or the whole axis when it is shorter."""
+  """The int4 (nf4) group along an input axis of `dim`: `group_size`, or the whole axis when it is shorter."""
   return min(dim, group_size)
 
 
@@ -88,6 +89,32 @@ def quantize_params(params: dict, mode: str, group_size: int = 128) -> dict:
   return jax.jit(walk)(params)
 
 
+def shardings_of(quantized: dict, shardings: dict) -> dict:
+  """Shardings of `quantized` (QArrays where `shardings` has one NamedSharding per kernel): the integers as the
+  kernel, the scales by the same spec except on the axes they are too short to split (per-channel int8 has one
+  scale per input axis)."""
+
+  def place(q, sharding):
+    if not is_quantized(q):
+      return sharding
+    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (q.ndim - len(sharding.spec))
+
+    def fits(dim, axes):
+      names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      return dim % math.prod(mesh.shape[a] for a in names) == 0
+
+    scale_spec = [axes if fits(d, axes) else None for d, axes in zip(q.scale.shape, spec, strict=True)]
+    scale = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*scale_spec))
+    return dataclasses.replace(q, qvalue=sharding, scale=scale)
+
+  return jax.tree.map(place, quantized, shardings, is_leaf=is_quantized)
+
+
+def count_weights(tree: dict) -> int:
+  """Weights in a tree, a QArray counting the elements it stands for (not its scales)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
 def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
   """Every QArray of `params` back to a plain array in `dtype`."""
   return jax.tree.map(lambda v: dequantize(v, dtype) if is_quantized(v) else v, params, is_leaf=is_quantized)
@@ -96,7 +123,7 @@ def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
 def leaf_bits(x) -> int:
   """Bits per element as the accelerators store the leaf (int4 packed two to a byte)."""
   dtype = jnp.dtype(x.dtype)
-  return 4 if dtype == jnp.int4 else 8 * dtype.itemsize
+  return 4 if dtype in (jnp.int4, jnp.uint4) else 8 * dtype.itemsize
 
 
 def bytes_per_device(params: dict) -> int:

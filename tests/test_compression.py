@@ -2,6 +2,7 @@
 full-precision model; pruning (magnitude, Wanda, 2:4) and fine-tuning that keeps pruned weights at zero."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +209,62 @@ def test_quantized_run_and_export_load_with_fewer_bytes(trained_run, tmp_path):
   for loaded in (int8, int4):
     got = np.asarray(loaded.decoder.forward(loaded.params, tokens))
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8, loaded.quantize
+
+
+# QLoRA: a LoRA run whose frozen base is held quantized ------------------------------------------------------------
+
+_QLORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "q,k,v,o,gate,up,down", "lora.base_quant": "nf4",
+          "lora.base_group_size": 8}  # fmt: skip
+
+
+def test_qlora_trains_adapters_on_a_sharded_quantized_base():
+  """An nf4 base on fsdp=2 x tensor=2: the base's kernels are QArrays sharded as the kernels are, the first loss
+  is the dequantized base model's, repeated steps on one batch lower the loss, and Adam holds moments of the
+  adapters only."""
+  from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
+  from trainer.experiment import build
+
+  cfg = small_config(**_QLORA, **{"mesh.fsdp": 2, "mesh.tensor": 2})
+  exp = build(cfg, VOCAB, mesh_for(cfg))
+  state, frozen = exp.init_state(), exp.load_frozen()
+  wq = frozen["base"]["blocks"]["attn"]["wq_DxNxH"]
+  assert quant.is_quantized(wq) and wq.qvalue.dtype == jnp.uint4
+  assert wq.qvalue.sharding.spec[1:3] == ("fsdp", "tensor")
+  batch = jax.device_put(packed_batch(np.random.default_rng(0), 8, 16), exp.batch_sharding)
+  losses = []
+  for _ in range(4):
+    state, metrics = exp.train_step(state, batch, frozen)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0] - 0.05, losses
+
+  plain_cfg = small_config(**{"mesh.fsdp": 2, "mesh.tensor": 2})
+  plain = build(plain_cfg, VOCAB, mesh_for(plain_cfg))
+  base = jax.device_put(quant.dequantize_params(frozen["base"]), plain.shardings.params)
+  nll, tokens = plain.eval_step(base, jax.device_put(batch, plain.batch_sharding), {})
+  np.testing.assert_allclose(losses[0], float(nll) / float(tokens), rtol=1e-5)
+  shapes = sorted(x.shape for x in jax.tree.leaves(state.params))
+  assert all(
+    str(getattr(p[-2], "key", "")).startswith("lora_") for p, _ in jax.tree_util.tree_leaves_with_path(state.params)
+  )
+  assert sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim > 0) == sorted(shapes * 2)
+
+
+def test_qlora_run_resumes_exactly(trained_run, tmp_path, mini_run_cache):
+  """An int4 QLoRA run on the trained run, stopped after its checkpoint at step 3 and resumed, logs the losses of
+  the uninterrupted run."""
+  from tests.helpers import mini_run_config
+  from trainer.loop import train
+
+  overrides = {**_TRAINED, **_QLORA, "lora.base_quant": "int4", "checkpoint.init_from": trained_run,
+               "train.steps": 6, "checkpoint.every_steps": 3, "train.eval_every": 6, "train.log_every": 1}  # fmt: skip
+
+  def losses(workdir):
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+  train(mini_run_config(mini_run_cache, **overrides), str(tmp_path / "whole"))
+  train(mini_run_config(mini_run_cache, **{**overrides, "train.steps": 3}), str(tmp_path / "resumed"))
+  train(mini_run_config(mini_run_cache, **overrides), str(tmp_path / "resumed"))
+  want, got = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+  assert sorted(got) == list(range(1, 7)) and got == want
+  assert want[6] < want[1]
