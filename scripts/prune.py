@@ -31,7 +31,8 @@ _CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "Training batches 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Step number, or path to a checkpoint or export.")
 
 
-def _eval_loss(graphdef, params, batches) -> float:
+def eval_loss(graphdef, params, batches) -> float:
+  """Mean next-token loss of `params` over `batches` (their target tokens)."""
   import jax
 
   from objectives.losses import next_token_loss, token_count
@@ -40,6 +41,68 @@ def _eval_loss(graphdef, params, batches) -> float:
   step = jax.jit(lambda p, b: (loss_fn(p, {}, b, None)[0][0], token_count(b)))
   sums = jax.device_get([step(params, b) for b in batches])
   return sum(float(n) for n, _ in sums) / max(sum(float(t) for _, t in sums), 1.0)
+
+
+def run_batches(run, calibration_batches: int) -> tuple[list[dict], list[dict]]:
+  """(held-out batches, the first `calibration_batches` training batches) of the run's data, on one device."""
+  import itertools
+
+  import jax
+
+  import data
+  import objectives
+
+  cfg, device = run.cfg, jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tokenizer = data.Tokenizer(run.tokenizer_path)
+  token_cache = objectives.get("lm").load_documents(cfg.data, tokenizer)
+  rows = cfg.train.global_batch_size
+  held_out = data.make_eval_batches(
+    cfg.data, tokenizer, global_batch_size=rows, num_batches=cfg.train.eval_batches, sharding=device,
+    token_cache=token_cache,
+  )  # fmt: skip
+  if not held_out:
+    raise ValueError(f"{run.source} holds no data out (data.eval_fraction=0): no held-out loss to report")
+  calibration = []
+  if calibration_batches > 0:
+    train_iter = data.make_train_iterator(
+      cfg.data, tokenizer, global_batch_size=rows, seed=cfg.train.seed, sharding=device, token_cache=token_cache
+    )
+    try:
+      calibration = list(itertools.islice(train_iter, calibration_batches))
+    finally:
+      getattr(train_iter, "close", lambda: None)()
+  return held_out, calibration
+
+
+def check(run, method: str, sparsity: float, calibration_batches: int) -> None:
+  """Raises a one-line ValueError when `run` cannot be pruned as asked."""
+  from model.params import abstract_model
+
+  if method == "2:4":
+    if sparsity != 0.5:
+      raise ValueError(f"--method=2:4 prunes exactly half the weights; drop --sparsity={sparsity} (or give 0.5)")
+  elif not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"--sparsity={sparsity}; give a fraction in [0, 1)")
+  if method != "magnitude" and calibration_batches < 1:
+    raise ValueError(f"--method={method} needs --calibration_batches >= 1 (its input norms come from them)")
+  if run.model_cfg.num_experts > 0:
+    raise ValueError(f"{run.source} is an MoE model; pruning covers dense models (config.moe.num_experts=0)")
+  if run.cfg.lora.rank > 0:
+    raise ValueError(f"{run.source} is a LoRA run; export it merged (scripts/export_params.py) and prune the export")
+  if method == "2:4":
+    bad = [n for n, w in _inputs(abstract_model(run.model_cfg)[1]) if w % 4]
+    if bad:
+      raise ValueError(f"--method=2:4 needs input sizes divisible by 4; {', '.join(bad)} are not")
+
+
+def pruned_params(graphdef, params, method: str, sparsity: float, calibration: list[dict]) -> dict:
+  """`params` pruned by `method`, Wanda's input norms (wanda, 2:4) from the `calibration` batches."""
+  import jax
+
+  from model import sparsity as sp
+
+  norms = sp.input_norms(graphdef, params, calibration) if method != "magnitude" else None
+  return jax.jit(lambda p, n: sp.prune_params(p, method, sparsity, n))(params, norms)
 
 
 def prune(
@@ -52,14 +115,11 @@ def prune(
 ) -> dict:
   """Prunes the run in `workdir` into the run `out`; -> the figures of the JSON line. Bad input raises a one-line
   ValueError, ConfigError, DataError or CheckpointError."""
-  import itertools
   import shutil
 
   import jax
   import orbax.checkpoint as ocp
 
-  import data
-  import objectives
   from data.tokenizer import copy_run_tokenizer
   from model import sparsity as sp
   from model.params import abstract_model
@@ -69,55 +129,19 @@ def prune(
 
   if as_path(out).exists():
     raise ValueError(f"--out={out} exists; pass an --out that does not, so nothing is overwritten")
-  if method == "2:4":
-    if sparsity != 0.5:
-      raise ValueError(f"--method=2:4 prunes exactly half the weights; drop --sparsity={sparsity} (or give 0.5)")
-  elif not 0.0 <= sparsity < 1.0:
-    raise ValueError(f"--sparsity={sparsity}; give a fraction in [0, 1)")
-  if method != "magnitude" and calibration_batches < 1:
-    raise ValueError(f"--method={method} needs --calibration_batches >= 1 (its input norms come from them)")
   run = open_run(workdir, checkpoint)
-  cfg, model_cfg = run.cfg, run.model_cfg
-  if model_cfg.num_experts > 0:
-    raise ValueError(f"{workdir} is an MoE model; pruning covers dense models (config.moe.num_experts=0)")
-  if cfg.lora.rank > 0:
-    raise ValueError(f"{workdir} is a LoRA run; export it merged (scripts/export_params.py) and prune the export")
-  if method == "2:4":
-    bad = [n for n, w in _inputs(abstract_model(model_cfg)[1]) if w % 4]
-    if bad:
-      raise ValueError(f"--method=2:4 needs input sizes divisible by 4; {', '.join(bad)} are not")
+  check(run, method, sparsity, calibration_batches)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  graphdef, abstract, _ = abstract_model(model_cfg)
+  graphdef, abstract, _ = abstract_model(run.model_cfg)
   params = run.load_params(with_shardings(abstract, jax.tree.map(lambda _: device, abstract)))
-
-  tokenizer = data.Tokenizer(run.tokenizer_path)
-  token_cache = objectives.get("lm").load_documents(cfg.data, tokenizer)
-  rows = cfg.train.global_batch_size
-  eval_batches = data.make_eval_batches(
-    cfg.data, tokenizer, global_batch_size=rows, num_batches=cfg.train.eval_batches, sharding=device,
-    token_cache=token_cache,
-  )  # fmt: skip
-  if not eval_batches:
-    raise ValueError(f"{workdir} holds no data out (data.eval_fraction=0): no held-out loss to report")
-  norms = None
-  if method != "magnitude":
-    train_iter = data.make_train_iterator(
-      cfg.data, tokenizer, global_batch_size=rows, seed=cfg.train.seed, sharding=device, token_cache=token_cache
-    )
-    try:
-      calibration = list(itertools.islice(train_iter, calibration_batches))
-    finally:
-      getattr(train_iter, "close", lambda: None)()
-    norms = sp.input_norms(graphdef, params, calibration)
-  before = _eval_loss(graphdef, params, eval_batches)
-  pruned = jax.jit(lambda p, n: sp.prune_params(p, method, sparsity, n))(params, norms)
-  after = _eval_loss(graphdef, pruned, eval_batches)
+  held_out, calibration = run_batches(run, calibration_batches if method != "magnitude" else 0)
+  pruned = pruned_params(graphdef, params, method, sparsity, calibration)
   figures = {
     "method": method,
     "sparsity": round(sp.sparsity_of(pruned), 6),
-    "calibration_batches": calibration_batches if norms is not None else 0,
-    "eval_loss_before": before,
-    "eval_loss_after": after,
+    "calibration_batches": len(calibration),
+    "eval_loss_before": eval_loss(graphdef, params, held_out),
+    "eval_loss_after": eval_loss(graphdef, pruned, held_out),
   }
   os.makedirs(out)
   with ocp.StandardCheckpointer() as checkpointer:
