@@ -44,6 +44,9 @@ def _model(c: ml_collections.ConfigDict) -> None:
   c.model.param_dtype = "float32"  # master weights; anything else needs allow_low_precision_params
   c.model.allow_low_precision_params = False  # True: you accept bf16 master weights (small updates round away)
   c.model.compute_dtype = "float32"  # float32 | bfloat16: activations and matmuls; logits and the loss stay fp32
+  # int8 | fp8: the attention and MLP projections multiply quantized inputs and weights (qwix's quantized
+  # training; fp8: e4m3 forward, e5m2 gradients); empty: in compute_dtype. How the step computes, not the weights
+  c.model.quant = ""
   # What the backward pass keeps rather than recomputes: none (keep all) | full (= save_nothing) |
   # save_projections | save_all_but_attention | offload_projections (GPU/TPU: to host memory)
   c.model.remat = "none"

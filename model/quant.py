@@ -166,3 +166,29 @@ def abstract_quantized(abstract_params: dict, mode: str, group_size: int) -> dic
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=a.sharding), q)
 
   return jax.tree.map(place, shapes, abstract_params, is_leaf=is_quantized)
+
+
+# Quantized training (model.quant): both operands of a projection's matmul quantized --------------------------------
+
+TRAINING_MODES = ("int8", "fp8")
+
+
+def qt_dot(mode: str, x2: jax.Array, w2: jax.Array, kernel_first: bool) -> jax.Array:
+  """x2 [tokens, in] times w2 ([in, out] if `kernel_first`, else [out, in]) with both quantized per channel
+  (x per token, w per output), through qwix's quantized-training dot (a custom VJP: the backward pass takes the
+  gradient through the quantized operands). int8: int8 forward, gradients in the compute dtype. fp8: e4m3 forward
+  and e5m2 gradients, as fp8 training recipes have it."""
+  from qwix._src.core import dot_general_qt  # what qwix's QtProvider runs for each dot; pinned qwix==0.1.8
+
+  assert mode in TRAINING_MODES, mode
+  if mode == "int8":
+    config = dot_general_qt.DotGeneralQtConfig(lhs_qtype=jnp.int8, rhs_qtype=jnp.int8)
+  else:
+    config = dot_general_qt.DotGeneralQtConfig(
+      lhs_qtype=jnp.float8_e4m3fn,
+      rhs_qtype=jnp.float8_e4m3fn,
+      dlhs_grad_qtype=jnp.float8_e5m2,
+      drhs_grad_qtype=jnp.float8_e5m2,
+    )
+  dims = (((1,), (0,) if kernel_first else (1,)), ((), ()))
+  return dot_general_qt.dot_general_qt(x2, w2, dims, config)

@@ -37,6 +37,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _validate_training(cfg)
   _validate_moe(cfg)
   _validate_lora(cfg)
+  _require(
+    cfg.model.quant in ("", "int8", "fp8"),
+    f"config.model.quant={cfg.model.quant!r} must be int8, fp8 or empty (the projections' matmuls in compute_dtype)",
+  )
   _validate_objective(cfg)
 
 
