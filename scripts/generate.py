@@ -2,12 +2,13 @@
 
   python scripts/generate.py --workdir runs/tiny --prompt "def main(" [--prompt ...] [--prompts_file F]
       [--checkpoint STEP|PATH] [--max_new_tokens 128] [--temperature 0.8] [--top_k 40] [--top_p 0.95]
-      [--beam_width 4] [--stop_ids 13,42] [--seed 0]
+      [--beam_width 4] [--stop_ids 13,42] [--seed 0] [--quantize int8|int4 [--group_size 128]]
 
 Each prompt is encoded after a BOS token, as training saw documents. With one prompt the new text streams to
 the terminal as it is produced; with several, each completion is printed when all are done, after a
 `=== completion i ===` line. --temperature 0 is greedy; --beam_width > 1 runs beam search (sampling flags are
-then ignored). A row stops at EOS, at any --stop_ids, or after --max_new_tokens.
+then ignored). A row stops at EOS, at any --stop_ids, or after --max_new_tokens. --quantize holds the
+projections' weights as int8 or int4 (docs/compression.md).
 """
 
 import os

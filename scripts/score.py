@@ -2,6 +2,7 @@
 
   python scripts/score.py --workdir runs/tiny --text_file F [--checkpoint STEP|PATH]
   python scripts/score.py --workdir runs/tiny --tokens IDS.npy --logits_out OUT.npy
+  (either with [--quantize int8|int4 [--group_size 128]]: the projections' weights quantized, docs/compression.md)
 
 --text_file: the file is one document, encoded after a BOS as training saw it. Every token after the BOS is
 scored given those before it; a document longer than the model's context (config.data.seq_len) is scored in
