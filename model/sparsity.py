@@ -19,19 +19,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.lora import TARGETS
 from model.quant import PROJECTIONS
 
 METHODS = ("magnitude", "wanda", "2:4")
-# The projection -> the LoRA adapter attribute whose call sees its input (model/lora.py's TARGETS).
-_ADAPTER_OF = {
-  "wq_DxNxH": "lora_q",
-  "wk_DxKxH": "lora_k",
-  "wv_DxKxH": "lora_v",
-  "wo_NxHxD": "lora_o",
-  "w_gate_DxF": "lora_gate",
-  "w_up_DxF": "lora_up",
-  "w_down_FxD": "lora_down",
-}
+# The projection -> the LoRA adapter attribute whose call sees its input.
+_ADAPTER_OF = {kernel: adapter for _, adapter, kernel in TARGETS.values()}
 
 
 def _as_3d(w: jax.Array, name: str) -> jax.Array:
@@ -130,7 +123,7 @@ def input_norms(graphdef, params: dict, batches: list[dict]) -> dict:
   positions, segment_ids, loss_mask), by kernel path: a forward pass of the model whose adapters record their
   inputs. Dense models (no MoE)."""
   model = nnx.merge(graphdef, nnx.State(params))
-  for path, kernel in _kernel_paths(params):
+  for path, kernel in kernel_paths(params):
     module = model
     for key in path[:-1]:
       module = getattr(module, key)
@@ -152,7 +145,7 @@ def input_norms(graphdef, params: dict, batches: list[dict]) -> dict:
     sums = got if sums is None else jax.tree.map(jnp.add, sums, got)
   flat = sums.to_pure_dict() if hasattr(sums, "to_pure_dict") else sums
   norms = {}
-  for path, _ in _kernel_paths(params):
+  for path, _ in kernel_paths(params):
     node = flat
     for key in path[:-1]:
       node = node[key]
@@ -160,9 +153,10 @@ def input_norms(graphdef, params: dict, batches: list[dict]) -> dict:
   return norms
 
 
-def _kernel_paths(params: dict, path: tuple = ()):
+def kernel_paths(params: dict, path: tuple = ()):
+  """(path as a tuple of keys, value) of every projection kernel in a nested dict."""
   for key, value in params.items():
     if isinstance(value, dict):
-      yield from _kernel_paths(value, (*path, key))
+      yield from kernel_paths(value, (*path, key))
     elif key in PROJECTIONS:
       yield (*path, key), value

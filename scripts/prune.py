@@ -153,16 +153,13 @@ def prune(
   return figures
 
 
-def _inputs(abstract: dict, path: tuple = ()):
+def _inputs(abstract: dict):
   """(kernel path, the size of its last input axis) of every projection."""
   from model.quant import PROJECTIONS
+  from model.sparsity import kernel_paths
 
-  for key, value in abstract.items():
-    if isinstance(value, dict):
-      yield from _inputs(value, (*path, key))
-    elif key in PROJECTIONS:
-      n_in, n_out = PROJECTIONS[key]
-      yield "/".join((*path, key)), value.shape[value.ndim - n_out - 1]
+  for path, value in kernel_paths(abstract):
+    yield "/".join(path), value.shape[value.ndim - PROJECTIONS[path[-1]][1] - 1]
 
 
 def main(argv):
