@@ -18,17 +18,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-# Their flags are this script's too: --new_tokens (greedy tokens per prompt, and decode steps timed), --group_size
-# (int4), --workdir (the trained run), --calibration_batches (Wanda's).
+# Its flags are this script's too: --new_tokens (greedy tokens per prompt, and decode steps timed), --group_size (int4).
 from scripts.benchmark_generate import measure  # noqa: E402
 from scripts.prune import eval_loss, pruned_params, run_batches  # noqa: E402
 
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.")
+_CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "Training batches for Wanda's input norms.")
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "Held-out prompts of the greedy agreement.")
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS.workdir:
+  if not _WORKDIR.value:
     sys.exit("error: pass --workdir, a trained run directory")
   logging.set_verbosity(logging.WARNING)
   import jax
@@ -40,13 +41,13 @@ def main(argv):
   from model import sparsity as sp
   from storage.run import open_run
 
-  full = load_run(flags.FLAGS.workdir)
-  run = open_run(flags.FLAGS.workdir)
-  held_out, calibration = run_batches(run, flags.FLAGS.calibration_batches)
+  full = load_run(_WORKDIR.value)
+  run = open_run(_WORKDIR.value)
+  held_out, calibration = run_batches(run, _CALIBRATION.value)
   prompts = [row[:16].tolist() for row in np.asarray(held_out[0]["inputs"])[: _PROMPTS.value]]
   greedy = dict(max_new_tokens=flags.FLAGS.new_tokens, sampling=Sampling(0.0), stop_ids=[])
   graphdef, params, group = full.decoder.graphdef, full.params, flags.FLAGS.group_size
-  bf16 = load_run(flags.FLAGS.workdir, compute_dtype="bfloat16")
+  bf16 = load_run(_WORKDIR.value, compute_dtype="bfloat16")
   variants = [
     ("float32", full.decoder, params),
     ("bfloat16", bf16.decoder, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)),
@@ -69,14 +70,14 @@ def main(argv):
       "decode_tokens_per_sec": measure(decoder, held, 1, 16, flags.FLAGS.new_tokens)["decode_tokens_per_sec"],
     })  # fmt: skip
   device = jax.devices()[0].device_kind
-  print(f"\n{flags.FLAGS.workdir} on {device}")
+  print(f"\n{_WORKDIR.value} on {device}")
   print(f"{'weights':>24} {'eval loss':>9} {'greedy agree':>12} {'MiB/device':>10} {'decode tok/s':>12}")
   for r in results:
     print(
       f"{r['weights']:>24} {r['eval_loss']:9.4f} {r['greedy_agreement']:12.3f} "
       f"{r['params_bytes_per_device'] / 2**20:10.2f} {r['decode_tokens_per_sec']:12.1f}"
     )
-  print(json.dumps({"device": device, "workdir": flags.FLAGS.workdir, "results": results}))
+  print(json.dumps({"device": device, "workdir": _WORKDIR.value, "results": results}))
 
 
 if __name__ == "__main__":

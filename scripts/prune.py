@@ -23,13 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, tokenizer, checkpoints) or export.")
-_OUT = flags.DEFINE_string("out", None, "Output run directory (must not exist).")
-_METHOD = flags.DEFINE_enum("method", None, ["magnitude", "wanda", "2:4"], "Pruning method.")
-_SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Fraction of each output's weights set to zero (2:4: 0.5).")
-_CALIBRATION = flags.DEFINE_integer("calibration_batches", 8, "Training batches that Wanda's input norms come from.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Step number, or path to a checkpoint or export.")
-
 
 def eval_loss(graphdef, params, batches) -> float:
   """Mean next-token loss of `params` over `batches` (their target tokens)."""
@@ -162,10 +155,22 @@ def _inputs(abstract: dict):
     yield "/".join(path), value.shape[value.ndim - PROJECTIONS[path[-1]][1] - 1]
 
 
+def _define_flags() -> None:
+  """The command line's flags, defined only when this file runs as the script: tests and benchmarks import its
+  functions beside other scripts that define --workdir and --out too."""
+  flags.DEFINE_string("workdir", None, "Run directory (config.json, tokenizer, checkpoints) or export.")
+  flags.DEFINE_string("out", None, "Output run directory (must not exist).")
+  flags.DEFINE_enum("method", None, ["magnitude", "wanda", "2:4"], "Pruning method.")
+  flags.DEFINE_float("sparsity", 0.5, "Fraction of each output's weights set to zero (2:4: 0.5).")
+  flags.DEFINE_integer("calibration_batches", 8, "Training batches that Wanda's input norms come from.")
+  flags.DEFINE_string("checkpoint", None, "Step number, or path to a checkpoint or export.")
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value or not _METHOD.value:
+  f = flags.FLAGS
+  if not f.workdir or not f.out or not f.method:
     sys.exit("error: pass --workdir RUN --out RUN2 --method magnitude|wanda|2:4")
   logging.set_verbosity(logging.WARNING)
   from data import DataError
@@ -173,11 +178,12 @@ def main(argv):
   from storage.checkpoint import CheckpointError
 
   try:
-    figures = prune(_WORKDIR.value, _OUT.value, _METHOD.value, _SPARSITY.value, _CALIBRATION.value, _CHECKPOINT.value)
+    figures = prune(f.workdir, f.out, f.method, f.sparsity, f.calibration_batches, f.checkpoint)
   except (ValueError, ConfigError, DataError, CheckpointError) as e:
     sys.exit(f"error: {e}")
   print(json.dumps(figures))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
