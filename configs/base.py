@@ -44,6 +44,9 @@ def _model(c: ml_collections.ConfigDict) -> None:
   c.model.param_dtype = "float32"  # master weights; anything else needs allow_low_precision_params
   c.model.allow_low_precision_params = False  # True: you accept bf16 master weights (small updates round away)
   c.model.compute_dtype = "float32"  # float32 | bfloat16: activations and matmuls; logits and the loss stay fp32
+  # int8 | fp8: the attention and MLP projections multiply quantized inputs and weights (qwix's quantized
+  # training; fp8: e4m3 forward, e5m2 gradients); empty: in compute_dtype. How the step computes, not the weights
+  c.model.quant = ""
   # What the backward pass keeps rather than recomputes: none (keep all) | full (= save_nothing) |
   # save_projections | save_all_but_attention | offload_projections (GPU/TPU: to host memory)
   c.model.remat = "none"
@@ -144,6 +147,8 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.objective = "lm"
   c.train.compilation_cache = True  # JAX's persistent compilation cache under `<data cache dir>/jax`
   c.train.profile_steps = 0  # > 0: trace this many steps (after the first two) into `<workdir>/tb` for TensorBoard
+  # Projection weights that are zero when a step starts stay zero (fine-tuning a pruned run: scripts/prune.py)
+  c.train.keep_sparsity = False
 
 
 def _parallel(c: ml_collections.ConfigDict) -> None:
@@ -168,6 +173,9 @@ def _fine_tuning(c: ml_collections.ConfigDict) -> None:
   c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank
   c.lora.dropout = 0.0  # on the adapter's input, training only
   c.lora.targets = "q,v"  # comma-separated among q, k, v, o, gate, up, down (MoE models: attention only)
+  # QLoRA: the frozen base's projections held as int8 | int4 | nf4 (model/quant.py); empty: as the base's dtype
+  c.lora.base_quant = ""
+  c.lora.base_group_size = 64  # lora.base_quant int4 | nf4: inputs per scale
 
   c.dpo = ml_collections.ConfigDict()  # train.objective=dpo
   c.dpo.beta = 0.1  # strength of the implicit KL to the reference: larger keeps the policy closer to it

@@ -56,7 +56,9 @@ class Attention(nnx.Module):
     `dropout_key` (training only) drives the LoRA adapters' dropout."""
     cfg = self.cfg
     dt, n, k, h, r = cfg.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rules
-    proj = functools.partial(project, dtype=dt, rules=r, platform=cfg.platform, adapter_key=dropout_key)
+    proj = functools.partial(
+      project, dtype=dt, rules=r, platform=cfg.platform, adapter_key=dropout_key, quant=cfg.quant
+    )
     q_BxLxNxH = proj(x_BxLxD, self.wq_DxNxH, "BLD,DNH->BLNH", _Q_NAMES, name="attn_q", adapter=self.lora_q)
     k_BxSxKxH = proj(x_BxLxD, self.wk_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_k", adapter=self.lora_k)
     v_BxSxKxH = proj(x_BxLxD, self.wv_DxKxH, "BSD,DKH->BSKH", _KV_NAMES, name="attn_v", adapter=self.lora_v)

@@ -84,6 +84,7 @@ class Execution:
   group_size: int = 512  # capacity path: tokens per routing group (a sequence is cut into groups this long)
   dropout_rate: float = 0.0  # training only: the weights mean the same with any rate
   lora_dropout: float = 0.0
+  quant: str = ""  # "" | int8 | fp8: the projections' matmuls quantized in training (model/quant.py, qwix)
   # The platform the program is compiled for (cpu | gpu | tpu; parallel/target.py): it picks what attention=auto
   # and dropless_impl=auto stand for, and the backward passes and residual layouts made for XLA:CPU. Set from the
   # run's target, never read from jax.default_backend() while tracing, so a TPU compile from a CPU host is the

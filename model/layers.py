@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from model.quant import dequantize, is_quantized, qt_dot
 from parallel.rules import constrain
 
 
@@ -43,7 +44,9 @@ def cast_kernel(kernel: nnx.Param, dtype, rules) -> jax.Array:
   return constrain(w.astype(dtype), kernel_names(kernel, w.ndim), rules)
 
 
-def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None, *, platform: str) -> jax.Array:
+def matmul_einsum(
+  spec: str, x: jax.Array, w: jax.Array, preferred_element_type=None, *, platform: str, quant: str = ""
+) -> jax.Array:
   """`jnp.einsum(spec, x, w)` computed as one 2-D matmul [tokens, in] x [in, out] when the spec allows it.
 
   That is when x's contracted dimensions trail it, the output is x's leading dimensions then w's free ones, and w
@@ -52,6 +55,8 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   contracts two dimensions (batch and length), and XLA:CPU then writes a transposed copy of the output gradient
   first, with the elementwise backward before it fused into that strided write: a slow extra pass over one of the
   step's largest arrays per projection, which the 2-D form does not make. Any other spec is a plain einsum.
+
+  `quant` (int8 | fp8, ModelConfig.quant): the 2-D matmul multiplies quantized x and w (`model.quant.qt_dot`).
   """
   inputs, out = spec.split("->")
   xs, ws = inputs.split(",")
@@ -64,7 +69,9 @@ def matmul_einsum(spec: str, x: jax.Array, w: jax.Array, preferred_element_type=
   free_shape = w.shape[len(contracted) :] if kernel_first else w.shape[: len(free)]
   w2 = w.reshape((n_in, n_out) if kernel_first else (n_out, n_in))
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x, w))
-  if platform == "cpu":
+  if quant:
+    y2 = qt_dot(quant, x.reshape(-1, n_in), w2, kernel_first).astype(out_dtype)
+  elif platform == "cpu":
     y2 = _matmul_row_major(kernel_first, out_dtype, x, w2)
   else:
     dims = (((1,), (0,) if kernel_first else (1,)), ((), ()))
@@ -168,6 +175,7 @@ def project(
   out_dtype=None,
   adapter: Callable[[jax.Array, str, object, jax.Array | None], jax.Array] | None = None,
   adapter_key: jax.Array | None = None,
+  quant: str = "",
 ) -> jax.Array:
   """`einsum(spec, x, kernel)` in `dtype`, the one dense projection of the model; `rules` lay its weight and
   output out on the mesh of JAX's context; `platform` is the target's (ModelConfig.platform).
@@ -177,17 +185,22 @@ def project(
   is the accumulation and output type; the input's gradient flows back in `dtype`, so the backward pass gathers
   the weight in `dtype` too, and the weight's gradient stays in `out_dtype`.
 
+  `quant` (int8 | fp8): the matmul of x and the kernel quantized, for training (`matmul_einsum`); not with `out_dtype`.
+
   `adapter` (a LoRA `model.lora.Adapter`, or None) adds its low-rank term `adapter(x, spec, dtype, key)` to the
   projection; `adapter_key` is its dropout key (None: no dropout).
   """
 
-  kernel_array = kernel[...]
+  kernel_array = kernel.get_value()
+  if is_quantized(kernel_array):  # weight-only quantized (model/quant.py): the matmul reads it in `dtype`
+    kernel_array = dequantize(kernel_array, dtype)
   names = kernel_names(kernel, kernel_array.ndim)
   if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(dtype):
     wide = (jnp.dtype(dtype), jnp.dtype(out_dtype))
     y = _einsum_wide_out(spec, *wide, names, rules, platform, x.astype(dtype), kernel_array)
   else:
-    y = matmul_einsum(spec, x.astype(dtype), constrain(kernel_array.astype(dtype), names, rules), platform=platform)
+    w = constrain(kernel_array.astype(dtype), names, rules)
+    y = matmul_einsum(spec, x.astype(dtype), w, platform=platform, quant=quant)
   if adapter is not None:
     y = y + adapter(x, spec, dtype, adapter_key).astype(y.dtype)
   return checkpoint_name(constrain(y, out_names, rules), name)

@@ -64,7 +64,9 @@ class Mlp(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
     """`dropout_key` (training only) drives the LoRA adapters' dropout."""
     cfg, names = self.cfg, ("batch", "length", "mlp")
-    proj = functools.partial(project, dtype=cfg.dtype, rules=cfg.rules, platform=cfg.platform, adapter_key=dropout_key)
+    proj = functools.partial(
+      project, dtype=cfg.dtype, rules=cfg.rules, platform=cfg.platform, adapter_key=dropout_key, quant=cfg.quant
+    )
     up_BxLxF = proj(x_BxLxD, self.w_up_DxF, "BLD,DF->BLF", names, name="mlp_up", adapter=self.lora_up)
     gate_BxLxF = None
     if cfg.mlp_type == "swiglu":

@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -109,7 +110,8 @@ def bytes_per_device(abstract_tree, shardings) -> int:
   """Bytes one device holds of a tree, read from the shardings (the largest over devices)."""
   total = 0
   for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-    total += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    bits = 4 if leaf.dtype in (jnp.int4, jnp.uint4) else 8 * leaf.dtype.itemsize  # int4 packs two to a byte
+    total += math.prod(sharding.shard_shape(leaf.shape)) * bits // 8
   return total
 
 

@@ -6,6 +6,10 @@ Writes `<out>/params` (an orbax checkpoint of {"params": ...}), and copies the r
 tokenizer (`tokenizer.model`, or `tokenizer.json` with any `tokenizer_config.json`) beside it.
 A new run starts from it with `--config.checkpoint.init_from=<out>`.
 
+`--quantize int8|int4 [--group_size G]` writes the projections weight-only quantized (model/quant.py: qwix
+QArrays, int8 per output channel, int4 per G inputs) with `<out>/quantization.json`; scripts/generate.py and
+score.py load it as saved. It is for inference: training does not start from it.
+
 A LoRA run (config.lora.rank > 0) checkpoints only its adapters. `--merge` (the default) writes the plain
 parameters of base + adapters, every adapted kernel W replaced by W + alpha / rank * A B: a model without
 adapters, loadable like any export. The base is the run's `checkpoint.init_from`, or the seed's random init
@@ -13,6 +17,7 @@ when it had none. `--adapters_only` writes the adapters alone, with `<out>/lora.
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,6 +38,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of the exported parameters.")
 _MERGE = flags.DEFINE_bool("merge", True, "LoRA runs: merge the adapters into the base (the default).")
 _ADAPTERS_ONLY = flags.DEFINE_bool("adapters_only", False, "LoRA runs: write the adapters alone, not merged.")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Write the projections weight-only quantized.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "--quantize=int4: inputs per scale (per output channel).")
 
 
 def _checkpoint_dir(run: str, step: int | None) -> str:
@@ -80,7 +87,15 @@ def _merge_lora(run: str, run_cfg, adapters: dict) -> dict:
   return lora.merge(lora.combine(adapters, base), model_cfg.lora_alpha / model_cfg.lora_rank)
 
 
-def export(run: str, out: str, step: int | None = None, dtype: str = "float32", adapters_only: bool = False) -> str:
+def export(
+  run: str,
+  out: str,
+  step: int | None = None,
+  dtype: str = "float32",
+  adapters_only: bool = False,
+  quantize: str | None = None,
+  group_size: int = 128,
+) -> str:
   if os.path.exists(out):
     sys.exit(f"error: {out} exists; pass an --out that does not, so nothing is overwritten")
   run_cfg = _run_config(run)
@@ -102,9 +117,21 @@ def export(run: str, out: str, step: int | None = None, dtype: str = "float32", 
   if _lora_on(run_cfg) and not adapters_only:
     params = _merge_lora(run, run_cfg, params)
   params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  if quantize:
+    from model import quant
+
+    if adapters_only:
+      sys.exit("error: --quantize and --adapters_only exclude each other; quantize a merged export")
+    try:
+      params = quant.quantize_params(params, quantize, group_size)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
   os.makedirs(out)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(out, "params")), {"params": params})
+  if quantize:
+    with open(os.path.join(out, quant.QUANT_FILE), "w") as f:
+      json.dump(quant.describe(quantize, group_size), f)
   if adapters_only:
     lora_cfg, init_from = run_cfg.lora, run_cfg.checkpoint.init_from
     base = init_from or f"random init of train.seed={run_cfg.train.seed} (the run had no checkpoint.init_from)"
@@ -114,8 +141,10 @@ def export(run: str, out: str, step: int | None = None, dtype: str = "float32", 
   if os.path.exists(os.path.join(run, "config.json")):
     shutil.copy(os.path.join(run, "config.json"), os.path.join(out, "config.json"))
   copy_run_tokenizer(run, out)
-  count = sum(x.size for x in jax.tree.leaves(params))
+  # A QArray counts its weights, not its scales.
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "qvalue")))
   what = "LoRA adapter" if adapters_only else ("merged (base + LoRA)" if _lora_on(run_cfg) else "")
+  dtype = f"{dtype}, projections {quantize}" if quantize else dtype
   print(f"exported {count / 1e6:.1f}M {what + ' ' if what else ''}parameters ({dtype}) from "
         f"{os.path.dirname(state_dir)} to {out}")  # fmt: skip
   return out
@@ -129,7 +158,10 @@ def main(argv):
   from storage.checkpoint import CheckpointError
 
   try:
-    export(_RUN.value, _OUT.value, _STEP.value, _DTYPE.value, adapters_only=_ADAPTERS_ONLY.value or not _MERGE.value)
+    export(
+      _RUN.value, _OUT.value, _STEP.value, _DTYPE.value, adapters_only=_ADAPTERS_ONLY.value or not _MERGE.value,
+      quantize=_QUANTIZE.value, group_size=_GROUP_SIZE.value,
+    )  # fmt: skip
   except (CheckpointError, DataError) as e:  # a LoRA run's base that cannot be loaded
     sys.exit(f"error: {e}")
 

@@ -2,12 +2,13 @@
 
   python scripts/generate.py --workdir runs/tiny --prompt "def main(" [--prompt ...] [--prompts_file F]
       [--checkpoint STEP|PATH] [--max_new_tokens 128] [--temperature 0.8] [--top_k 40] [--top_p 0.95]
-      [--beam_width 4] [--stop_ids 13,42] [--seed 0]
+      [--beam_width 4] [--stop_ids 13,42] [--seed 0] [--quantize int8|int4 [--group_size 128]]
 
 Each prompt is encoded after a BOS token, as training saw documents. With one prompt the new text streams to
 the terminal as it is produced; with several, each completion is printed when all are done, after a
 `=== completion i ===` line. --temperature 0 is greedy; --beam_width > 1 runs beam search (sampling flags are
-then ignored). A row stops at EOS, at any --stop_ids, or after --max_new_tokens.
+then ignored). A row stops at EOS, at any --stop_ids, or after --max_new_tokens. --quantize holds the
+projections' weights as int8 or int4 (docs/compression.md).
 """
 
 import os
@@ -29,6 +30,8 @@ _BEAM = flags.DEFINE_integer("beam_width", 1, "Beams; > 1 runs beam search inste
 _STOP_IDS = flags.DEFINE_list("stop_ids", [], "Token ids that end a completion, besides EOS.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("compute_dtype", None, "Override the run's compute dtype (float32, bfloat16).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization of the projections.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "--quantize=int4: inputs per scale (per output channel).")
 
 
 def _prompts() -> list[str]:
@@ -61,7 +64,7 @@ def _settings() -> tuple[object, list[int]]:
 def run() -> None:
   from data import DataError
   from generation import beam_search, generate
-  from generation.run import load_run
+  from generation.run import load_run, report_quantization
   from generation.stream import TextStream
   from settings import ConfigError
   from storage.checkpoint import CheckpointError
@@ -70,7 +73,14 @@ def run() -> None:
     if not _WORKDIR.value:
       raise ValueError("--workdir is required; pass a run directory or an export")
     prompts, (sampling, stop_ids) = _prompts(), _settings()
-    loaded = load_run(_WORKDIR.value, _CHECKPOINT.value, compute_dtype=_DTYPE.value)
+    loaded = load_run(
+      _WORKDIR.value,
+      _CHECKPOINT.value,
+      compute_dtype=_DTYPE.value,
+      quantize=_QUANTIZE.value,
+      group_size=_GROUP_SIZE.value,
+    )
+    report_quantization(loaded)
   except (ValueError, ConfigError, DataError, CheckpointError) as e:
     sys.exit(f"error: {e}")
   tok, decoder = loaded.tokenizer, loaded.decoder

@@ -2,6 +2,7 @@
 
   python scripts/score.py --workdir runs/tiny --text_file F [--checkpoint STEP|PATH]
   python scripts/score.py --workdir runs/tiny --tokens IDS.npy --logits_out OUT.npy
+  (either with [--quantize int8|int4 [--group_size 128]]: the projections' weights quantized, docs/compression.md)
 
 --text_file: the file is one document, encoded after a BOS as training saw it. Every token after the BOS is
 scored given those before it; a document longer than the model's context (config.data.seq_len) is scored in
@@ -26,6 +27,8 @@ _TEXT = flags.DEFINE_string("text_file", None, "A UTF-8 text file to score.")
 _TOKENS = flags.DEFINE_string("tokens", None, "A .npy of int token ids [B, T].")
 _LOGITS_OUT = flags.DEFINE_string("logits_out", None, "Where --tokens writes fp32 logits [B, T, V] (.npy).")
 _DTYPE = flags.DEFINE_string("compute_dtype", None, "Override the run's compute dtype (float32, bfloat16).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization of the projections.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "--quantize=int4: inputs per scale (per output channel).")
 
 
 def _read_inputs():
@@ -85,12 +88,19 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"error: {e}")
   from data import DataError
-  from generation.run import load_run
+  from generation.run import load_run, report_quantization
   from settings import ConfigError
   from storage.checkpoint import CheckpointError
 
   try:
-    loaded = load_run(_WORKDIR.value, _CHECKPOINT.value, compute_dtype=_DTYPE.value)
+    loaded = load_run(
+      _WORKDIR.value,
+      _CHECKPOINT.value,
+      compute_dtype=_DTYPE.value,
+      quantize=_QUANTIZE.value,
+      group_size=_GROUP_SIZE.value,
+    )
+    report_quantization(loaded)
     tok, cfg = loaded.tokenizer, loaded.decoder.model_cfg
     if tokens is not None:
       if tokens.min() < 0 or tokens.max() >= tok.vocab_size:

@@ -37,6 +37,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _validate_training(cfg)
   _validate_moe(cfg)
   _validate_lora(cfg)
+  _require(
+    cfg.model.quant in ("", "int8", "fp8"),
+    f"config.model.quant={cfg.model.quant!r} must be int8, fp8 or empty (the projections' matmuls in compute_dtype)",
+  )
   _validate_objective(cfg)
 
 
@@ -192,6 +196,15 @@ def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
     "config.checkpoint.init_optimizer_state=True with LoRA: the base run's optimizer state is the full model's, "
     "not the adapters'; set it False (checkpoint.init_from still names the base)",
   )
+  _require(
+    lc.base_quant in ("", "int8", "int4", "nf4"),
+    f"config.lora.base_quant={lc.base_quant!r} must be one of int8, int4, nf4 (or empty: the base unquantized)",
+  )
+  _require(
+    not lc.base_quant or lc.rank > 0,
+    f"config.lora.base_quant={lc.base_quant} quantizes a LoRA run's frozen base; set config.lora.rank > 0",
+  )
+  _require(lc.base_group_size >= 1, f"config.lora.base_group_size={lc.base_group_size} must be >= 1")
 
 
 def check_backend(cfg: ml_collections.ConfigDict, backend: str) -> None:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 import objectives
-from model import ModelConfig, lora
+from model import ModelConfig, lora, quant
 from model.params import abstract_model, init_params
 from objectives import LossFn, TrainedModel
 from objectives.frozen import frozen_loader
@@ -162,6 +162,7 @@ def build(cfg, tokenizer_vocab_size: int, mesh: Mesh) -> Experiment:
     pipelined=_pipelined(stage_schedule, mesh, model_cfg, rules),
     loss_fn=loss_fn or next_token_loss(graphdef),
     count_fn=count_fn,
+    keep_sparsity=cfg.train.keep_sparsity,
   )
   train_step = jax.jit(
     traced_under(mesh, step_fn),
@@ -248,4 +249,15 @@ def lora_frozen(
     return objective(lora.combine(params, frozen["base"]), frozen, batch, dropout_key)
 
   load = lambda: lora_base(cfg.checkpoint.init_from, model_cfg, cfg.train.seed, abstract)  # noqa: E731
+  if cfg.lora.base_quant:  # QLoRA: the base is held quantized (model/quant.py), in the shardings of its kernels
+    mode, group = cfg.lora.base_quant, cfg.lora.base_group_size
+    quantize = lambda base: quant.quantize_params(base, mode, group)  # noqa: E731
+    try:
+      base_shapes = jax.eval_shape(quantize, base_shapes)
+    except ValueError as e:
+      raise ConfigError(f"config.lora.base_quant={mode}: {e} (config.lora.base_group_size)") from None
+    shardings = quant.shardings_of(base_shapes, shardings)
+    full_load = load
+    # Loaded in full precision, then quantized into place; the full-precision copy is donated and freed.
+    load = lambda: jax.jit(quantize, out_shardings=shardings, donate_argnums=0)(full_load())  # noqa: E731
   return lora_loss_fn, base_shapes, shardings, load

@@ -12,6 +12,7 @@ import time
 
 import jax
 
+from model import quant
 from model.attend import resolve
 from parallel.hlo import collectives
 from parallel.mesh import MESH_AXES, make_mesh
@@ -95,7 +96,7 @@ def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict
   hbm = target.hbm_bytes_per_chip
   tokens = cfg.train.global_batch_size * cfg.data.seq_len
   trainable = int(sum(x.size for x in jax.tree.leaves(exp.abstract_params)))
-  lora_base = int(sum(x.size for x in jax.tree.leaves(exp.frozen_shapes.get("base", {}))))
+  lora_base = quant.count_weights(exp.frozen_shapes.get("base", {}))  # a QLoRA base counts weights, not scales
   result = {
     "devices": target.chips,
     "mesh": dict(mesh.shape),

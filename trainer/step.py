@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from model.sparsity import keep_zeros
 from objectives import LossFn
 from objectives.losses import SUM_PREFIX, next_token_loss, token_count
 from parallel.partition import microbatches
@@ -28,12 +29,14 @@ def make_train_step(
   pipelined: Pipelined | None = None,
   loss_fn: LossFn | None = None,
   count_fn: Callable[[dict], jax.Array] = token_count,
+  keep_sparsity: bool = False,
 ):
   """Builds `train_step(state, batch, frozen) -> (state, metrics)`; `loss_fn` defaults to the next-token loss.
 
   `count_fn(batch)` is what the loss sums of the whole batch are divided by: its target tokens, or its pairs for
   DPO (objectives/dpo.py). Aux entries named "sum:<metric>" are sums reported as <metric> over the same
-  count; the other aux entries are averaged over microbatches.
+  count; the other aux entries are averaged over microbatches. `keep_sparsity` (train.keep_sparsity): every
+  projection weight that is zero before the update is zero after it (model/sparsity.py).
 
   The objective of a batch is (sum of token losses + z_loss_weight * sum log(Z)^2) / target tokens, plus the
   weighted auxiliary losses (MoE) averaged over microbatches; microbatches add gradients of their share, so
@@ -80,6 +83,8 @@ def make_train_step(
     grads, stats = jax.lax.scan(accumulate, zeros, (micro, keys))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if keep_sparsity:
+      params = keep_zeros(state.params, params)
     metrics = {**_step_metrics(stats, total_tokens, grad_accum), "grad_norm": optax.global_norm(grads)}
     metrics["lr"] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
