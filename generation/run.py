@@ -49,10 +49,10 @@ def load_run(
   mesh: Mesh | None = None,
 ) -> LoadedRun:
   """Config, tokenizer, decoder and parameters of a run, on `mesh` (default one device); bad input raises a
-  one-line ConfigError, DataError or CheckpointError. `quantize` (int8 | int4, int4 in groups of `group_size` inputs): the projections' weights are
-  quantized once loaded, and the device holds only the quantized ones. A quantized export
-  (scripts/export_params.py --quantize) loads quantized as it was saved; asking for another quantization of it is
-  an error."""
+  one-line ConfigError, DataError or CheckpointError. `quantize` (int8 | int4, int4 in groups of `group_size`
+  inputs): the projections' weights are quantized once loaded, and the device holds only the quantized ones. A
+  quantized export (scripts/export_params.py --quantize) loads quantized as it was saved; asking for another
+  quantization of it is an error."""
   run = open_run(workdir, checkpoint, compute_dtype=compute_dtype)
   tokenizer = Tokenizer(run.tokenizer_path)
   # Rules of runs made before a logical name existed fall back to its default.

@@ -2,7 +2,7 @@
 
   python scripts/evaluate.py --workdir runs/tiny --tasks kiln_mc,kiln_ppl --include_path examples/eval
       [--checkpoint STEP|PATH] [--num_fewshot K] [--limit N] [--batch_size B] [--apply_chat_template]
-      [--mesh data=2,tensor=4] [--output DIR]
+      [--mesh data=2,tensor=4] [--quantize int8|int4 [--group_size 128]] [--output DIR]
 
 --tasks: lm-eval task names (its catalogue, or YAML files under --include_path) or paths of task YAML files.
 Tasks whose data must be downloaded need the network (or a filled Hugging Face datasets cache); offline they
@@ -34,6 +34,8 @@ _PACK = flags.DEFINE_bool("pack", True, "Pack many loglikelihood requests into a
 _CHAT = flags.DEFINE_bool("apply_chat_template", False, "Render prompts with the run's config.data.chat_template.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for results.json and results.md (default RUN/eval/<step>).")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes over all devices, e.g. data=2,tensor=4 (default the run's).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization of the projections.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "--quantize=int4: inputs per scale (per output channel).")
 _DTYPE = flags.DEFINE_string("compute_dtype", None, "Override the run's compute dtype (float32, bfloat16).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap_iters", 1000, "Bootstrap resamples for standard errors (0: none).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed of generation tasks that sample.")
@@ -113,11 +115,16 @@ def main(argv):
     import jax
 
     from evaluation.harness import KilnLM
-    from generation.run import load_run
+    from generation.run import load_run, report_quantization
     from storage.run import read_run_config
 
     mesh = eval_mesh(read_run_config(_WORKDIR.value).mesh, _MESH.value)
-    loaded = load_run(_WORKDIR.value, _CHECKPOINT.value, compute_dtype=_DTYPE.value, mesh=mesh)
+    loaded = load_run(
+      _WORKDIR.value, _CHECKPOINT.value, compute_dtype=_DTYPE.value, mesh=mesh, quantize=_QUANTIZE.value,
+      group_size=_GROUP_SIZE.value,
+    )  # fmt: skip
+    if jax.process_index() == 0:
+      report_quantization(loaded)
     lm = KilnLM(
       loaded.decoder, loaded.params, loaded.tokenizer, batch_size=_BATCH.value, pack=_PACK.value,
       chat_template=loaded.cfg.data.chat_template or None, seed=_SEED.value,
