@@ -319,9 +319,7 @@ def softmax_grads(
 
 def softmax_correction(dout_BxLxKxGxH, out_BxLxKxGxH) -> jax.Array:
   """D = rowsum(dout * out): the softmax backward's correction term, one number per query and head [B, K, G, L]."""
-  return jnp.einsum(
-    "BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), out_BxLxKxGxH.astype(jnp.float32)
-  )
+  return jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), out_BxLxKxGxH.astype(jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
