@@ -19,7 +19,9 @@ Rules = Mapping[str, tuple[str, ...]]
 DEFAULT_RULES: dict[str, str] = {
   "batch": "data,fsdp,expert",
   "length": "context",  # the sequence, split over mesh.context (parallel/context.py)
-  "embed": "fsdp",
+  # Parameters: fsdp, and context as a second fsdp axis (the devices of a sequence would else hold the same
+  # weights); activations take context on "length" first, so their "embed" stays on fsdp alone.
+  "embed": "fsdp,context",
   "vocab": "tensor",
   "heads": "tensor",
   "kv_heads": "tensor",

@@ -258,9 +258,9 @@ def _validate_context(cfg: ml_collections.ConfigDict, mesh: dict[str, int], rule
     f"make it a multiple of {2 * c}",
   )
   _require(
-    tuple(rules["length"]) == ("context",) and not any("context" in rules[n] for n in rules if n != "length"),
-    f"mesh.context={c} needs config.mesh.rules.length='context' and no other logical axis on context "
-    f"(length is {','.join(rules['length'])!r}); restore the default rules for length",
+    tuple(rules["length"]) == ("context",) and "context" not in rules["batch"],
+    f"mesh.context={c} needs config.mesh.rules.length='context' and batch off the context axis (length is "
+    f"{','.join(rules['length'])!r}, batch {','.join(rules['batch'])!r}); restore the default rules for both",
   )
   _require(
     cfg.model.attention != "splash",
