@@ -146,9 +146,15 @@ def _gathered(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, *, impl, block,
 
 
 def _halves(x):
-  """A device's share [B, 2M, ...] as its two chunks (the early one, the late one)."""
-  m = x.shape[1] // 2
-  return x[:, :m], x[:, m:]
+  """A device's share [B, 2M, ...] as its two chunks, stacked: [2, B, M, ...] (the early one, the late one)."""
+  b, two_m = x.shape[:2]
+  return jnp.moveaxis(x.reshape(b, 2, two_m // 2, *x.shape[2:]), 1, 0)
+
+
+def _whole(x_2xBxMx___):
+  """The inverse of `_halves`: [2, B, M, ...] -> [B, 2M, ...]."""
+  x = jnp.moveaxis(x_2xBxMx___, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
 def _pass_on(tree, devices: int):
@@ -157,10 +163,40 @@ def _pass_on(tree, devices: int):
   return jax.tree.map(lambda x: jax.lax.ppermute(x, AXIS, ring), tree)
 
 
-def _any_allowed(q_ids, kv_ids, window: int) -> jax.Array:
+# The (query chunk, key chunk) pairs of one ring step: each device holds two chunks of queries and receives two of
+# keys. One loop over them, and one over the ring's steps: the program holds one pair's code, whatever the ring.
+_PAIRS = np.array([(a, c) for a in range(2) for c in range(2)], np.int32)
+
+
+def _pair_ids(q_ids, kv_ids, a, c):
+  """(q segment ids, kv segment ids, q positions, kv positions) of query chunk a and key chunk c."""
+  (q_seg_2xBxM, q_pos_2xBxM), (kv_seg_2xBxM, kv_pos_2xBxM) = q_ids, kv_ids
+  return q_seg_2xBxM[a], kv_seg_2xBxM[c], q_pos_2xBxM[a], kv_pos_2xBxM[c]
+
+
+def _tied_ids(ids, carry):
+  """A pair's ids tied to the loop's carry (`model.attend._tied`): ids alone are what differentiation treats as
+  known, so JAX's partial evaluation would otherwise split the ring into an ids-only loop run ahead and keep that
+  loop's every per-pair value (masks, and score-sized fills of -inf and 0): 3.4 GiB at seq 16k on 8 devices."""
+  return attend_lib._tied(ids, carry)
+
+
+def _any_allowed(ids, window: int) -> jax.Array:
   """Whether any query of one chunk may attend any key of another (on this device's rows)."""
-  (q_seg, q_pos), (kv_seg, kv_pos) = q_ids, kv_ids
-  return jnp.any(attend_lib._allowed(q_seg, kv_seg, q_pos, kv_pos, window))
+  return jnp.any(attend_lib._allowed(*ids, window))
+
+
+def _ring_steps(visit, carry, travelling, devices: int):
+  """`carry = visit(carry, travelling)` for each of the ring's chunks in turn: the chunk for the next step is
+  sent on before this one is visited (nothing in the visit waits for it), so XLA may overlap the two."""
+
+  def step(state, _):
+    carry, travelling = state
+    arriving = _pass_on(travelling, devices)
+    return (visit(carry, travelling), arriving), None
+
+  (carry, travelling), _ = jax.lax.scan(step, (carry, travelling), None, length=devices - 1)
+  return visit(carry, travelling)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
@@ -169,67 +205,75 @@ def _ring(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, sca
 
 
 def _ring_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, scale, window, platform):
-  kv_heads = k_BxLxKxH.shape[2]
-  q_chunks = _halves(attend_lib._group(q_BxLxNxH, kv_heads))
-  q_ids = list(zip(_halves(seg_BxL), _halves(pos_BxL)))
-  carries = [attend_lib.softmax_start(q) for q in q_chunks]
-  travelling = (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL)
+  q_2xBxMxKxGxH = _halves(attend_lib._group(q_BxLxNxH, k_BxLxKxH.shape[2]))
+  q_ids = (_halves(seg_BxL), _halves(pos_BxL))
   softmax = functools.partial(attend_lib.online_softmax, block=block, scale=scale, window=window)
-  for step in range(devices):
-    # Issued before this step's compute, which does not depend on it: XLA may overlap the two.
-    arriving = _pass_on(travelling, devices) if step < devices - 1 else None
-    k, v, seg, pos = travelling
-    for k_c, v_c, seg_c, pos_c in zip(_halves(k), _halves(v), _halves(seg), _halves(pos)):
-      for a, (q_c, (q_seg, q_pos)) in enumerate(zip(q_chunks, q_ids)):
-        ids = (q_seg, seg_c, q_pos, pos_c)
-        carries[a] = jax.lax.cond(
-          _any_allowed((q_seg, q_pos), (seg_c, pos_c), window),
-          lambda carry, q_c=q_c, k_c=k_c, v_c=v_c, ids=ids: softmax(q_c, k_c, v_c, ids, carry),
-          lambda carry: carry,
-          carries[a],
-        )
-    travelling = arriving
-  outs, lses = zip(*(attend_lib.softmax_finish(c, q_BxLxNxH.dtype) for c in carries))
-  out_BxLxNxH = jnp.concatenate(outs, axis=1)
-  kept = (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, out_BxLxNxH, seg_BxL, pos_BxL, lses)
-  return out_BxLxNxH, kept
+
+  def visit(carries, travelling):
+    travelling, carries = attend_lib._tied(travelling, carries)  # see `_tied_ids`
+    k_2xBxMxKxH, v_2xBxMxKxH, seg_2xBxM, pos_2xBxM = map(_halves, travelling)
+
+    def pair(carries, ac):
+      a, c = ac[0], ac[1]
+      ids, carries = _tied_ids(_pair_ids(q_ids, (seg_2xBxM, pos_2xBxM), a, c), carries)
+      carry = jax.tree.map(lambda x: x[a], carries)
+      carry = jax.lax.cond(
+        _any_allowed(ids, window),
+        lambda carry: softmax(q_2xBxMxKxGxH[a], k_2xBxMxKxH[c], v_2xBxMxKxH[c], ids, carry),
+        lambda carry: carry,
+        carry,
+      )
+      return jax.tree.map(lambda x, y: x.at[a].set(y), carries, carry), None
+
+    return jax.lax.scan(pair, carries, _PAIRS)[0]
+
+  start = attend_lib.softmax_start(q_2xBxMxKxGxH[0])
+  carries = jax.tree.map(lambda x: jnp.stack([x, x]), start)
+  carries = _ring_steps(visit, carries, (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL), devices)
+  out_2xBxMxNxH, lse_2xBxKxGxM = jax.vmap(lambda c: attend_lib.softmax_finish(c, q_BxLxNxH.dtype))(carries)
+  out_BxLxNxH = _whole(out_2xBxMxNxH)
+  return out_BxLxNxH, (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, out_BxLxNxH, seg_BxL, pos_BxL, lse_2xBxKxGxM)
 
 
 def _ring_bwd(devices, block, scale, window, platform, kept, dout_BxLxNxH):
-  q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, out_BxLxNxH, seg_BxL, pos_BxL, lses = kept
-  kv_heads = k_BxLxKxH.shape[2]
-  group = functools.partial(attend_lib._group, kv_heads=kv_heads)
-  q_chunks, dout_chunks = _halves(group(q_BxLxNxH)), _halves(group(dout_BxLxNxH))
-  d_chunks = [attend_lib.softmax_correction(do, o) for do, o in zip(dout_chunks, _halves(group(out_BxLxNxH)))]
-  q_ids = list(zip(_halves(seg_BxL), _halves(pos_BxL)))
+  q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, out_BxLxNxH, seg_BxL, pos_BxL, lse_2xBxKxGxM = kept
+  group = functools.partial(attend_lib._group, kv_heads=k_BxLxKxH.shape[2])
+  q_2xBxMxKxGxH, dout_2xBxMxKxGxH = _halves(group(q_BxLxNxH)), _halves(group(dout_BxLxNxH))
+  d_2xBxKxGxM = jax.vmap(attend_lib.softmax_correction)(dout_2xBxMxKxGxH, _halves(group(out_BxLxNxH)))
+  q_ids = (_halves(seg_BxL), _halves(pos_BxL))
   grads = functools.partial(attend_lib.softmax_grads, block=block, scale=scale, window=window)
-  dq_chunks = [jnp.zeros(q.shape, jnp.float32) for q in q_chunks]
-  travelling = (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL)
-  # dk and dv travel with their chunk and gather every device's share; after `devices` passes they are home.
+
+  def visit(carry, travelling):
+    """This chunk's share of every gradient; its dk and dv travel with it (after `devices` passes, home)."""
+    travelling, (dq_2xBxMxKxGxH, dkv) = attend_lib._tied(travelling, carry)
+    k_2xBxMxKxH, v_2xBxMxKxH, seg_2xBxM, pos_2xBxM = map(_halves, travelling)
+
+    def pair(grads_so_far, ac):
+      a, c = ac[0], ac[1]
+      ids, grads_so_far = _tied_ids(_pair_ids(q_ids, (seg_2xBxM, pos_2xBxM), a, c), grads_so_far)
+      dq_2xBxMxKxGxH, dk_2xBxMxKxH, dv_2xBxMxKxH = grads_so_far
+
+      def compute(_):
+        args = (q_2xBxMxKxGxH[a], dout_2xBxMxKxGxH[a], d_2xBxKxGxM[a], lse_2xBxKxGxM[a])
+        return grads(*args, k_2xBxMxKxH[c], v_2xBxMxKxH[c], ids)
+
+      def skip(_):
+        zeros = jnp.zeros(k_2xBxMxKxH.shape[1:], jnp.float32)
+        return jnp.zeros(q_2xBxMxKxGxH.shape[1:], jnp.float32), zeros, zeros
+
+      dq, dk, dv = jax.lax.cond(_any_allowed(ids, window), compute, skip, None)
+      return (dq_2xBxMxKxGxH.at[a].add(dq), dk_2xBxMxKxH.at[c].add(dk), dv_2xBxMxKxH.at[c].add(dv)), None
+
+    dq_2xBxMxKxGxH, dk_2xBxMxKxH, dv_2xBxMxKxH = jax.lax.scan(pair, (dq_2xBxMxKxGxH, *map(_halves, dkv)), _PAIRS)[0]
+    return dq_2xBxMxKxGxH, _pass_on((_whole(dk_2xBxMxKxH), _whole(dv_2xBxMxKxH)), devices)
+
   dkv = (jnp.zeros(k_BxLxKxH.shape, jnp.float32), jnp.zeros(v_BxLxKxH.shape, jnp.float32))
-  for step in range(devices):
-    arriving = _pass_on(travelling, devices) if step < devices - 1 else None
-    k, v, seg, pos = travelling
-    dk_halves, dv_halves = list(_halves(dkv[0])), list(_halves(dkv[1]))
-    for c, (k_c, v_c, seg_c, pos_c) in enumerate(zip(_halves(k), _halves(v), _halves(seg), _halves(pos))):
-      for a in range(2):
-        q_seg, q_pos = q_ids[a]
-        ids = (q_seg, seg_c, q_pos, pos_c)
-
-        def compute(_, a=a, k_c=k_c, v_c=v_c, ids=ids):
-          return grads(q_chunks[a], dout_chunks[a], d_chunks[a], lses[a], k_c, v_c, ids)
-
-        def skip(_, a=a, k_c=k_c):
-          zeros = jnp.zeros(k_c.shape, jnp.float32)
-          return jnp.zeros(q_chunks[a].shape, jnp.float32), zeros, zeros
-
-        dq, dk, dv = jax.lax.cond(_any_allowed(q_ids[a], (seg_c, pos_c), window), compute, skip, None)
-        dq_chunks[a] = dq_chunks[a] + dq
-        dk_halves[c], dv_halves[c] = dk_halves[c] + dk, dv_halves[c] + dv
-    dkv = _pass_on((jnp.concatenate(dk_halves, axis=1), jnp.concatenate(dv_halves, axis=1)), devices)
-    travelling = arriving
-  dq_BxLxNxH = jnp.concatenate(dq_chunks, axis=1).reshape(q_BxLxNxH.shape).astype(q_BxLxNxH.dtype)
-  return dq_BxLxNxH, dkv[0].astype(k_BxLxKxH.dtype), dkv[1].astype(v_BxLxKxH.dtype), None, None
+  carry = (jnp.zeros(q_2xBxMxKxGxH.shape, jnp.float32), dkv)
+  dq_2xBxMxKxGxH, (dk_BxLxKxH, dv_BxLxKxH) = _ring_steps(
+    visit, carry, (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL), devices
+  )
+  dq_BxLxNxH = _whole(dq_2xBxMxKxGxH).reshape(q_BxLxNxH.shape).astype(q_BxLxNxH.dtype)
+  return dq_BxLxNxH, dk_BxLxKxH.astype(k_BxLxKxH.dtype), dv_BxLxKxH.astype(v_BxLxKxH.dtype), None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
