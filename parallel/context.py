@@ -83,6 +83,16 @@ def attended_chunk_pairs(length: int, devices: int, order: np.ndarray | None = N
   return pairs_QxK.reshape(devices, 2, 2 * devices).sum(axis=(1, 2))
 
 
+def resolve(impl: str, platform: str, length: int, dtype, devices: int, strategy: str) -> str:
+  """The kernel that computes attention on each device: `model.attend.resolve`'s with the sequence whole
+  (`devices` = 1); under context > 1 the ring's own block math (chunked's) or, for all_gather, the local kernel
+  with chunked for `auto`'s splash (splash takes causality from indices; settings refuse an explicit one)."""
+  resolved = attend_lib.resolve(impl, platform, length, dtype)
+  if devices == 1:
+    return resolved
+  return "chunked" if strategy == "ring" or resolved == "splash" else resolved
+
+
 def attend(
   q_BxLxNxH: jax.Array,
   k_BxLxKxH: jax.Array,
@@ -112,8 +122,7 @@ def attend(
     )
   else:
     assert strategy == "all_gather", strategy
-    impl = attend_lib.resolve(impl, platform, q_BxLxNxH.shape[1], q_BxLxNxH.dtype)
-    impl = "chunked" if impl == "splash" else impl  # only `auto` gets here with splash: settings refuse it
+    impl = resolve(impl, platform, q_BxLxNxH.shape[1], q_BxLxNxH.dtype, devices, strategy)
     per_device = functools.partial(_gathered, impl=impl, block=block, window=sliding_window, platform=platform)
   # check_vma=False: the custom backward of the ring and the kernels inside do not declare how their values vary
   # over the mesh axes; every input and output is split as its spec says.
