@@ -9,7 +9,7 @@ from parallel import context
 from parallel.hlo import collectives
 from parallel.rules import traced_under
 from settings import ConfigError
-from tests.helpers import VOCAB, mesh_for, packed_batch, small_config
+from tests.helpers import VOCAB, mesh_for, packed_batch, run_steps, small_config
 from trainer.experiment import build
 
 SEQ_LEN = 32
@@ -129,3 +129,14 @@ def test_unsupported_context_layouts_are_one_line(overrides, words):
     devices = int(np.prod([cfg.mesh[a] for a in MESH_AXES]))
     validate_layout(cfg, mesh_shape(cfg.mesh, devices), parse_rules(cfg.mesh.rules), 1, "tpu")
   assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_train_step_lays_the_batch_out_once_and_trains_as_one_device(batch):
+  """The real train step (its own `balance` of the batch), two steps: the losses and the updated parameters."""
+  batches = [batch, packed_batch(np.random.default_rng(1), 4, SEQ_LEN, docs_per_row=3)]
+  losses_1, params_1, _ = run_steps(small_config(**BASE), batches)
+  cfg = small_config(**BASE, **LAYOUTS["context4"], **{"model.context_parallel": "ring"})
+  losses, params, _ = run_steps(cfg, batches)
+  np.testing.assert_allclose(losses, losses_1, atol=1e-5, rtol=0)
+  for p, p_1 in zip(jax.tree.leaves(params), jax.tree.leaves(params_1), strict=True):
+    np.testing.assert_allclose(p, p_1, atol=1e-5, rtol=0)
