@@ -57,6 +57,9 @@ def _model(c: ml_collections.ConfigDict) -> None:
   c.model.attention = "auto"  # auto | xla | chunked | cudnn (GPU) | splash (TPU): the kernel behind model/attend.py
   c.model.loss_chunk = 0  # > 0: the loss holds fp32 logits for this many positions at a time; 0: all at once
   c.model.attention_block = 512  # keys per block of the chunked attention (memory O(seq_len x block))
+  # With mesh.context > 1, how attention reaches the keys on other devices (docs/parallelism.md): all_gather
+  # (gather K and V, any local kernel but splash) | ring (K/V chunks passed round the devices, O(seq/context) memory)
+  c.model.context_parallel = "all_gather"
 
 
 def _moe(c: ml_collections.ConfigDict) -> None:
@@ -152,8 +155,9 @@ def _training(c: ml_collections.ConfigDict) -> None:
 
 
 def _parallel(c: ml_collections.ConfigDict) -> None:
-  c.mesh = ml_collections.ConfigDict()  # axes outermost first: stage, data, fsdp, expert, tensor
-  for axis in ("stage", "data", "fsdp", "expert", "tensor"):
+  c.mesh = ml_collections.ConfigDict()  # axes outermost first: stage, data, fsdp, expert, context, tensor
+  # context > 1 splits each sequence over that many devices (model.context_parallel; docs/parallelism.md)
+  for axis in ("stage", "data", "fsdp", "expert", "context", "tensor"):
     setattr(c.mesh, axis, -1 if axis == "data" else 1)  # devices along this axis; -1: all the remaining devices
     setattr(c.mesh, f"dcn_{axis}", 1)  # multi-slice: this axis's size across slices (over DCN)
   # Mesh axes of each logical axis name, comma-separated ("" = replicated); see docs/parallelism.md

@@ -74,7 +74,6 @@ def attend(
   scale = q_BxLxNxH.shape[-1] ** -0.5
   ids = (q_segment_ids_BxL, kv_segment_ids_BxS, q_positions_BxL, kv_positions_BxS)
   if impl == "chunked":
-    block = min(block, k_BxSxKxH.shape[1])
     return _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, sliding_window, platform)
   if impl == "splash":
     return _splash(
@@ -238,16 +237,11 @@ def _block_scores(q_BxLxKxGxH, k_BxCxKxH, q_seg_BxL, kv_seg_BxC, q_pos_BxL, kv_p
   return s_BxKxGxLxC * scale, allowed_Bx1x1xLxC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float, window: int, platform: str) -> jax.Array:
-  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, platform)[0]
-
-
-def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, platform):
-  b, length, n, h = q_BxLxNxH.shape
-  kv_heads = k_BxSxKxH.shape[2]
-  q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
-  blocks, q_seg_BxL, q_pos_BxL = _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, block)
+def online_softmax(q_BxLxKxGxH, k_BxSxKxH, v_BxSxKxH, ids, carry, *, block: int, scale: float, window: int):
+  """Online softmax over these keys, `block` at a time: the carry (running max, sum, unnormalised output; see
+  `softmax_start`) updated with them. The forward of the chunked kernel, and of each block of the ring
+  (parallel/context.py), whose keys arrive one device's chunk at a time."""
+  blocks, q_seg_BxL, q_pos_BxL = _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, min(block, k_BxSxKxH.shape[1]))
 
   def step(carry, xs):
     (k_BxCxKxH, v_BxCxKxH, kv_seg_BxC, kv_pos_BxC), carry = _tied(xs, carry)
@@ -265,34 +259,40 @@ def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, pla
     acc_BxKxGxLxH = acc_BxKxGxLxH * rescale_BxKxGxL[..., None] + pv_BxKxGxLxH
     return (new_max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH), None
 
-  g = n // kv_heads
-  init = (
+  return jax.lax.scan(step, carry, blocks)[0]
+
+
+def softmax_start(q_BxLxKxGxH: jax.Array):
+  """The carry of `online_softmax` before any key: max, sum [B, K, G, L] and the output [B, K, G, L, H], fp32."""
+  b, length, kv_heads, g, h = q_BxLxKxGxH.shape
+  return (
     jnp.full((b, kv_heads, g, length), _MASKED, jnp.float32),
     jnp.zeros((b, kv_heads, g, length), jnp.float32),
     jnp.zeros((b, kv_heads, g, length, h), jnp.float32),
   )
-  (max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH), _ = jax.lax.scan(step, init, blocks)
+
+
+def softmax_finish(carry, dtype):
+  """(output [B, L, N, H] in `dtype`, log-sum-exp [B, K, G, L]) of a finished `online_softmax`; a query that saw
+  no key gets zeros in both."""
+  max_BxKxGxL, sum_BxKxGxL, acc_BxKxGxLxH = carry
+  b, kv_heads, g, length, h = acc_BxKxGxLxH.shape
   seen_BxKxGxL = sum_BxKxGxL > 0  # False on padding rows: no key was allowed
   safe_sum_BxKxGxL = jnp.where(seen_BxKxGxL, sum_BxKxGxL, 1.0)
   out_BxKxGxLxH = jnp.where(seen_BxKxGxL[..., None], acc_BxKxGxLxH / safe_sum_BxKxGxL[..., None], 0.0)
   lse_BxKxGxL = jnp.where(seen_BxKxGxL, max_BxKxGxL + jnp.log(safe_sum_BxKxGxL), 0.0)
-  out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, n, h).astype(q_BxLxNxH.dtype)
-  kept = tuple(as_residual(x, platform) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH))
-  return out_BxLxNxH, (kept, ids, lse_BxKxGxL)
+  out_BxLxNxH = jnp.transpose(out_BxKxGxLxH, (0, 3, 1, 2, 4)).reshape(b, length, kv_heads * g, h).astype(dtype)
+  return out_BxLxNxH, lse_BxKxGxL
 
 
-def _chunked_bwd(block, scale, window, platform, residuals, dout_BxLxNxH):
-  kept, ids, lse_BxKxGxL = residuals
-  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH = map(from_residual, kept)
+def softmax_grads(
+  q_BxLxKxGxH, dout_BxLxKxGxH, d_BxKxGxL, lse_BxKxGxL, k_BxSxKxH, v_BxSxKxH, ids, *, block, scale, window
+):
+  """The backward of `online_softmax` over these keys, given the whole softmax's log-sum-exp and
+  D = rowsum(dout * out): (dq [B, L, K, G, H], dk, dv [B, S, K, H]), fp32. Each block's scores are recomputed."""
   b, s, kv_heads, h = k_BxSxKxH.shape
-  q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
-  dout_BxLxKxGxH = _group(dout_BxLxNxH, kv_heads)
-  blocks, q_seg_BxL, q_pos_BxL = _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, block)
-  # D = rowsum(dout * out): the softmax backward's correction term, one number per query and head.
-  d_BxKxGxL = jnp.einsum(
-    "BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), _group(out_BxLxNxH, kv_heads).astype(jnp.float32)
-  )
-  dt = q_BxLxNxH.dtype
+  blocks, q_seg_BxL, q_pos_BxL = _chunk_inputs(k_BxSxKxH, v_BxSxKxH, ids, min(block, s))
+  dt = q_BxLxKxGxH.dtype
 
   def step(dq_BxLxKxGxH, xs):
     (k_BxCxKxH, v_BxCxKxH, kv_seg_BxC, kv_pos_BxC), dq_BxLxKxGxH = _tied(xs, dq_BxLxKxGxH)
@@ -312,10 +312,45 @@ def _chunked_bwd(block, scale, window, platform, residuals, dout_BxLxNxH):
   dq_BxLxKxGxH, (dk_XxBxCxKxH, dv_XxBxCxKxH) = jax.lax.scan(step, jnp.zeros(q_BxLxKxGxH.shape, jnp.float32), blocks)
 
   def unblock(x_XxBxCxKxH):
-    return jnp.moveaxis(x_XxBxCxKxH, 0, 1).reshape(b, -1, kv_heads, h)[:, :s].astype(k_BxSxKxH.dtype)
+    return jnp.moveaxis(x_XxBxCxKxH, 0, 1).reshape(b, -1, kv_heads, h)[:, :s]
 
+  return dq_BxLxKxGxH, unblock(dk_XxBxCxKxH), unblock(dv_XxBxCxKxH)
+
+
+def softmax_correction(dout_BxLxKxGxH, out_BxLxKxGxH) -> jax.Array:
+  """D = rowsum(dout * out): the softmax backward's correction term, one number per query and head [B, K, G, L]."""
+  return jnp.einsum("BLKGH,BLKGH->BKGL", dout_BxLxKxGxH.astype(jnp.float32), out_BxLxKxGxH.astype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block: int, scale: float, window: int, platform: str) -> jax.Array:
+  return _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, platform)[0]
+
+
+def _chunked_fwd(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, ids, block, scale, window, platform):
+  q_BxLxKxGxH = _group(q_BxLxNxH, k_BxSxKxH.shape[2])
+  carry = online_softmax(
+    q_BxLxKxGxH, k_BxSxKxH, v_BxSxKxH, ids, softmax_start(q_BxLxKxGxH), block=block, scale=scale, window=window
+  )
+  out_BxLxNxH, lse_BxKxGxL = softmax_finish(carry, q_BxLxNxH.dtype)
+  kept = tuple(as_residual(x, platform) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH))
+  return out_BxLxNxH, (kept, ids, lse_BxKxGxL)
+
+
+def _chunked_bwd(block, scale, window, platform, residuals, dout_BxLxNxH):
+  kept, ids, lse_BxKxGxL = residuals
+  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, out_BxLxNxH = map(from_residual, kept)
+  kv_heads = k_BxSxKxH.shape[2]
+  q_BxLxKxGxH = _group(q_BxLxNxH, kv_heads)
+  dout_BxLxKxGxH = _group(dout_BxLxNxH, kv_heads)
+  d_BxKxGxL = softmax_correction(dout_BxLxKxGxH, _group(out_BxLxNxH, kv_heads))
+  dq_BxLxKxGxH, dk_BxSxKxH, dv_BxSxKxH = softmax_grads(
+    q_BxLxKxGxH, dout_BxLxKxGxH, d_BxKxGxL, lse_BxKxGxL, k_BxSxKxH, v_BxSxKxH, ids,
+    block=block, scale=scale, window=window,
+  )  # fmt: skip
+  dt = q_BxLxNxH.dtype
   dq_BxLxNxH = dq_BxLxKxGxH.reshape(q_BxLxNxH.shape).astype(dt)
-  return dq_BxLxNxH, unblock(dk_XxBxCxKxH), unblock(dv_XxBxCxKxH), (None,) * len(ids)
+  return dq_BxLxNxH, dk_BxSxKxH.astype(k_BxSxKxH.dtype), dv_BxSxKxH.astype(v_BxSxKxH.dtype), (None,) * len(ids)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -11,6 +11,7 @@ from model.attend import attend
 from model.config import ModelConfig
 from model.kv_cache import LayerCache
 from model.layers import Norm, output_std, param, project, rope, zeros_param
+from parallel import context
 from parallel.rules import constrain
 
 _Q_NAMES = ("batch", "length", "heads", "head_dim")
@@ -79,20 +80,35 @@ class Attention(nnx.Module):
       k_BxSxKxH, v_BxSxKxH = cache.k_BxSxKxH, cache.v_BxSxKxH
       kv_segment_ids_BxS, kv_positions_BxS = cache.segment_ids_BxS, cache.positions_BxS
 
-    out_BxLxNxH = attend(
-      q_BxLxNxH,
-      k_BxSxKxH,
-      v_BxSxKxH,
-      q_segment_ids_BxL=segment_ids_BxL,
-      kv_segment_ids_BxS=kv_segment_ids_BxS,
-      q_positions_BxL=positions_BxL,
-      kv_positions_BxS=kv_positions_BxS,
-      impl=cfg.attention,
-      block=cfg.attention_block,
-      sliding_window=cfg.sliding_window,
-      rules=r,
-      platform=cfg.platform,
-    )
+    if cache is None and context.size() > 1:  # the sequence is split over mesh.context (decoding never is)
+      out_BxLxNxH = context.attend(
+        q_BxLxNxH,
+        k_BxSxKxH,
+        v_BxSxKxH,
+        segment_ids_BxL=segment_ids_BxL,
+        positions_BxL=positions_BxL,
+        strategy=cfg.context_parallel,
+        impl=cfg.attention,
+        block=cfg.attention_block,
+        sliding_window=cfg.sliding_window,
+        rules=r,
+        platform=cfg.platform,
+      )
+    else:
+      out_BxLxNxH = attend(
+        q_BxLxNxH,
+        k_BxSxKxH,
+        v_BxSxKxH,
+        q_segment_ids_BxL=segment_ids_BxL,
+        kv_segment_ids_BxS=kv_segment_ids_BxS,
+        q_positions_BxL=positions_BxL,
+        kv_positions_BxS=kv_positions_BxS,
+        impl=cfg.attention,
+        block=cfg.attention_block,
+        sliding_window=cfg.sliding_window,
+        rules=r,
+        platform=cfg.platform,
+      )
     out_BxLxNxH = checkpoint_name(constrain(out_BxLxNxH, _Q_NAMES, r), "attn_context")
     out_names = ("batch", "length", "embed")
     out_BxLxD = proj(out_BxLxNxH, self.wo_NxHxD, "BLNH,NHD->BLD", out_names, name="attn_o", adapter=self.lora_o)

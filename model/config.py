@@ -76,6 +76,7 @@ class Execution:
   scan_unroll: int = 1  # units (layers) per iteration of the layer scan; compile time grows with it
   attention: str = "auto"  # model/attend.py: auto | xla | chunked | cudnn | splash
   attention_block: int = 512  # keys per block of the chunked attention
+  context_parallel: str = "all_gather"  # with mesh.context > 1: all_gather | ring (parallel/context.py)
   loss_chunk: int = 0  # > 0: the loss computes logits this many positions at a time (model/loss.py)
   dropless_impl: str = "auto"  # dropless expert exchange: auto | ragged (GPU/TPU) | buffer (model/moe.py)
   # How many token copies an expert takes per routing group (<= 0: all of them, dropless); the experts' weights

@@ -1,4 +1,4 @@
-"""The device mesh: axes `stage, data, fsdp, expert, tensor` (outermost first), sizes from `config.mesh`."""
+"""The device mesh: axes `stage, data, fsdp, expert, context, tensor` (outermost first), sizes from `config.mesh`."""
 
 import math
 
@@ -7,7 +7,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
+# `context` splits the sequence (parallel/context.py); inside tensor, so a ring step is a neighbour's transfer when
+# tensor = 1, and beside it, so tensor keeps the innermost (fastest) links.
+MESH_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
 
 
 class MeshError(ValueError):

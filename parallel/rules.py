@@ -18,8 +18,10 @@ Rules = Mapping[str, tuple[str, ...]]
 # Every logical name used in model/, with the mesh axes it maps to by default.
 DEFAULT_RULES: dict[str, str] = {
   "batch": "data,fsdp,expert",
-  "length": "",
-  "embed": "fsdp",
+  "length": "context",  # the sequence, split over mesh.context (parallel/context.py)
+  # Parameters: fsdp, and context as a second fsdp axis (the devices of a sequence would else hold the same
+  # weights); activations take context on "length" first, so their "embed" stays on fsdp alone.
+  "embed": "fsdp,context",
   "vocab": "tensor",
   "heads": "tensor",
   "kv_heads": "tensor",
@@ -80,7 +82,8 @@ def logical_to_spec(names: Sequence[str | None], rules, mesh=None) -> PartitionS
       spec.append(None)
       continue
     assert name in rules, f"logical axis {name!r} has no rule; add it to config.mesh.rules"
-    axes = tuple(a for a in rules[name] if a not in used and (sizes is None or sizes[a] > 1))
+    # An axis the mesh lacks (a hand-made mesh without `context`, say) splits nothing, like one of size 1.
+    axes = tuple(a for a in rules[name] if a not in used and (sizes is None or sizes.get(a, 1) > 1))
     used.update(axes)
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
   return PartitionSpec(*spec)

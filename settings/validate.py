@@ -12,6 +12,7 @@ from model.attend import SPLASH_BLOCK
 from model.lora import TARGETS
 from model.moe import DROPLESS_IMPLS, RAGGED_BACKENDS
 from model.transformer import REMAT_POLICIES
+from parallel.context import STRATEGIES as CONTEXT_STRATEGIES
 from parallel.mesh import MeshError
 from parallel.partition import BATCH_AXES
 from parallel.rules import DEFAULT_RULES, entry_axes, logical_to_spec
@@ -71,6 +72,7 @@ def _validate_sizes_and_choices(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.param_dtype", ("float32", "bfloat16"))
   _one_of(cfg, "model.remat", tuple(REMAT_POLICIES))
   _one_of(cfg, "model.attention", ATTENTION_IMPLEMENTATIONS)
+  _one_of(cfg, "model.context_parallel", CONTEXT_STRATEGIES)
   _one_of(cfg, "moe.router_score", ("softmax", "sigmoid"))
   _one_of(cfg, "data.tokenizer_type", ("bpe", "unigram"))
   _one_of(cfg, "data.invalid_utf8", ("replace", "skip"))
@@ -261,8 +263,40 @@ def validate_layout(cfg: ml_collections.ConfigDict, mesh: dict[str, int], rules:
     )
   if stages > 1:
     _validate_stages(cfg, stages)
+  if mesh.get("context", 1) > 1:
+    _validate_context(cfg, mesh, rules)
   if cfg.moe.num_experts > 0 and cfg.moe.capacity_factor <= 0:
     _validate_dropless_layout(mesh, rules)
+
+
+def _validate_context(cfg: ml_collections.ConfigDict, mesh: dict[str, int], rules: dict) -> None:
+  """A sequence split over mesh.context (parallel/context.py)."""
+  c, seq_len = mesh["context"], cfg.data.seq_len
+  _require(
+    seq_len % (2 * c) == 0,
+    f"config.data.seq_len={seq_len} does not cut into 2 x mesh.context={c} chunks (the causal load balance); "
+    f"make it a multiple of {2 * c}",
+  )
+  _require(
+    tuple(rules["length"]) == ("context",) and "context" not in rules["batch"],
+    f"mesh.context={c} needs config.mesh.rules.length='context' and batch off the context axis (length is "
+    f"{','.join(rules['length'])!r}, batch {','.join(rules['batch'])!r}); restore the default rules for both",
+  )
+  _require(
+    cfg.model.attention != "splash",
+    f"config.model.attention='splash' with mesh.context={c}: splash takes causality from token indices, which the "
+    "load-balanced layout permutes; use chunked, xla or auto",
+  )
+  _require(
+    cfg.moe.num_experts == 0 or cfg.moe.capacity_factor <= 0,
+    f"config.moe.capacity_factor={cfg.moe.capacity_factor} with mesh.context={c}: which tokens an expert drops "
+    "depends on their order, which the context layout permutes; set moe.capacity_factor=0 (dropless)",
+  )
+  _require(
+    mesh["stage"] == 1,
+    f"mesh.context={c} with mesh.stage={mesh['stage']}: context parallelism does not run inside the pipeline's "
+    "stages yet; set mesh.stage=1 (or mesh.context=1)",
+  )
 
 
 def _validate_dropless_layout(mesh: dict[str, int], rules: dict) -> None:

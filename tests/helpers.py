@@ -7,7 +7,7 @@ import numpy as np
 
 from configs.base import base_config
 from data import synthetic
-from parallel.mesh import make_mesh
+from parallel.mesh import MESH_AXES, make_mesh
 from trainer.experiment import build
 
 VOCAB = 200  # a tokenizer's size; the model pads its embedding to a multiple of 128
@@ -57,7 +57,7 @@ def run_steps(cfg, batches: list[dict], devices=None):
 def mesh_for(cfg, devices=None):
   """The config's mesh over the first devices it needs (all 8 emulated ones where a size is -1)."""
   if devices is None:
-    sizes = [cfg.mesh[axis] for axis in ("stage", "data", "fsdp", "expert", "tensor")]
+    sizes = [cfg.mesh[axis] for axis in MESH_AXES]
     devices = jax.devices() if -1 in sizes else jax.devices()[: int(np.prod(sizes))]
   return make_mesh(cfg.mesh, devices)
 

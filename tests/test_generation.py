@@ -124,7 +124,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(model, reques
 
 def test_decoding_on_a_data_expert_tensor_mesh_equals_one_device(moe):
   decoder, params = moe
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 1, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 1, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 6)
   sharded = Decoder(decoder.model_cfg, TOKENIZER_VOCAB, mesh, parse_rules(DEFAULT_RULES))
   sharded_params = jax.device_put(jax.device_get(params), sharded.param_shardings)
   cache = sharded.new_cache(4, 8)

@@ -13,7 +13,7 @@ import time
 import jax
 
 from model import quant
-from model.attend import resolve
+from parallel import context
 from parallel.hlo import collectives
 from parallel.mesh import MESH_AXES, make_mesh
 from parallel.partition import bytes_per_device
@@ -115,8 +115,16 @@ def describe(cfg, target: Target, exp, compiled, compile_seconds: float) -> dict
     # `collective_details` adds the bytes each moves per device and step, and where they sit (loops, branches).
     "collectives": {op: stats["count"] for op, stats in details.items()},
     "collective_details": details,
-    # What `model.attention=auto` stands for on the target's platform and this sequence length.
-    "attention": resolve(cfg.model.attention, target.platform, cfg.data.seq_len, exp.model_cfg.dtype),
+    # The kernel each device runs: what `model.attention=auto` stands for on the target's platform and this sequence
+    # length (with mesh.context > 1, parallel/context.py: resolve).
+    "attention": context.resolve(
+      cfg.model.attention,
+      target.platform,
+      cfg.data.seq_len,
+      exp.model_cfg.dtype,
+      mesh.shape["context"],
+      cfg.model.context_parallel,
+    ),
     "target": {
       **target.describe(),
       **program,

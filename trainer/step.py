@@ -10,6 +10,7 @@ import optax
 from model.sparsity import keep_zeros
 from objectives import LossFn
 from objectives.losses import SUM_PREFIX, next_token_loss, token_count
+from parallel import context
 from parallel.partition import microbatches
 from parallel.pipeline import Pipelined, pipeline_grads
 from trainer.state import TrainState
@@ -47,6 +48,7 @@ def make_train_step(
   loss_fn = loss_fn or next_token_loss(graphdef)
 
   def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
+    batch = context.balance(batch, context.size())  # mesh.context > 1: each device gets an early and a late chunk
     total_tokens = jnp.maximum(count_fn(batch), 1.0)
     step_key = jax.random.fold_in(state.rng, state.step)
 
@@ -113,6 +115,7 @@ def make_eval_step(loss_fn: LossFn):
   """`eval_step(params, batch, frozen) -> (sum of token losses, target tokens)`; the loop sums over eval batches."""
 
   def eval_step(params, batch, frozen):
+    batch = context.balance(batch, context.size())
     (nll_sum, _, tokens), _ = loss_fn(params, frozen, batch, None)
     return nll_sum, tokens
 
