@@ -36,6 +36,20 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(str(path))))
 
 
+def read_range(path: str | os.PathLike, start: int, end: int) -> bytes:
+  """Bytes [start, end) of a file: one ranged request for a URL (fsspec's `cat_file`), a seek for a local path."""
+  if end <= start:
+    return b""
+  if is_url(path):
+    import fsspec  # the file systems etils.epath reaches URLs through
+
+    fs, inner = fsspec.core.url_to_fs(str(path))
+    return fs.cat_file(inner, start=start, end=end)
+  with open(path, "rb") as f:
+    f.seek(start)
+    return f.read(end - start)
+
+
 def _fixed_prefix(pattern: str) -> str:
   """The part of a glob before its first wildcard component: what must exist for the glob to match."""
   parts = pattern.split("/")
