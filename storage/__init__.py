@@ -8,6 +8,7 @@ or created: one that cannot be reached (no credentials, no network, no bucket) i
 
 import logging
 import os
+import re
 import threading
 import uuid
 
@@ -17,6 +18,8 @@ from etils import epath
 # a misspelt bucket or a missing network (gcsfs: about 35 s), so the probe gives up first.
 _PROBE_TIMEOUT_S = float(os.environ.get("KILN_STORAGE_TIMEOUT_S", "30"))
 
+
+_WEIGHT_PREFIX = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?:")
 
 _CLIENT_LOGGERS = ("gcsfs", "google", "google.auth", "fsspec", "s3fs", "aiobotocore", "adlfs")
 
@@ -101,6 +104,7 @@ def check_urls(named_paths: list[tuple[str, str, bool]], timeout_s: float = _PRO
   they are used. Raises StorageError naming the first that fails or does not answer within `timeout_s`."""
   for name, paths, writable in named_paths:
     for path in (p.strip() for p in paths.split(",")) if name == "config.data.files" else [paths]:
+      path = _WEIGHT_PREFIX.sub("", path) if name == "config.data.files" else path  # a mixture's WEIGHT:GLOB
       if not path or not is_url(path):
         continue
       outcome = _probe_within(as_path(_fixed_prefix(path)), writable, timeout_s)
