@@ -69,7 +69,15 @@ def prepare(data_cfg, pipeline_args: list[str]) -> dict:
   # Spawned Beam workers unpickle the DoFn, which needs kiln's modules on their path.
   os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p)
   pipeline_start = time.perf_counter()
-  with beam.Pipeline(options=PipelineOptions(default_pipeline_args(pipeline_args))) as pipeline:
+  options = PipelineOptions(default_pipeline_args(pipeline_args))
+  runner = None
+  if runner_name(pipeline_args) in (None, "DirectRunner"):
+    # The engine DirectRunner falls back to, and the one its multi-processing mode is for: asked for directly, as
+    # DirectRunner first tries PrismRunner, which downloads a binary (and, offline, fails after a wait).
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    runner = FnApiRunner()
+  with beam.Pipeline(runner=runner, options=options) as pipeline:
     _ = (
       pipeline
       | "Units" >> beam.Create(work)
