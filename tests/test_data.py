@@ -1062,3 +1062,26 @@ def test_each_bad_prepared_cache_is_one_line_and_changes_nothing(tmp_path, token
   refused(cfg, tok, r"lacks 1 of its \d+ unit files")
   (root / "prepared.json").write_text("{")
   refused(cfg, tok, "not a readable manifest")
+
+
+def test_inspect_data_reports_the_trainers_rows(tokenizer, tmp_path, capsys):
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import inspect_data
+
+  cache_dir = tmp_path / "cache"
+  overrides = {**mixture_cfg(cache_dir, tokenizer=tokenizer.model_path), "eval_fraction": 0.2}
+  args = [f"--config.data.{k}={overrides[k]}" for k in ("files", "cache_dir", "tokenizer", "seq_len", "eval_fraction")]
+  args += ["--config.data.num_workers=0", "--config.train.global_batch_size=8", "--config.train.seed=4"]
+  assert inspect_data.main(["--config", os.path.join(REPO, "configs/tiny.py"), *args, "--steps=25", "--rows=1"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # The reference: the trainer's own batches of those 25 steps, their sources read from their tokens.
+  cfg = mixture_cfg(cache_dir, tokenizer=tokenizer.model_path)
+  batches = [host(b) for b, _ in zip(train_iterator(cfg, tokenizer, 8, seed=4), range(25))]
+  segments = np.concatenate([b["segment_ids"] for b in batches])
+  assert summary["rows"] == 200
+  padding = np.mean(segments == 0)  # the inputs' padding; the script counts the L + 1 tokens of each row
+  assert abs(summary["padding_fraction"] - padding) < 0.01
+  shares = {name: s["token_share"] for name, s in summary["sources"].items()}
+  assert list(shares) == list(MIXTURE_WEIGHTS) and abs(sum(shares.values()) - 1) < 1e-9
+  for name, weight in MIXTURE_WEIGHTS.items():
+    assert abs(summary["sources"][name]["weight"] - weight) < 1e-9 and abs(shares[name] - weight) < 0.1, name
