@@ -4,7 +4,7 @@
 
 1. The tokenizer's own single-core rate over the corpus (MB of text per second), then scripts/prepare_data.py
    (Beam DirectRunner, multi-processing) over the same corpus with each worker count: MB/s of the whole pipeline.
-   Default corpus: the top-level modules of the standard library (about 4.7 MB).
+   Default corpus: the standard library's Python files (about 31 MB), in units of 2 MB.
 2. Trainer start-up from a prepared cache of `--cache_gb` GB of synthetic tokens (random ids, documents of 1-2,000
    tokens, 16 MB unit files): a new process loads the tokenizer, opens the cache and builds its first batch.
 3. Read rate in rows/s of a `--read_mb` MB synthetic prepared cache, local and in a bucket of the GCS emulator
@@ -14,7 +14,6 @@
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +35,7 @@ def _cfg(files: str, cache_dir: str, tokenizer: str = ""):
   return cfg
 
 
-def _prepare_rates(files: str, work: str, workers: list[int]) -> tuple[dict, str]:
+def _prepare_rates(files: str, work: str, workers: list[int], unit_mb: float) -> tuple[dict, str]:
   import data
   from data.prepare import tokenizer_rate
 
@@ -136,38 +135,10 @@ def _read_rate(root: str, files: str, tokenizer_path: str, batches: int) -> floa
   return rate
 
 
-def _emulator():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "gcp_storage_emulator",
-      "start",
-      "--host=127.0.0.1",
-      f"--port={port}",
-      "--in-memory",
-      "--default-bucket=kiln-bench",
-      "--quiet",
-    ],  # fmt: skip
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  for _ in range(150):
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      time.sleep(0.2)
-  os.environ.update(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", NO_GCE_CHECK="true")
-  return server
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--files", default=os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))
+  parser.add_argument("--files", default=os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"))
+  parser.add_argument("--unit_mb", type=float, default=2.0, help="data.unit_bytes of the preparation, in MB")
   parser.add_argument("--workers", default="1,2")
   parser.add_argument("--cache_gb", type=float, default=1.0)
   parser.add_argument("--read_mb", type=float, default=64)
@@ -176,7 +147,9 @@ def main() -> None:
   args = parser.parse_args()
   work = args.work or tempfile.mkdtemp(prefix="kiln-bench-prepare-")
   result = {"machine": f"{os.cpu_count()} CPU cores", "files": args.files}
-  result["prepare"], tokenizer_path = _prepare_rates(args.files, work, [int(n) for n in args.workers.split(",")])
+  workers = [int(n) for n in args.workers.split(",")]
+  result["prepare"], tokenizer_path = _prepare_rates(args.files, work, workers, args.unit_mb)
+  print(json.dumps(result), file=sys.stderr)  # so far, in case a later part fails
   import data
 
   vocab_size = data.Tokenizer(tokenizer_path).vocab_size
@@ -187,18 +160,17 @@ def main() -> None:
   small = os.path.join(work, "synthetic_small")
   files = synthetic_prepared_cache(small, tokenizer_path, int(args.read_mb * 1e6), vocab_size)
   result["read_rows_per_s"] = {"local": _read_rate(small, files, tokenizer_path, args.read_batches)}
-  server = _emulator()
-  try:
-    from etils import epath
+  from etils import epath
 
-    bucket = "gs://kiln-bench/prepared"
-    for path in epath.Path(small).glob("**/*"):
-      if path.is_file():
-        (epath.Path(bucket) / path.relative_to(small)).write_bytes(path.read_bytes())
+  from storage.emulator import local_gcs
+
+  with local_gcs("kiln-bench") as bucket_url:
+    bucket = f"{bucket_url}/prepared"
+    for directory, _, names in os.walk(small):
+      for name in names:
+        path = os.path.join(directory, name)
+        (epath.Path(bucket) / os.path.relpath(path, small)).write_bytes(open(path, "rb").read())
     result["read_rows_per_s"]["gcs_emulator"] = _read_rate(bucket, files, tokenizer_path, args.read_batches)
-  finally:
-    server.terminate()
-    server.wait()
   print(json.dumps(result))
 
 

@@ -8,11 +8,9 @@ and a Parquet file of two row groups, so every format and the mixture go through
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 
 import pytest
 
@@ -35,57 +33,13 @@ BUCKET = "kiln-test"
 WEIGHTS = {"text": 0.5, "records": 0.3, "table": 0.2}
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs():
   """A GCS JSON API server on 127.0.0.1 with one bucket; this process and its children talk to it."""
-  port = _free_port()
-  server = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "gcp_storage_emulator",
-      "start",
-      "--host=127.0.0.1",
-      f"--port={port}",
-      "--in-memory",
-      f"--default-bucket={BUCKET}",
-      "--quiet",
-    ],  # fmt: skip
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  deadline = time.time() + 30
-  while True:
-    try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
-    except OSError:
-      assert time.time() < deadline and server.poll() is None, "the GCS emulator did not start"
-      time.sleep(0.2)
-  env = {
-    "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-    "NO_GCE_CHECK": "true",  # google-auth looks for no cloud metadata server
-  }
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  import gcsfs
+  from storage.emulator import local_gcs
 
-  gcsfs.GCSFileSystem.clear_instance_cache()  # a client made before now would talk to another endpoint
-  yield f"gs://{BUCKET}"
-  gcsfs.GCSFileSystem.clear_instance_cache()
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
-  server.terminate()
-  server.wait(timeout=30)
+  with local_gcs(BUCKET) as url:
+    yield url
 
 
 def _corpus(directory) -> str:
