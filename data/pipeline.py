@@ -71,6 +71,13 @@ def make_train_iterator(
   if token_cache is None:  # a caller that builds both train and eval batches loads it once
     token_cache = load_token_cache(data_cfg, tokenizer)
   rows = train_rows(token_cache, data_cfg, tokenizer, seed=seed)
+  if isinstance(token_cache, MixtureCache) and start_row > 0:
+    _log.info(
+      "Resuming the mixture at row %d with weights %s: rows from here follow these weights, as if they had always "
+      "held (a changed weight moves each source's position; docs/data.md)",
+      start_row,
+      ", ".join(f"{name}={weight:g}" for name, weight, _ in token_cache.sources),
+    )
   batches = GlobalBatches(
     rows.__getitem__, global_batch_size, data_cfg.seq_len, sharding, threads=_threads(token_cache)
   )

@@ -50,9 +50,10 @@ def _prepare_rates(files: str, work: str, workers: list[int], unit_mb: float) ->
         os.path.join(REPO, "configs/tiny.py"),
         f"--config.data.files={files}",
         f"--config.data.tokenizer={tokenizer.model_path}",
+        f"--config.data.unit_bytes={int(unit_mb * 1e6)}",
         f"--out={os.path.join(work, f'prepared_{n}')}",
         f"--direct_num_workers={n}",
-      ],  # fmt: skip
+      ],
       capture_output=True,
       text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu"},
