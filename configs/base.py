@@ -82,7 +82,9 @@ def _moe(c: ml_collections.ConfigDict) -> None:
 
 def _data(c: ml_collections.ConfigDict) -> None:
   c.data = ml_collections.ConfigDict()
-  c.data.files = ""  # comma-separated globs, local or URLs; empty: the Python standard library's source tree
+  # comma-separated globs, local or URLs; empty: the Python standard library's source tree. WEIGHT:GLOB items
+  # make a weighted mixture, one source per item ("0.7:web/*.parquet,0.3:code/*.jsonl"; docs/data.md)
+  c.data.files = ""
   c.data.text_field = "text"  # JSONL field / Parquet column holding the document text
   c.data.hf_dataset = ""  # optional: a Hugging Face dataset name (needs network and `datasets`)
   c.data.hf_split = "train"  # the split of data.hf_dataset
@@ -99,7 +101,9 @@ def _data(c: ml_collections.ConfigDict) -> None:
   # of each is scored at every evaluation, logged as eval_loss/<name> and eval_ppl/<name>; "": none
   c.data.eval_files = ""
   c.data.num_workers = 2  # processes that tokenize
-  c.data.cache_dir = ""  # tokenizer and token cache, a path or a URL; empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln
+  # tokenizer and token cache, a path or a URL; empty: $XDG_CACHE_HOME/kiln or ~/.cache/kiln. A dir written by
+  # scripts/prepare_data.py (it holds prepared.json) is read as it is, and nothing is tokenized
+  c.data.cache_dir = ""
   c.data.shuffle = True  # shuffle documents and rows each epoch (from train.seed)
   c.data.unit_bytes = 16 << 20  # corpus bytes per tokenization work unit: who tokenizes what, never the data order
   # sft / dpo data: chatml | llama3 | plain, or a turn format with {content} (and {role}), see data/chat.py

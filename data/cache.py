@@ -62,7 +62,7 @@ def staged(path) -> Iterator[epath.Path]:
   staging = path.parent / f".staging-{uuid.uuid4().hex}-{path.name}"
   try:
     yield staging
-    staging.replace(path)
+    storage.rename(staging, path)
   except BaseException:
     if staging.exists():
       staging.unlink()

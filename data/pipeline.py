@@ -17,9 +17,15 @@ Every batch is a dict of global [B, L] arrays (L = data.seq_len), taken from pac
 The documents come from the objective's source (`Objective.load_documents`, objectives/): the token cache of a
 text corpus (lm, distill), chat conversations (sft, data/sft.py) or preference pairs (dpo, data/preference.py,
 one pair per row). A source other than the token cache makes its own rows (`packed_rows`); the rest is shared.
+
+A weighted mixture (`WEIGHT:GLOB` items in data.files, a `MixtureCache`) packs each source's training documents
+into rows of its own, and row r of the training stream is a row of one source (data/mixture.py), still a pure
+function of (config, seed, r). Each source keeps its own held-out split; its eval batches are evaluated apart,
+as `eval_loss/<source>` (make_eval_batches returns {source: batches} for a mixture).
 """
 
 import atexit
+import concurrent.futures
 import functools
 import logging
 import math
@@ -31,14 +37,17 @@ import jax
 import numpy as np
 
 from data.errors import DataError
+from data.mixture import MixedRows
 from data.packing import PackedRows, empty_row, to_model_inputs
-from data.token_cache import TokenCache, load_token_cache
+from data.permutation import permutation_key
+from data.token_cache import MixtureCache, TokenCache, load_token_cache
 from data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
 
 # Batches ready ahead of the train loop, besides the one being built: the next step never waits for the host.
 _PREFETCH_DEPTH = 1
+_REMOTE_ROW_THREADS = 16
 
 
 def make_train_iterator(
@@ -61,15 +70,54 @@ def make_train_iterator(
     raise ValueError(f"start_row={start_row} must be at least 0")
   if token_cache is None:  # a caller that builds both train and eval batches loads it once
     token_cache = load_token_cache(data_cfg, tokenizer)
+  rows = train_rows(token_cache, data_cfg, tokenizer, seed=seed)
+  if isinstance(token_cache, MixtureCache) and start_row > 0:
+    _log.info(
+      "Resuming the mixture at row %d with weights %s: rows from here follow these weights, as if they had always "
+      "held (a changed weight moves each source's position; docs/data.md)",
+      start_row,
+      ", ".join(f"{name}={weight:g}" for name, weight, _ in token_cache.sources),
+    )
+  batches = GlobalBatches(
+    rows.__getitem__, global_batch_size, data_cfg.seq_len, sharding, threads=_threads(token_cache)
+  )
+  return _Prefetcher(lambda i: batches.at(start_row + i * global_batch_size))
+
+
+def train_rows(token_cache, data_cfg, tokenizer: Tokenizer, *, seed: int):
+  """The training stream's rows, by global index: one source's packed rows, or a mixture of several."""
+  if not isinstance(token_cache, MixtureCache):
+    return _packed_rows(token_cache, _training_documents(token_cache, data_cfg), data_cfg, tokenizer, seed=seed,
+                        shuffle=data_cfg.shuffle)  # fmt: skip
+  names = [name for name, _, _ in token_cache.sources]
+  rows = [
+    # Each source its own document and row orders, keyed apart so equal sizes do not share an order.
+    _packed_rows(
+      cache,
+      _training_documents(cache, data_cfg),
+      data_cfg,
+      tokenizer,
+      seed=permutation_key(seed, s) % 2**63,
+      shuffle=data_cfg.shuffle,
+    )  # fmt: skip
+    for s, (_, _, cache) in enumerate(token_cache.sources)
+  ]
+  return MixedRows(rows, [w for _, w, _ in token_cache.sources], names, seed=seed)
+
+
+def _training_documents(token_cache: TokenCache, data_cfg) -> np.ndarray:
   documents = np.flatnonzero(~token_cache.held_out(data_cfg.eval_fraction))
   if len(documents) == 0:
     raise DataError(
       f"no training documents in {token_cache.corpus_description} once empty, undecodable and held-out ones are "
       "left out; add documents or lower data.eval_fraction"
     )
-  rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=seed, shuffle=data_cfg.shuffle)
-  batches = GlobalBatches(rows.__getitem__, global_batch_size, data_cfg.seq_len, sharding)
-  return _Prefetcher(lambda i: batches.at(start_row + i * global_batch_size))
+  return documents
+
+
+def _threads(token_cache) -> int:
+  # Rows read from an object store wait on one request per document fragment: build a batch's rows concurrently.
+  return _REMOTE_ROW_THREADS if getattr(token_cache, "remote", False) else 0
 
 
 def make_eval_batches(
@@ -80,8 +128,9 @@ def make_eval_batches(
   num_batches: int,
   sharding: jax.sharding.NamedSharding,
   token_cache: TokenCache | None = None,
-) -> list[dict[str, jax.Array]]:
-  """Up to `num_batches` fixed batches of the held-out documents in corpus order; [] means no evaluation.
+) -> list[dict[str, jax.Array]] | dict[str, list[dict[str, jax.Array]]]:
+  """Up to `num_batches` fixed batches of the held-out documents in corpus order; [] means no evaluation; a
+  mixture gives {source name: its batches}, sources without held-out documents left out.
 
   Batch s holds rows [s * B, (s + 1) * B) of the held-out stream; rows past its end are all padding
   (loss_mask 0). Fewer batches than asked when the split is small. data.eval_fraction=0 holds nothing out;
@@ -92,6 +141,19 @@ def make_eval_batches(
     return []
   if token_cache is None:  # a caller that builds both train and eval batches loads it once
     token_cache = load_token_cache(data_cfg, tokenizer)
+  if isinstance(token_cache, MixtureCache):
+    per_source = {
+      name: make_eval_batches(
+        data_cfg,
+        tokenizer,
+        global_batch_size=global_batch_size,
+        num_batches=num_batches,
+        sharding=sharding,
+        token_cache=cache,
+      )  # fmt: skip
+      for name, _, cache in token_cache.sources
+    }
+    return {name: batches for name, batches in per_source.items() if batches}
   documents = np.flatnonzero(token_cache.held_out(data_cfg.eval_fraction))
   if len(documents) == 0:
     _log.warning(
@@ -103,7 +165,7 @@ def make_eval_batches(
   rows = _packed_rows(token_cache, documents, data_cfg, tokenizer, seed=0, shuffle=False)
   padding = empty_row(data_cfg.seq_len + 1, tokenizer.pad_id, weighted="loss_weights" in rows[0])
   row_at = lambda r: rows[r] if r < rows.rows_per_epoch else padding
-  batches = GlobalBatches(row_at, global_batch_size, data_cfg.seq_len, sharding)
+  batches = GlobalBatches(row_at, global_batch_size, data_cfg.seq_len, sharding, threads=_threads(token_cache))
   count = min(num_batches, math.ceil(rows.rows_per_epoch / global_batch_size))
   return [batches.at(step * global_batch_size) for step in range(count)]
 
@@ -111,8 +173,11 @@ def make_eval_batches(
 class GlobalBatches:
   """Global batches of B consecutive rows; this process builds only the rows its devices hold."""
 
-  def __init__(self, row_at: Callable[[int], dict[str, np.ndarray]], batch_size: int, seq_len: int, sharding) -> None:
+  def __init__(
+    self, row_at: Callable[[int], dict[str, np.ndarray]], batch_size: int, seq_len: int, sharding, threads: int = 0
+  ) -> None:
     self._row_at = row_at
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
     self._shape = (batch_size, seq_len)
     self._sharding = sharding
     # The batch rows (0 .. B - 1) this process's devices hold; devices that replicate a row share one copy.
@@ -124,7 +189,8 @@ class GlobalBatches:
 
   def at(self, first_row: int) -> dict[str, jax.Array]:
     """Global rows [first_row, first_row + B) as global arrays laid out by the sharding."""
-    rows = [self._row_at(first_row + r) for r in self._local_rows]
+    wanted = [first_row + r for r in self._local_rows]
+    rows = list(self._pool.map(self._row_at, wanted)) if self._pool else [self._row_at(r) for r in wanted]
     local = to_model_inputs({name: np.stack([row[name] for row in rows]) for name in rows[0]})
     return {
       name: jax.make_array_from_callback(self._shape, self._sharding, functools.partial(self._piece, local_NxL))

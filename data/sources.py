@@ -14,6 +14,10 @@ consecutive text files of about `data.unit_bytes`, byte ranges of that size of a
 to the range its first byte is in), single Parquet row groups, one unit for a Hugging Face dataset. Reading a
 unit opens only its files, byte range or row group. The units in order, each's documents in order, are the
 corpus order. Paths may be local or URLs such as gs://bucket/dir/*.jsonl (through etils.epath).
+
+A weighted mixture names its sources as `WEIGHT:GLOB` items ("0.7:web/*.parquet,0.3:code/*.jsonl"): `mixture`
+splits it into sources, each a corpus of its own (its own units, cache and held-out split); the Corpus of the
+whole config holds every source's files (what a tokenizer trains on), weights left out.
 """
 
 import dataclasses
@@ -24,6 +28,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sysconfig
 from collections.abc import Callable, Iterator
 
@@ -105,7 +110,8 @@ class Corpus:
       self._files = _stdlib_files(self._root)
       self.description = f"the Python standard library at {self._root}"
     else:
-      self._files = _expand_globs(data_cfg.files)
+      sources = mixture(data_cfg.files)
+      self._files = _expand_globs(",".join(s.files for s in sources) if sources else data_cfg.files)
       parts = [f"data.files={data_cfg.files!r}"] if data_cfg.files else []
       parts += [f"data.hf_dataset={self._hf_dataset!r}"] if self._hf_dataset else []
       self.description = " + ".join(parts)
@@ -299,6 +305,53 @@ class Corpus:
           "set data.text_field"
         )
       yield Document(f"hf:{self._hf_dataset}/{self._hf_split}/{index}", functools.partial(str, text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One item of a weighted mixture: a name (for `eval_loss/<name>`), its weight, and its glob."""
+
+  name: str
+  weight: float
+  files: str
+
+
+_WEIGHTED_ITEM = re.compile(r"^((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?):(.+)$")
+
+
+def mixture(files: str) -> list[Source] | None:
+  """The sources of `data.files` when its items are `WEIGHT:GLOB`; None for plain globs (one corpus).
+
+  A source is named after its glob: the last directory before the first wildcard ("web" for web/*.parquet), or
+  the file's stem for a single file; a name taken twice gets `_2`, `_3`, ... in order.
+  """
+  items = [item.strip() for item in files.split(",") if item.strip()]
+  matches = [_WEIGHTED_ITEM.match(item) for item in items]
+  if not any(matches):
+    return None
+  if not all(matches):
+    plain = items[[m is None for m in matches].index(True)]
+    raise DataError(
+      f"data.files: {plain!r} has no weight while other items do; write every item as WEIGHT:GLOB "
+      "(e.g. '0.7:web/*.parquet,0.3:code/*.jsonl')"
+    )
+  sources, taken = [], {}
+  for match in matches:
+    weight, pattern = float(match.group(1)), match.group(2).strip()
+    if not weight > 0:
+      raise DataError(f"data.files: weight {match.group(1)} of {pattern!r} must be above 0; drop the item instead")
+    name = _source_name(pattern)
+    taken[name] = taken.get(name, 0) + 1
+    sources.append(Source(name if taken[name] == 1 else f"{name}_{taken[name]}", weight, pattern))
+  return sources
+
+
+def _source_name(pattern: str) -> str:
+  root, parts = _split_glob(pattern)
+  if not parts or not _has_wildcard("/".join(parts)):  # a single file
+    return pathlib.PurePosixPath(pattern).stem or "source"
+  name = pathlib.PurePosixPath(root.partition("://")[2] or root).name
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", name) if name not in ("", ".", "..") else "source"
 
 
 def _location(f: _SourceFile) -> str:

@@ -8,9 +8,14 @@ process builds it itself. A second start with the same corpus, tokenizer and set
 
 A unit file holds its documents' tokens back to back without BOS/EOS, then `offsets` (int64, num_docs + 1),
 then `eval_hash` (float64 per document, which decides the held-out split the same way in every process),
-then a JSON footer and its length (8 bytes, little endian). Documents with no text are not stored. Local
-files are memory-mapped; remote ones are read whole when first needed. Tokenization runs in
-`data.num_workers` spawned worker processes.
+then a JSON footer and its length (8 bytes, little endian). Documents with no text are not stored. A reader
+fetches only the bytes its rows need: local files are memory-mapped, remote ones read by byte range.
+Tokenization runs in `data.num_workers` spawned worker processes; `write_unit` is the one writer of the
+format, used by them and by the Apache Beam pipeline of scripts/prepare_data.py (data/prepare.py) alike.
+
+A cache dir prepared by that script holds a manifest (data/prepared.py): its units are opened as listed and
+nothing is tokenized. A weighted mixture (`WEIGHT:GLOB` items in data.files) is one cache per source
+(`MixtureCache`), each with its own units and held-out split.
 
 Spawned workers import the entry script again (as `__mp_main__`), so a script that builds a cache must keep
 its work under `if __name__ == "__main__":`, as multiprocessing requires; otherwise each worker would run the
@@ -33,8 +38,9 @@ import numpy as np
 from etils import epath
 
 import storage
-from data import cache
-from data.sources import Corpus, Unit, eval_hash
+from data import cache, prepared
+from data.errors import DataError
+from data.sources import Corpus, Unit, eval_hash, mixture
 from data.tokenizer import Tokenizer, batch_encoder
 
 _log = logging.getLogger(__name__)
@@ -52,15 +58,23 @@ class _UnitTokens:
   def __init__(self, path: epath.Path) -> None:
     self.path = path
     self._local = not storage.is_url(path)
-    with path.open("rb") as f:
-      f.seek(-_FOOTER_LENGTH_BYTES, 2)
-      footer_length = int.from_bytes(f.read(_FOOTER_LENGTH_BYTES), "little")
-      f.seek(-_FOOTER_LENGTH_BYTES - footer_length, 2)
-      meta = json.loads(f.read(footer_length))
-      num_docs = meta["num_docs"]
-      f.seek(meta["offsets_at"])
-      self.offsets = np.frombuffer(f.read(8 * (num_docs + 1)), np.int64)
-      self.eval_hash = np.frombuffer(f.read(8 * num_docs), np.float64)
+    try:
+      with path.open("rb") as f:
+        f.seek(-_FOOTER_LENGTH_BYTES, 2)
+        footer_length = int.from_bytes(f.read(_FOOTER_LENGTH_BYTES), "little")
+        f.seek(-_FOOTER_LENGTH_BYTES - footer_length, 2)
+        meta = json.loads(f.read(footer_length))
+        num_docs = meta["num_docs"]
+        f.seek(meta["offsets_at"])
+        self.offsets = np.frombuffer(f.read(8 * (num_docs + 1)), np.int64)
+        self.eval_hash = np.frombuffer(f.read(8 * num_docs), np.float64)
+      if meta["version"] != _FORMAT_VERSION or len(self.offsets) != num_docs + 1 or len(self.eval_hash) != num_docs:
+        raise ValueError(f"format {meta['version']}, {num_docs} documents, footer cut short")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise DataError(
+        f"{path}: not a readable token cache unit ({type(e).__name__}: {e}); delete it to rebuild it, or "
+        "rebuild a prepared cache with scripts/prepare_data.py into a new dir"
+      ) from None
     self._dtype, self._num_tokens = np.dtype(meta["dtype"]), meta["num_tokens"]
     self._tokens = None
     self._lock = threading.Lock()  # the prefetch thread and the main thread may both load a remote unit
@@ -77,6 +91,13 @@ class _UnitTokens:
           with self.path.open("rb") as f:
             self._tokens = np.frombuffer(f.read(self._num_tokens * self._dtype.itemsize), self._dtype)
       return self._tokens
+
+  def read(self, lo: int, hi: int) -> np.ndarray:
+    """Tokens [lo, hi) of the unit: a slice of the mapped file, or one ranged read of a remote one."""
+    if self._local or self._tokens is not None:
+      return self.tokens[lo:hi]
+    itemsize = self._dtype.itemsize
+    return np.frombuffer(storage.read_range(self.path, lo * itemsize, hi * itemsize), self._dtype)
 
 
 class TokenCache:
@@ -98,7 +119,12 @@ class TokenCache:
   def tokens(self, doc: int, lo: int, hi: int) -> np.ndarray:
     """Tokens [lo, hi) of document `doc`."""
     start = int(self.doc_start[doc])
-    return self._units[int(self.doc_unit[doc])].tokens[start + lo : start + hi]
+    return self._units[int(self.doc_unit[doc])].read(start + lo, start + hi)
+
+  @property
+  def remote(self) -> bool:
+    """Whether reads go to an object store (where rows are worth building concurrently)."""
+    return any(not u._local for u in self._units)
 
   def held_out(self, eval_fraction: float) -> np.ndarray:
     """bool per document: its eval hash is under `eval_fraction`; if that picks none of two or more documents,
@@ -112,15 +138,63 @@ class TokenCache:
     return held_out
 
 
+class MixtureCache:
+  """A weighted mixture's sources, each a TokenCache of its own: [(name, weight, cache)] in data.files order."""
+
+  def __init__(self, sources: list[tuple[str, float, TokenCache]]) -> None:
+    self.sources = sources
+    self.corpus_description = " + ".join(f"{w:g} x {c.corpus_description}" for _, w, c in sources)
+
+  @property
+  def remote(self) -> bool:
+    return any(c.remote for _, _, c in self.sources)
+
+
 def load_token_cache(
   data_cfg, tokenizer: Tokenizer, *, process_index: int | None = None, process_count: int | None = None
-) -> TokenCache:
-  """Every unit of the corpus, this process's share tokenized first (on first use), then all opened.
+) -> TokenCache | MixtureCache:
+  """Every unit of the corpus, this process's share tokenized first (on first use), then all opened; a
+  prepared cache dir's units as its manifest lists them, with nothing tokenized. A mixture: one per source.
 
   process_index / process_count default to JAX's; tests pass others to stand in for one process of several.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+  manifest = prepared.read_manifest(data_cfg)
+  sources = mixture(data_cfg.files)
+  if manifest is not None:
+    prepared.check_tokenizer(data_cfg, manifest, tokenizer.model_path)
+    start = time.perf_counter()
+    caches = [
+      TokenCache([_UnitTokens(path) for path in paths], f"{name} (prepared)")
+      for name, paths in prepared.unit_paths(data_cfg, manifest)
+    ]
+    _log.info(
+      "Opened the prepared token cache %s (%d units) in %.2f s",
+      cache.cache_root(data_cfg.cache_dir),
+      sum(len(c._units) for c in caches),
+      time.perf_counter() - start,
+    )
+  else:
+    configs = [source_config(data_cfg, s.files) for s in sources] if sources else [data_cfg]
+    caches = [_load_self_built(c, tokenizer, process_index, process_count) for c in configs]
+  if sources is None:
+    return caches[0]
+  return MixtureCache([(s.name, s.weight, c) for s, c in zip(sources, caches, strict=True)])
+
+
+def source_config(data_cfg, files: str):
+  """`data_cfg` with data.files narrowed to one source of a mixture."""
+  cfg = data_cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.files = files
+  return cfg
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def unit_plan(data_cfg, tokenizer: Tokenizer) -> tuple[Corpus, list[epath.Path]]:
+  """The corpus of `data_cfg` (one source) and the path of each of its units' files in the cache dir."""
   corpus = Corpus(data_cfg)
   root = cache.cache_root(data_cfg.cache_dir) / "tokens"
   settings = {
@@ -129,6 +203,14 @@ def load_token_cache(
     **corpus.read_settings(),
   }
   paths = [root / f"{cache.content_hash({**settings, 'unit': unit.identity()})}.bin" for unit in corpus.units]
+  return corpus, paths
+
+
+def _load_self_built(data_cfg, tokenizer: Tokenizer, process_index: int | None, process_count: int | None):
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  corpus, paths = unit_plan(data_cfg, tokenizer)
+  root = cache.cache_root(data_cfg.cache_dir) / "tokens"
   start = time.perf_counter()
   with _Builder(corpus, tokenizer, data_cfg.num_workers) as builder:
     for unit in corpus.units:
@@ -175,7 +257,7 @@ class _Builder:
     self._corpus = corpus
     self._tokenizer = tokenizer
     self._num_workers = max(int(num_workers), 0)
-    self._dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    self._dtype = token_dtype(tokenizer.vocab_size)
     self._stack = contextlib.ExitStack()
     self._pool = None
     self._started = False
@@ -195,28 +277,7 @@ class _Builder:
 
   def _build(self, unit: Unit, path: epath.Path) -> None:
     self._start()
-    lengths, hashes = [], []
-    with cache.staged(path) as staging, staging.open("wb") as f:
-      for (ids, batch_lengths), batch_hashes in self._encode(_batches(self._corpus.documents(unit))):
-        f.write(ids.astype(self._dtype).tobytes())
-        lengths.append(batch_lengths)
-        hashes.extend(batch_hashes)
-      lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-      offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-      num_tokens = int(offsets[-1])
-      meta = {
-        "version": _FORMAT_VERSION,
-        "dtype": np.dtype(self._dtype).name,
-        "num_tokens": num_tokens,
-        "num_docs": len(lengths),
-        "offsets_at": num_tokens * np.dtype(self._dtype).itemsize,
-        "unit": unit.identity(),
-      }
-      f.write(offsets.tobytes())
-      f.write(np.asarray(hashes, np.float64).tobytes())
-      footer = json.dumps(meta).encode()
-      f.write(footer)
-      f.write(len(footer).to_bytes(_FOOTER_LENGTH_BYTES, "little"))
+    write_unit(path, unit, self._encode(_batches(self._corpus.documents(unit))), self._dtype)
     self.built.append(unit.index)
 
   def _start(self) -> None:
@@ -255,6 +316,40 @@ class _Builder:
       yield future.result(), hashes
 
 
+def write_unit(path: epath.Path, unit: Unit, encoded, dtype: np.dtype) -> int:
+  """Writes one unit file from its batches `encoded`, ((token ids, lengths), eval hashes) in corpus order,
+  beside `path` and renamed onto it; returns its token count. The one writer of the format."""
+  lengths, hashes = [], []
+  with cache.staged(path) as staging, staging.open("wb") as f:
+    for (ids, batch_lengths), batch_hashes in encoded:
+      f.write(ids.astype(dtype).tobytes())
+      lengths.append(batch_lengths)
+      hashes.extend(batch_hashes)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    num_tokens = int(offsets[-1])
+    meta = {
+      "version": _FORMAT_VERSION,
+      "dtype": np.dtype(dtype).name,
+      "num_tokens": num_tokens,
+      "num_docs": len(lengths),
+      "offsets_at": num_tokens * np.dtype(dtype).itemsize,
+      "unit": unit.identity(),
+    }
+    f.write(offsets.tobytes())
+    f.write(np.asarray(hashes, np.float64).tobytes())
+    footer = json.dumps(meta).encode()
+    f.write(footer)
+    f.write(len(footer).to_bytes(_FOOTER_LENGTH_BYTES, "little"))
+  return num_tokens
+
+
+def encode_unit(corpus: Corpus, unit: Unit, encode):
+  """The batches `write_unit` takes, encoded in this process by `encode` (texts -> id lists)."""
+  for texts, hashes in _batches(corpus.documents(unit)):
+    yield _encode_with(encode, texts), hashes
+
+
 def _batches(documents) -> Iterator[tuple[list[str], list[float]]]:
   """(texts, eval hashes) of the documents with text, a worker's load at a time."""
   texts, hashes, chars = [], [], 0
@@ -281,7 +376,11 @@ def _start_worker(kind: str, model: bytes) -> None:
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  ids = _worker_encode(texts)
+  return _encode_with(_worker_encode, texts)
+
+
+def _encode_with(encode, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  ids = encode(texts)
   lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
   flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
   return flat, lengths

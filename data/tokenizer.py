@@ -36,7 +36,7 @@ import tokenizers
 from etils import epath
 
 import storage
-from data import cache
+from data import cache, prepared
 from data.errors import DataError
 from data.sources import Corpus, eval_hash, unit_hash
 
@@ -229,7 +229,8 @@ def load_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
   """The run's tokenizer, copied into `<workdir>/tokenizer.model` (or `tokenizer.json`) when a workdir is given.
 
   `data_cfg.tokenizer` names a sentencepiece model or a tokenizer.json; empty means train a sentencepiece model on
-  the corpus (cached by corpus and settings under the cache dir). A run directory that already holds a tokenizer
+  the corpus (cached by corpus and settings under the cache dir), or the one a prepared cache dir holds
+  (data/prepared.py). A run directory that already holds a tokenizer
   keeps it: resuming never changes the tokenizer, even if the corpus changed in between.
   """
   existing = run_tokenizer_path(workdir) if workdir else None
@@ -249,7 +250,8 @@ def load_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
     _log.info("Using the tokenizer of this run directory, %s", existing)
     source = existing
   else:
-    source = _trained_tokenizer_path(data_cfg)
+    manifest = prepared.read_manifest(data_cfg)  # a prepared cache dir brings its own tokenizer
+    source = prepared.tokenizer_path(data_cfg, manifest) if manifest else _trained_tokenizer_path(data_cfg)
   tokenizer = Tokenizer(source)  # validated before it is copied anywhere
   if not workdir or source == existing:
     return tokenizer

@@ -8,6 +8,7 @@ or created: one that cannot be reached (no credentials, no network, no bucket) i
 
 import logging
 import os
+import re
 import threading
 import uuid
 
@@ -17,6 +18,8 @@ from etils import epath
 # a misspelt bucket or a missing network (gcsfs: about 35 s), so the probe gives up first.
 _PROBE_TIMEOUT_S = float(os.environ.get("KILN_STORAGE_TIMEOUT_S", "30"))
 
+
+_WEIGHT_PREFIX = re.compile(r"^(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?:")
 
 _CLIENT_LOGGERS = ("gcsfs", "google", "google.auth", "fsspec", "s3fs", "aiobotocore", "adlfs")
 
@@ -34,6 +37,34 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   if is_url(path):
     return epath.Path(str(path))
   return epath.Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def read_range(path: str | os.PathLike, start: int, end: int) -> bytes:
+  """Bytes [start, end) of a file: one ranged request for a URL (fsspec's `cat_file`), a seek for a local path."""
+  if end <= start:
+    return b""
+  if is_url(path):
+    import fsspec  # the file systems etils.epath reaches URLs through
+
+    fs, inner = fsspec.core.url_to_fs(str(path))
+    return fs.cat_file(inner, start=start, end=end)
+  with open(path, "rb") as f:
+    f.seek(start)
+    return f.read(end - start)
+
+
+def rename(source: epath.Path, target: epath.Path) -> None:
+  """Moves a file onto `target`. In an object store, a server-side copy then a delete: what a rename costs there
+  anyway, without gcsfs's first try of the newer moveTo API, which it retries for about 34 s where a server lacks
+  it (the GCS emulator of the tests answers 501)."""
+  if not is_url(source):
+    source.replace(target)
+    return
+  import fsspec
+
+  fs, inner = fsspec.core.url_to_fs(str(source))
+  fs.copy(inner, fs._strip_protocol(str(target)))
+  fs.rm(inner)
 
 
 def _fixed_prefix(pattern: str) -> str:
@@ -87,6 +118,7 @@ def check_urls(named_paths: list[tuple[str, str, bool]], timeout_s: float = _PRO
   they are used. Raises StorageError naming the first that fails or does not answer within `timeout_s`."""
   for name, paths, writable in named_paths:
     for path in (p.strip() for p in paths.split(",")) if name == "config.data.files" else [paths]:
+      path = _WEIGHT_PREFIX.sub("", path) if name == "config.data.files" else path  # a mixture's WEIGHT:GLOB
       if not path or not is_url(path):
         continue
       outcome = _probe_within(as_path(_fixed_prefix(path)), writable, timeout_s)

@@ -717,8 +717,15 @@ def test_the_remote_code_path_reads_the_same_batches(tokenizer, tmp_path, monkey
   monkeypatch.setattr(cache.fcntl, "flock", lambda *a: pytest.fail("locked a remote cache dir"))
   cfg.cache_dir = str(tmp_path / "remote")
   remote = token_cache.load_token_cache(cfg, tokenizer)
-  assert not isinstance(remote._units[0].tokens, np.memmap)
-  np.testing.assert_array_equal(take_rows(train_iterator(cfg, tokenizer, 4, seed=1), 12), want)
+  # Only the bytes the rows need: ranged reads, never a whole unit file's tokens.
+  monkeypatch.setattr(token_cache._UnitTokens, "tokens", property(lambda self: pytest.fail("read a whole unit")))
+  read_range, fetched = storage.read_range, []
+  monkeypatch.setattr(storage, "read_range", lambda p, a, b: fetched.append(b - a) or read_range(p, a, b))
+  iterator = train_iterator(cfg, tokenizer, 4, seed=1)
+  np.testing.assert_array_equal(take_rows(iterator, 12), want)
+  iterator.close()
+  rows_built = 12 + 4 * (pipeline._PREFETCH_DEPTH + 1)  # the prefetcher builds ahead
+  assert 0 < sum(fetched) <= rows_built * 17 * 2 < int(remote.doc_length.sum()) * 2
 
 
 def bad_input_cases(tmp_path):
@@ -933,3 +940,148 @@ def test_tokenizer_json_run_copy_and_data_pipeline(tmp_path):
   cfg.tokenizer = other
   with pytest.raises(data.DataError, match="a run keeps its tokenizer"):
     data.load_tokenizer(cfg, str(workdir))
+
+
+# Weighted mixtures (data/mixture.py) and prepared caches (data/prepared.py)
+
+MIXTURE_WEIGHTS = {"email": 0.6, "json": 0.3, "http": 0.1}
+
+
+def mixture_cfg(cache_dir, **overrides):
+  files = ",".join(f"{w}:{os.path.join(STDLIB, name, '*.py')}" for name, w in MIXTURE_WEIGHTS.items())
+  return make_data_cfg(cache_dir, files=files, seq_len=16, eval_fraction=0.2, **overrides)
+
+
+@pytest.mark.fast
+def test_mixture_rows_follow_the_weights_and_read_each_source_in_order(tokenizer, tmp_path):
+  from data import mixture
+
+  cfg = mixture_cfg(tmp_path / "cache")
+  mixed = token_cache.load_token_cache(cfg, tokenizer)
+  assert [(n, w) for n, w, _ in mixed.sources] == list(MIXTURE_WEIGHTS.items())
+  rows = pipeline.train_rows(mixed, cfg, tokenizer, seed=3)
+  names = list(MIXTURE_WEIGHTS)
+  for first in (0, 4321):  # any window of 1,000 rows
+    source, _ = mixture.source_rows(np.arange(first, first + 1000), rows.counts, seed=3)
+    shares = np.bincount(source, minlength=3) / 1000
+    assert np.all(np.abs(shares - np.array(list(MIXTURE_WEIGHTS.values()))) <= 0.02), (first, shares)
+  # Over whole blocks each source's rows are read in order, none skipped or repeated.
+  source, index = mixture.source_rows(np.arange(3 * mixture.BLOCK_ROWS), rows.counts, seed=3)
+  for s, name in enumerate(names):
+    assert sorted(index[source == s]) == list(range(3 * round(MIXTURE_WEIGHTS[name] * mixture.BLOCK_ROWS)))
+  # Row r is that row of its source's own stream; sources' own held-out documents stay out of training.
+  for name, _, source_cache in mixed.sources:
+    held = source_cache.held_out(cfg.eval_fraction)
+    assert held.any() and not held.all(), name
+  for r in (0, 1, 999, 1000, 5000):
+    s, j = mixture.source_rows(np.array([r]), rows.counts, seed=3)
+    want = rows._rows[int(s[0])][int(j[0])]
+    assert all(np.array_equal(rows[r][k], want[k]) for k in want)
+
+
+@pytest.mark.fast
+def test_mixture_batches_are_the_same_for_any_layout_and_resume_exactly(tokenizer, tmp_path):
+  cfg = mixture_cfg(tmp_path / "cache")
+  one = [host(b) for b, _ in zip(train_iterator(cfg, tokenizer, 8, seed=1), range(4))]
+  # Two devices each building their half, as two processes would; then resumed at row 16 (step 2).
+  two = [host(b) for b, _ in zip(train_iterator(cfg, tokenizer, 8, seed=1, sharding=batch_sharding((2,))), range(4))]
+  resumed = [host(b) for b, _ in zip(train_iterator(cfg, tokenizer, 8, seed=1, start_row=16), range(2))]
+  for step in range(4):
+    for field in FIELDS:
+      np.testing.assert_array_equal(two[step][field], one[step][field])
+      if step >= 2:
+        np.testing.assert_array_equal(resumed[step - 2][field], one[step][field])
+  evals = eval_batches(cfg, tokenizer, 4, 2)
+  assert list(evals) == list(MIXTURE_WEIGHTS) and all(1 <= len(b) <= 2 for b in evals.values())
+
+
+def test_mixture_items_are_checked():
+  assert sources.mixture("a/*.txt,b/*.txt") is None
+  with pytest.raises(data.DataError, match="has no weight while other items do"):
+    sources.mixture("0.5:a/*.txt,b/*.txt")
+  with pytest.raises(data.DataError, match="must be above 0"):
+    sources.mixture("0:a/*.txt,1:b/*.txt")
+  from data import mixture
+
+  with pytest.raises(data.DataError, match="'b'.*never be read"):
+    mixture.block_counts([1.0, 1e-4], ["a", "b"])
+
+
+def prepared_cache(tmp_path):
+  """A self-built cache given the manifest scripts/prepare_data.py writes after its pipeline (the same call)."""
+  from data import prepared
+
+  files = small_corpus(tmp_path)
+  cfg = make_data_cfg(tmp_path / "prep", files=files, seq_len=16, unit_bytes=200, eval_fraction=0.1, vocab_size=300)
+  tok = data.load_tokenizer(cfg, None)
+  corpus, paths = token_cache.unit_plan(cfg, tok)
+  token_cache.load_token_cache(cfg, tok)
+  root = str(cache.cache_root(cfg.cache_dir))
+  prepared.write_manifest(cfg, tok.model_path, [("", cfg.files, [os.path.relpath(str(p), root) for p in paths])])
+  return cfg, tok, paths
+
+
+@pytest.mark.fast
+def test_a_prepared_cache_is_read_without_listing_the_corpus_or_tokenizing(tmp_path, monkeypatch):
+  cfg, tok, _ = prepared_cache(tmp_path)
+  want = take_rows(train_iterator(cfg, tok, 4, seed=2), 8)
+  monkeypatch.setattr(Corpus, "__init__", lambda *a: pytest.fail("listed the corpus of a prepared cache"))
+  monkeypatch.setattr(token_cache._Builder, "_build", lambda *a: pytest.fail("tokenized with a prepared cache"))
+  assert data.load_tokenizer(cfg, str(tmp_path / "run")).vocab_size == tok.vocab_size
+  np.testing.assert_array_equal(take_rows(train_iterator(cfg, tok, 4, seed=2), 8), want)
+
+
+def test_each_bad_prepared_cache_is_one_line_and_changes_nothing(tmp_path, tokenizer):
+  from tests.helpers import tree_snapshot
+
+  cfg, tok, paths = prepared_cache(tmp_path)
+  root = cache.cache_root(cfg.cache_dir)
+
+  def refused(cfg, tok, match):
+    before = tree_snapshot(root)
+    with pytest.raises(data.DataError, match=match) as error:
+      data.load_tokenizer(cfg, None)
+      token_cache.load_token_cache(cfg, tok)
+    assert "\n" not in str(error.value) and "prepare_data.py" in str(error.value)
+    assert tree_snapshot(root) == before
+
+  other = cfg.copy_and_resolve_references()
+  other.vocab_size = 290
+  refused(other, tok, "prepared with data.vocab_size=300, this config has data.vocab_size=290")
+  other = cfg.copy_and_resolve_references()
+  other.files = EMAIL_GLOB
+  refused(other, tok, "prepared with data.files=.*this config has data.files=")
+  other = cfg.copy_and_resolve_references()
+  other.tokenizer = tokenizer.model_path
+  refused(other, tok, "prepared with a tokenizer trained on the corpus.*this config has a given data.tokenizer")
+  # A run directory keeps its own tokenizer: a cache tokenized with another one is refused.
+  refused(cfg, tokenizer, "tokenized with another tokenizer")
+  paths[1].write_bytes(paths[1].read_bytes()[:-3])
+  refused(cfg, tok, "not a readable token cache unit")
+  paths[1].unlink()
+  refused(cfg, tok, r"lacks 1 of its \d+ unit files")
+  (root / "prepared.json").write_text("{")
+  refused(cfg, tok, "not a readable manifest")
+
+
+def test_inspect_data_reports_the_trainers_rows(tokenizer, tmp_path, capsys):
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import inspect_data
+
+  cache_dir = tmp_path / "cache"
+  overrides = {**mixture_cfg(cache_dir, tokenizer=tokenizer.model_path), "eval_fraction": 0.2}
+  args = [f"--config.data.{k}={overrides[k]}" for k in ("files", "cache_dir", "tokenizer", "seq_len", "eval_fraction")]
+  args += ["--config.data.num_workers=0", "--config.train.global_batch_size=8", "--config.train.seed=4"]
+  assert inspect_data.main(["--config", os.path.join(REPO, "configs/tiny.py"), *args, "--steps=25", "--rows=1"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # The reference: the trainer's own batches of those 25 steps, their sources read from their tokens.
+  cfg = mixture_cfg(cache_dir, tokenizer=tokenizer.model_path)
+  batches = [host(b) for b, _ in zip(train_iterator(cfg, tokenizer, 8, seed=4), range(25))]
+  segments = np.concatenate([b["segment_ids"] for b in batches])
+  assert summary["rows"] == 200
+  padding = np.mean(segments == 0)  # the inputs' padding; the script counts the L + 1 tokens of each row
+  assert abs(summary["padding_fraction"] - padding) < 0.01
+  shares = {name: s["token_share"] for name, s in summary["sources"].items()}
+  assert list(shares) == list(MIXTURE_WEIGHTS) and abs(sum(shares.values()) - 1) < 1e-9
+  for name, weight in MIXTURE_WEIGHTS.items():
+    assert abs(summary["sources"][name]["weight"] - weight) < 1e-9 and abs(shares[name] - weight) < 0.1, name

@@ -37,14 +37,18 @@ from trainer.preemption import PreemptionGuard
 _log = logging.getLogger(__name__)
 
 
-def evaluate(exp: Experiment, params, eval_batches: list[dict], frozen: dict) -> dict:
+def evaluate(exp: Experiment, params, eval_batches: list[dict] | dict[str, list[dict]], frozen: dict) -> dict:
   """Loss over the fixed eval batches (global arrays, placed once): the mean over all their target tokens (over
-  their pairs for dpo)."""
+  their pairs for dpo). A mixture's {source: batches} adds `eval_loss/<source>`, each source's own mean."""
+  named = eval_batches if isinstance(eval_batches, dict) else {"": eval_batches}
   # Every batch is dispatched before any result is read: one wait for the whole evaluation, not one per batch.
-  sums = jax.device_get([exp.eval_step(params, batch, frozen) for batch in eval_batches])
-  nll, tokens = sum(float(n) for n, _ in sums), sum(float(t) for _, t in sums)
-  loss = nll / max(tokens, 1.0)
-  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
+  sums = jax.device_get({name: [exp.eval_step(params, b, frozen) for b in batches] for name, batches in named.items()})
+  totals = {name: (sum(float(n) for n, _ in s), sum(float(t) for _, t in s)) for name, s in sums.items()}
+  loss = sum(n for n, _ in totals.values()) / max(sum(t for _, t in totals.values()), 1.0)
+  out = {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0)))}
+  if isinstance(eval_batches, dict):
+    out.update({f"eval_loss/{name}": n / max(t, 1.0) for name, (n, t) in totals.items()})
+  return out
 
 
 class _Throughput:
@@ -217,7 +221,7 @@ class _Run:
 
   exp: Experiment
   frozen: dict
-  eval_batches: list[dict]
+  eval_batches: list[dict] | dict[str, list[dict]]
   checkpointer: Checkpointer
   logger: _MetricsLogger
   schedule: _Schedule
