@@ -3,7 +3,8 @@
 Start from a model that already answers in the task's format: an SFT run on 30 of the 90 questions
 (examples/grpo_sft.jsonl; README, "Reinforcement learning"):
 
-  python train.py --config configs/sft_tiny.py --config.data.files=examples/grpo_sft.jsonl --config.train.steps=180 --workdir runs/sft_larger
+  python train.py --config configs/sft_tiny.py --config.data.files=examples/grpo_sft.jsonl --config.train.steps=180 \
+      --workdir runs/sft_larger
   python train.py --config configs/grpo_tiny.py --config.checkpoint.init_from=runs/sft_larger
 
 Each step samples 8 completions of each of 8 prompts from all 90 questions, rewards a right final answer

@@ -36,10 +36,19 @@ def named_eval_batches(data_cfg, tokenizer, *, global_batch_size: int, num_batch
   """{name: fixed eval batches (as data.make_eval_batches gives)} of every set in `data_cfg.eval_files`."""
   from data.packing import empty_row
   from data.pipeline import GlobalBatches, _packed_rows
+  from data.sources import mixture
   from data.token_cache import load_token_cache
 
+  sets = parse_eval_files(data_cfg.get("eval_files", ""))
+  sources = {source.name for source in mixture(data_cfg.files) or []}
+  for name, _ in sets:
+    if name in sources:
+      raise ConfigError(
+        f"config.data.eval_files names {name!r}, a source of the data.files mixture too: both would log "
+        f"eval_loss/{name}; give the held-out set another name"
+      )
   batches = {}
-  for name, pattern in parse_eval_files(data_cfg.get("eval_files", "")):
+  for name, pattern in sets:
     set_cfg = data_cfg.copy_and_resolve_references()
     set_cfg.files = pattern
     token_cache = load_token_cache(set_cfg, tokenizer)

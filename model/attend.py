@@ -16,8 +16,9 @@ Implementations (`impl`, config `model.attention`):
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as its `mask`; GPU only.
 - `splash`: the Pallas TPU splash kernel with segment ids; TPU only. It takes causality (and the window) from indices
   (query l sits at key index S - L + l), which equals the position rule for packed rows and for a cache.
-- `auto`: splash on TPU (xla when the keys are not a multiple of splash's block, `SPLASH_BLOCK`); on GPU cudnn for 16-bit inputs (cuDNN's flash kernel has no fp32), else as on CPU;
-  on CPU xla up to `AUTO_CHUNKED_ABOVE` keys and chunked beyond.
+- `auto`: splash on TPU (xla when the keys are not a multiple of splash's block, `SPLASH_BLOCK`); on GPU cudnn for
+  16-bit inputs (cuDNN's flash kernel has no fp32), else as on CPU; on CPU xla up to
+  `AUTO_CHUNKED_ABOVE` keys and chunked beyond.
 """
 
 import functools

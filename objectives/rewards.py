@@ -76,9 +76,7 @@ def shipped(grpo_cfg) -> dict[str, RewardFn]:
   return {
     "exact_answer": exact_answer,
     "format": functools.partial(format_match, pattern=grpo_cfg.format_pattern),
-    "overlong": functools.partial(
-      overlong, max_new_tokens=grpo_cfg.max_new_tokens, window=grpo_cfg.overlong_window
-    ),
+    "overlong": functools.partial(overlong, max_new_tokens=grpo_cfg.max_new_tokens, window=grpo_cfg.overlong_window),
   }
 
 
@@ -132,7 +130,9 @@ def score(functions: dict[str, RewardFn], prompts: list[str], completions: list[
         "per completion"
       ) from None
     if length != n:
-      raise RewardError(f"reward function {name} returned {length} values for {n} completions; return one per completion")
+      raise RewardError(
+        f"reward function {name} returned {length} values for {n} completions; return one per completion"
+      )
     bad = [v for v in values if not isinstance(v, numbers.Real) or not math.isfinite(float(v))]
     if bad:
       raise RewardError(

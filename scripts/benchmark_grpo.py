@@ -5,8 +5,8 @@
 Runs `--steps` GRPO steps of the config's model from random weights in a temporary run directory, on prompts of
 random words, with the `overlong` reward (random weights rarely stop, so every completion has `--max_new_tokens`
 tokens and the figures compare across configs). The tokenizer is a word-level tokenizer.json of the config's
-`data.vocab_size` written on the spot: the model has its real vocabulary and nothing waits for tokenizer training. The first two steps (compilation) are left out; the last line is
-one JSON object with the means over the rest.
+`data.vocab_size` written on the spot: the model has its real vocabulary and nothing waits for tokenizer training.
+The first two steps (compilation) are left out; the last line is one JSON object with the means over the rest.
 """
 
 import json

@@ -68,19 +68,13 @@ def main(argv: list[str]) -> int:
   args, rest = parser.parse_known_args(argv)
   from data import DataError
   from settings import ConfigError
-  from settings.load import check_overrides, load_config_file
+  from settings.load import load_with_overrides
 
   overrides = [a for a in rest if a.startswith("--config.")]
   if len(overrides) != len(rest):
     parser.error(f"unknown arguments: {' '.join(a for a in rest if a not in overrides)}")
   try:
-    check_overrides(["inspect_data.py", "--config", args.config, *overrides])
-    cfg = load_config_file(args.config)
-    for arg in overrides:
-      key, _, value = arg[len("--config.") :].partition("=")
-      group, name = key.split(".", 1)
-      like = cfg[group][name]
-      cfg[group][name] = value.lower() in ("true", "1", "yes") if isinstance(like, bool) else type(like)(value)
+    cfg = load_with_overrides(args.config, overrides)
     if args.steps < 1:
       raise ConfigError(f"--steps={args.steps} must be at least 1")
     summary = inspect(cfg, args.steps, args.rows)

@@ -21,38 +21,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]], list[str]]:
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
   parser.add_argument("--out", default="", help="cache dir to write (default: the config's data.cache_dir)")
   args, rest = parser.parse_known_args(argv)
-  overrides, beam_args = [], []
-  for arg in rest:
-    if arg.startswith("--config."):
-      key, sep, value = arg[len("--config.") :].partition("=")
-      if not sep:
-        parser.error(f"{arg}: write config overrides as --config.GROUP.KEY=VALUE")
-      overrides.append((key, value))
-    else:
-      beam_args.append(arg)
-  return args, overrides, beam_args
+  overrides = [arg for arg in rest if arg.startswith("--config.")]
+  return args, overrides, [arg for arg in rest if not arg.startswith("--config.")]
 
 
 def main(argv: list[str]) -> int:
   from data import DataError
   from settings import ConfigError
-  from settings.load import check_overrides, load_config_file
+  from settings.load import load_with_overrides
   from storage import StorageError
 
   args, overrides, beam_args = _parse(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
-    check_overrides(["prepare_data.py", "--config", args.config] + [f"--config.{k}={v}" for k, v in overrides])
-    cfg = load_config_file(args.config)
-    for key, value in overrides:
-      group, name = key.split(".", 1)
-      like = cfg[group][name]
-      cfg[group][name] = type(like)(value) if not isinstance(like, bool) else value.lower() in ("true", "1", "yes")
+    cfg = load_with_overrides(args.config, overrides)
     if args.out:
       cfg.data.cache_dir = args.out
     if not cfg.data.files and not cfg.data.hf_dataset:

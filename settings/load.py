@@ -84,3 +84,18 @@ def check_overrides(argv: Sequence[str], config_flag: str = "config") -> None:
         raise ConfigError(
           f"config.{key} must be {type(node).__name__}, got {value!r}; e.g. --config.{key}={node}"
         ) from None
+
+
+def load_with_overrides(path: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config file at `path` with `--config.a.b=value` overrides applied, for scripts that take a config without
+  absl's config flags (prepare_data.py, inspect_data.py); each bad key or value is one ConfigError line."""
+  check_overrides(["", "--config", path, *overrides])
+  cfg = load_config_file(path)
+  for arg in overrides:
+    key, sep, value = arg[len("--config.") :].partition("=")
+    *groups, name = key.split(".")
+    node = cfg
+    for group in groups:
+      node = node[group]
+    node[name] = _parse_value(value if sep else "true", node[name])
+  return cfg

@@ -34,16 +34,21 @@ def test_pack_rows_holds_every_request_once_and_fills_rows_nearly_full():
 
 @pytest.mark.fast
 def test_malformed_eval_files_are_one_line_errors():
-  from evaluation.heldout import parse_eval_files
+  import ml_collections
+
+  from evaluation.heldout import named_eval_batches, parse_eval_files
   from settings import ConfigError
 
   assert parse_eval_files("wiki:/d/*.txt, code:gs://b/*.py") == [("wiki", "/d/*.txt"), ("code", "gs://b/*.py")]
   for bad, message in (("/d/*.txt", "is not NAME:GLOB"), ("gs://b/*.py", "is not NAME:GLOB"), ("a:x,a:y", "twice")):
     with pytest.raises(ConfigError, match=message):
       parse_eval_files(bad)
+  mixed = ml_collections.ConfigDict({"files": "0.7:/d/web/*.txt,0.3:/d/code/*.py", "eval_files": "code:/e/*.py"})
+  with pytest.raises(ConfigError, match="'code', a source of the data.files mixture"):
+    named_eval_batches(mixed, None, global_batch_size=1, num_batches=1, sharding=None)
 
 
-# The newest stack has no lm-eval (requirements-next.txt says why) and no torch: those tests skip there.
+# The newest stack has no torch (requirements-next.txt says why): the tests against lm-eval's HF model skip there.
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 needs_torch = pytest.mark.skipif(
   importlib.util.find_spec("torch") is None or importlib.util.find_spec("lm_eval") is None,

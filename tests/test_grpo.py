@@ -97,7 +97,8 @@ def test_shipped_rewards():
   completions = ["so 40 + 2\n#### 42", "\\boxed{1,000} then \\boxed{12}", "#### 7.0", "no answer", "#### 41"]
   answers = ["42", "12", "7", "3", "42"]
   assert rewards.exact_answer(None, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0]
-  assert rewards.final_answer("\\boxed{1,000}") == "1,000" and rewards.exact_answer(None, ["#### 1,000"], answer=["1000"]) == [1.0]
+  assert rewards.final_answer("\\boxed{1,000}") == "1,000"
+  assert rewards.exact_answer(None, ["#### 1,000"], answer=["1000"]) == [1.0]
   fmt = rewards.format_match(None, ["work\n#### 5 ", "5"], pattern=r"(?s).*####\s*\S+")
   assert fmt == [1.0, 0.0]
   assert rewards.overlong(None, [""] * 4, completion_tokens=[10, 12, 14, 16], max_new_tokens=16, window=4) == [
@@ -149,7 +150,8 @@ def test_reward_names_that_import_nothing_are_one_line(tmp_path):
     cfg.grpo.rewards = spec
     with pytest.raises(rewards.RewardError, match=message):
       rewards.reward_functions(cfg.grpo)
-  (tmp_path / "mine.py").write_text("def reward(prompts, completions, **fields):\n  return [len(c) for c in completions]\n")
+  mine = "def reward(prompts, completions, **fields):\n  return [len(c) for c in completions]\n"
+  (tmp_path / "mine.py").write_text(mine)
   cfg.grpo.rewards = f"exact_answer,{tmp_path}/mine.py:reward"
   functions = rewards.reward_functions(cfg.grpo)
   assert rewards.score(functions, ["p"], ["#### 3"], {"answer": ["3"]})[f"{tmp_path}/mine.py:reward"].tolist() == [6.0]
@@ -190,7 +192,8 @@ def test_prompt_lines_render_with_the_template_and_keep_their_fields(tmp_path):
   first, second = load_prompts(data_cfg, Chars())
   assert "".join(map(chr, first.tokens[1:])) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
   assert first.tokens[0] == 1 and first.text == "2+2?" and first.fields == {"answer": "4"}
-  assert second.text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+  system, user = "<|im_start|>system\nBe brief.<|im_end|>\n", "<|im_start|>user\nHi<|im_end|>\n"
+  assert second.text == system + user + "<|im_start|>assistant\n"
   assert second.fields == {"tests": [1, 2]}
   # Each epoch takes every prompt once, in an order of its own; the same rows give the same prompts anywhere.
   epochs = prompt_order(np.arange(30), 10, seed=3, shuffle=True).reshape(3, 10)
@@ -235,7 +238,8 @@ def test_rollouts_equal_one_device_generation_on_a_sharded_mesh():
   assert np.asarray(got).tolist() == [want[0].tokens] * 4 + [want[1].tokens] * 4
   sampled = Sampling(temperature=1.0, top_p=0.9)
   a, _ = one.rollout(params, tokens_QxP, [5, 2], rows_B, key, sampled, 6, [3])
-  b, _ = sharded.rollout(jax.device_put(params, sharded.param_shardings), tokens_QxP, [5, 2], rows_B, key, sampled, 6, [3])
+  sharded_params = jax.device_put(params, sharded.param_shardings)
+  b, _ = sharded.rollout(sharded_params, tokens_QxP, [5, 2], rows_B, key, sampled, 6, [3])
   assert np.asarray(a).tolist() == np.asarray(b).tolist()
   assert len({tuple(row) for row in np.asarray(a)[:4].tolist()}) > 1  # a group's completions differ
 

@@ -101,8 +101,9 @@ class Rollouts:
     jax.block_until_ready(state.params)  # the updates on the previous rollout are done
     t_start = time.perf_counter()
     first_row = self.start_row + k * g.prompts_per_step
-    prompts = [self.prompts[i] for i in prompt_order(np.arange(first_row, first_row + g.prompts_per_step),
-                                                      len(self.prompts), self.cfg.train.seed, self.cfg.data.shuffle)]  # fmt: skip
+    rows = np.arange(first_row, first_row + g.prompts_per_step)
+    order = prompt_order(rows, len(self.prompts), self.cfg.train.seed, self.cfg.data.shuffle)
+    prompts = [self.prompts[i] for i in order]
     prompt_tokens = [p.tokens[-self.prompt_room :] for p in prompts]
     width = max(len(t) for t in prompt_tokens)
     tokens_QxP = np.full((len(prompts), width), self.tokenizer.pad_id, np.int32)
