@@ -108,9 +108,13 @@ def attend(
   platform: str,
 ) -> jax.Array:
   """Self-attention of a sequence split over `context` (module docstring): what `model.attend.attend` computes on
-  one device, on the mesh of JAX's context. `rules` lay out the inputs (batch, length, heads) on that mesh."""
+  one device, on the mesh of JAX's context. `rules` lay out the inputs (batch, length, heads) on that mesh.
+
+  Inside the pipeline's stages (parallel/pipeline.py) `stage` is already manual: the shard_map here makes the other
+  axes manual, and the ring passes its chunks by all-gather (`_pass_on`)."""
   mesh = jax.sharding.get_abstract_mesh()
   devices = dict(mesh.shape)[AXIS]
+  outer_manual = frozenset(mesh.manual_axes)
   q_spec = logical_to_spec(("batch", "length", "heads", None), rules, mesh)
   kv_spec = logical_to_spec(("batch", "length", "kv_heads", None), rules, mesh)
   ids_spec = logical_to_spec(("batch", "length"), rules, mesh)
@@ -118,7 +122,13 @@ def attend(
   scale = q_BxLxNxH.shape[-1] ** -0.5
   if strategy == "ring":
     per_device = functools.partial(
-      _ring, devices=devices, block=block, scale=scale, window=sliding_window, platform=platform
+      _ring,
+      devices=devices,
+      block=block,
+      scale=scale,
+      window=sliding_window,
+      platform=platform,
+      in_branch=bool(outer_manual),
     )
   else:
     assert strategy == "all_gather", strategy
@@ -131,6 +141,7 @@ def attend(
     mesh=mesh,
     in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
     out_specs=q_spec,
+    axis_names=frozenset(mesh.axis_names) - outer_manual,
     check_vma=False,
   )
   return per_device(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, positions_BxL)
@@ -166,8 +177,17 @@ def _whole(x_2xBxMx___):
   return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _pass_on(tree, devices: int):
-  """Each device's arrays to the next device of the ring (device d receives d - 1's)."""
+def _pass_on(tree, devices: int, in_branch: bool):
+  """Each device's arrays to the next device of the ring (device d receives d - 1's).
+
+  `in_branch`: the ring runs inside the pipeline's `lax.switch`, whose stages take different branches at the same
+  tick. XLA runs a collective-permute as one rendezvous of every device of the program, so one there waits forever
+  for the other stages; an all-gather's groups are this stage's `context` devices alone. Each device gathers the
+  C chunks and keeps d - 1's: C - 1 chunks received where the permute receives one (the same for C = 2), and C
+  chunks held for the moment of the transfer."""
+  if in_branch:
+    source = (jax.lax.axis_index(AXIS) - 1) % devices
+    return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS)[source], tree)
   ring = [(d, (d + 1) % devices) for d in range(devices)]
   return jax.tree.map(lambda x: jax.lax.ppermute(x, AXIS, ring), tree)
 
@@ -195,25 +215,26 @@ def _any_allowed(ids, window: int) -> jax.Array:
   return jnp.any(attend_lib._allowed(*ids, window))
 
 
-def _ring_steps(visit, carry, travelling, devices: int):
+def _ring_steps(visit, carry, travelling, devices: int, in_branch: bool):
   """`carry = visit(carry, travelling)` for each of the ring's chunks in turn: the chunk for the next step is
   sent on before this one is visited (nothing in the visit waits for it), so XLA may overlap the two."""
 
   def step(state, _):
     carry, travelling = state
-    arriving = _pass_on(travelling, devices)
+    arriving = _pass_on(travelling, devices, in_branch)
     return (visit(carry, travelling), arriving), None
 
   (carry, travelling), _ = jax.lax.scan(step, (carry, travelling), None, length=devices - 1)
   return visit(carry, travelling)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, scale, window, platform):
-  return _ring_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, scale, window, platform)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _ring(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, scale, window, platform, in_branch):
+  args = (devices, block, scale, window, platform, in_branch)
+  return _ring_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, *args)[0]
 
 
-def _ring_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, scale, window, platform):
+def _ring_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block, scale, window, platform, in_branch):
   q_2xBxMxKxGxH = _halves(attend_lib._group(q_BxLxNxH, k_BxLxKxH.shape[2]))
   q_ids = (_halves(seg_BxL), _halves(pos_BxL))
   softmax = functools.partial(attend_lib.online_softmax, block=block, scale=scale, window=window)
@@ -238,13 +259,13 @@ def _ring_fwd(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL, devices, block,
 
   start = attend_lib.softmax_start(q_2xBxMxKxGxH[0])
   carries = jax.tree.map(lambda x: jnp.stack([x, x]), start)
-  carries = _ring_steps(visit, carries, (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL), devices)
+  carries = _ring_steps(visit, carries, (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL), devices, in_branch)
   out_2xBxMxNxH, lse_2xBxKxGxM = jax.vmap(lambda c: attend_lib.softmax_finish(c, q_BxLxNxH.dtype))(carries)
   out_BxLxNxH = _whole(out_2xBxMxNxH)
   return out_BxLxNxH, (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, out_BxLxNxH, seg_BxL, pos_BxL, lse_2xBxKxGxM)
 
 
-def _ring_bwd(devices, block, scale, window, platform, kept, dout_BxLxNxH):
+def _ring_bwd(devices, block, scale, window, platform, in_branch, kept, dout_BxLxNxH):
   q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, out_BxLxNxH, seg_BxL, pos_BxL, lse_2xBxKxGxM = kept
   group = functools.partial(attend_lib._group, kv_heads=k_BxLxKxH.shape[2])
   q_2xBxMxKxGxH, dout_2xBxMxKxGxH = _halves(group(q_BxLxNxH)), _halves(group(dout_BxLxNxH))
@@ -274,12 +295,12 @@ def _ring_bwd(devices, block, scale, window, platform, kept, dout_BxLxNxH):
       return (dq_2xBxMxKxGxH.at[a].add(dq), dk_2xBxMxKxH.at[c].add(dk), dv_2xBxMxKxH.at[c].add(dv)), None
 
     dq_2xBxMxKxGxH, dk_2xBxMxKxH, dv_2xBxMxKxH = jax.lax.scan(pair, (dq_2xBxMxKxGxH, *map(_halves, dkv)), _PAIRS)[0]
-    return dq_2xBxMxKxGxH, _pass_on((_whole(dk_2xBxMxKxH), _whole(dv_2xBxMxKxH)), devices)
+    return dq_2xBxMxKxGxH, _pass_on((_whole(dk_2xBxMxKxH), _whole(dv_2xBxMxKxH)), devices, in_branch)
 
   dkv = (jnp.zeros(k_BxLxKxH.shape, jnp.float32), jnp.zeros(v_BxLxKxH.shape, jnp.float32))
   carry = (jnp.zeros(q_2xBxMxKxGxH.shape, jnp.float32), dkv)
   dq_2xBxMxKxGxH, (dk_BxLxKxH, dv_BxLxKxH) = _ring_steps(
-    visit, carry, (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL), devices
+    visit, carry, (k_BxLxKxH, v_BxLxKxH, seg_BxL, pos_BxL), devices, in_branch
   )
   dq_BxLxNxH = _whole(dq_2xBxMxKxGxH).reshape(q_BxLxNxH.shape).astype(q_BxLxNxH.dtype)
   return dq_BxLxNxH, dk_BxLxKxH.astype(k_BxLxKxH.dtype), dv_BxLxKxH.astype(v_BxLxKxH.dtype), None, None

@@ -292,11 +292,6 @@ def _validate_context(cfg: ml_collections.ConfigDict, mesh: dict[str, int], rule
     f"config.moe.capacity_factor={cfg.moe.capacity_factor} with mesh.context={c}: which tokens an expert drops "
     "depends on their order, which the context layout permutes; set moe.capacity_factor=0 (dropless)",
   )
-  _require(
-    mesh["stage"] == 1,
-    f"mesh.context={c} with mesh.stage={mesh['stage']}: context parallelism does not run inside the pipeline's "
-    "stages yet; set mesh.stage=1 (or mesh.context=1)",
-  )
 
 
 def _validate_dropless_layout(mesh: dict[str, int], rules: dict) -> None:
