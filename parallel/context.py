@@ -2,7 +2,8 @@
 
 Activations carry the logical axis `length`, which the rules map to `context`; parameters are laid out as before.
 Everything but attention works on its own tokens. Attention needs every earlier key of the sequence, which
-`model.context_parallel` brings in one of two ways, both inside `shard_map` over the whole mesh:
+`model.context_parallel` brings in one of two ways, both inside `shard_map` over the whole mesh (inside the
+pipeline's stages, over every axis but the already manual `stage`):
 - `all_gather`: each device gathers the keys and values (and their segment ids and positions) of the whole
   sequence and runs the local kernel (`model.attention`: xla, chunked or cudnn) on its own queries. One
   collective per layer and K/V of the whole sequence on every device (bytes L x K x H x 2 per layer).

@@ -2,8 +2,9 @@
 gradients of one microbatch through it, the layer rules of a pipelined mesh and the plan's `pipeline` entry.
 
 The runner (`run`) is a `lax.scan` over ticks inside `jax.shard_map` over the `stage` mesh axis (the data,
-fsdp, expert and tensor axes stay automatic inside). At every tick each stage reads its row of the table,
-stores the activation and gradient that arrived, runs its action under `lax.switch`, and passes activations
+fsdp, expert, context and tensor axes stay automatic inside; context attention opens its own shard_map over
+them, parallel/context.py). At every tick each stage reads its row of the table, stores the activation and
+gradient that arrived, runs its action under `lax.switch`, and passes activations
 to stage s + 1 and gradients to stage s - 1 with `lax.ppermute` (a ring, so circular's last stage feeds stage
 0). The backward of a chunk is `jax.vjp` of that chunk's forward, recomputed from the stashed input (so a
 stash slot holds one [B, L, D] input, not every intermediate of the chunk); the last chunk's backward also
