@@ -222,6 +222,7 @@ def test_quantized_run_and_export_load_with_fewer_bytes(trained_run, tmp_path):
   the device than fp32, and held-out scoring close to fp32's."""
   from generation.run import load_run
   from scripts.export_params import export
+  from storage.checkpoint import CheckpointError, load_params
 
   full = load_run(trained_run)
   int8 = load_run(trained_run, quantize="int8")
@@ -236,6 +237,9 @@ def test_quantized_run_and_export_load_with_fewer_bytes(trained_run, tmp_path):
   for loaded in (int8, int4):
     got = np.asarray(loaded.decoder.forward(loaded.params, tokens))
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8, loaded.quantize
+  # Training never starts from the quantized weights: init_from refuses the export in one line.
+  with pytest.raises(CheckpointError, match="is an export quantized to int4"):
+    load_params(str(tmp_path / "int4"), full.params)
 
 
 # QLoRA: a LoRA run whose frozen base is held quantized ------------------------------------------------------------

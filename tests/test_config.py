@@ -139,7 +139,7 @@ def test_llama_70b_has_llama_2_70b_shapes_and_splits_over_two_slices():
   layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28_672 + 2 * 8192
   assert count == 80 * layer + 2 * 32_000 * 8192 + 8192 == 68_976_648_192
   mesh = mesh_shape(cfg.mesh, 128)
-  assert mesh == {"stage": 2, "data": 1, "fsdp": 64, "expert": 1, "tensor": 1}
+  assert mesh == {"stage": 2, "data": 1, "fsdp": 64, "expert": 1, "context": 1, "tensor": 1}
   validate_layout(cfg, mesh, stage_rules(parse_rules(cfg.mesh.rules), 2), 1, "tpu")
 
 

@@ -397,14 +397,11 @@ def test_text_stream_prints_whole_characters_that_add_up_to_the_text(tmp_path):
 
 
 def test_export_params_keeps_a_tokenizer_json_and_decodes_like_the_run(run_dir, tmp_path):
-  import importlib.util
+  from scripts.export_params import export  # one import per session: the script defines absl flags
 
   run, _, _, _ = run_dir
-  spec = importlib.util.spec_from_file_location("export_params", os.path.join(REPO, "scripts", "export_params.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   out = tmp_path / "out"
-  module.export(str(run), str(out))
+  export(str(run), str(out))
   for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
     assert (out / name).read_bytes() == (run / name).read_bytes(), name
   assert not (out / "tokenizer.model").exists()
