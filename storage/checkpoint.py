@@ -296,11 +296,12 @@ def load_params(path: str, abstract_params, abstract_opt_state=None):
   `path` (local or a URL) is a run directory (its latest checkpoint), one checkpoint `<run>/checkpoints/<step>`,
   or a directory written by scripts/export_params.py. Arrays come back in the shardings of the abstract trees.
   """
-  from model.quant import saved_quantization
+  from model.quant import is_quantized, saved_quantization
 
   item_dir = _find_state_item(path)
   quantized = saved_quantization(str(item_dir.parent))
-  if quantized:  # its QArrays are not the float weights a run trains, and no checkpoint holds the lost precision
+  wants_floats = not any(map(is_quantized, jax.tree.leaves(abstract_params, is_leaf=is_quantized)))
+  if quantized and wants_floats:  # training, a teacher, pruning: the QArrays are not float weights, nor hold them
     raise CheckpointError(
       f"config.checkpoint.init_from={path} is an export quantized to {quantized['mode']} (quantization.json); start "
       "from the full-precision run or an export without --quantize (for QLoRA, set lora.base_quant instead)"
