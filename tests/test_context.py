@@ -63,7 +63,6 @@ def one_device(batch):
   [
     pytest.param("ring", "context2_tensor2", marks=pytest.mark.fast),
     ("all_gather", "context2_fsdp2"),
-    ("ring", "context4"),
     ("all_gather", "context4_tensor2"),
     ("ring", "context4_fsdp2"),
     ("all_gather", "context2"),
