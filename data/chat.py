@@ -69,6 +69,13 @@ def render(messages: Sequence[dict], fmt: str) -> list[tuple[str, bool]]:
   return [(text, trained) for text, trained in pieces if text]
 
 
+def prompt_text(messages: Sequence[dict], fmt: str) -> str:
+  """A conversation rendered and followed by the head of an assistant turn: what the model continues."""
+  return "".join(piece for piece, _ in render(messages, fmt)) + fmt.split("{content}")[0].replace(
+    "{role}", TRAINED_ROLE
+  )
+
+
 def check_messages(messages: object, where: str) -> list[dict]:
   """The messages of one example, or a DataError naming `where` (file:line) and the fix."""
   if not isinstance(messages, list) or not messages:

@@ -44,11 +44,10 @@ def prompt_messages(record: dict, where: str) -> list[dict]:
 def load_prompts(data_cfg, tokenizer: Tokenizer) -> list[Prompt]:
   """Every prompt of `data.files`, tokenized with `data.chat_template`, in file order."""
   fmt = chat.checked_turn_format(data_cfg.chat_template)
-  head = fmt.split("{content}")[0].replace("{role}", chat.TRAINED_ROLE)
   prompts = []
   for _, where, record in jsonl_records(data_cfg.files):
     messages = prompt_messages(record, where)
-    text = "".join(piece for piece, _ in chat.render(messages, fmt)) + head
+    text = chat.prompt_text(messages, fmt)
     tokens = [tokenizer.bos_id, *tokenizer.encode(text)]
     fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
     prompts.append(Prompt(tokens, record["prompt"] if "prompt" in record else text, fields))

@@ -125,7 +125,7 @@ class KilnLM(TemplateLM):
     return self._chat_format if chat_template else None
 
   def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    from data.chat import checked_turn_format, render
+    from data.chat import checked_turn_format, prompt_text, render
 
     if not self._chat_format:
       raise ValueError(
@@ -133,10 +133,9 @@ class KilnLM(TemplateLM):
         "train with one (chatml, llama3, plain or a turn format) or drop --apply_chat_template"
       )
     fmt = checked_turn_format(self._chat_format)
-    text = "".join(piece for piece, _ in render(chat_history, fmt))
     if add_generation_prompt:
-      text += fmt.split("{content}")[0].replace("{role}", "assistant")
-    return text
+      return prompt_text(chat_history, fmt)
+    return "".join(piece for piece, _ in render(chat_history, fmt))
 
   def get_model_info(self) -> dict:
     cfg = self.decoder.model_cfg

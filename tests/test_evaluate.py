@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -54,6 +55,22 @@ needs_torch = pytest.mark.skipif(
   importlib.util.find_spec("torch") is None or importlib.util.find_spec("lm_eval") is None,
   reason="the reference (lm-eval's HF model) needs torch, transformers and lm-eval",
 )
+
+
+@pytest.mark.fast
+@needs_lm_eval
+def test_apply_chat_template_renders_the_runs_turn_format():
+  """--apply_chat_template: lm-eval's chat history in the run's data.chat_template, then the assistant turn's head
+  (the text the model continues), as GRPO's prompts are rendered."""
+  from evaluation.harness import KilnLM
+
+  history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+  lm = types.SimpleNamespace(_chat_format="chatml")
+  want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+  assert KilnLM.apply_chat_template(lm, history) == want + "<|im_start|>assistant\n"
+  assert KilnLM.apply_chat_template(lm, history, add_generation_prompt=False) == want
+  with pytest.raises(ValueError, match="needs a chat template"):
+    KilnLM.apply_chat_template(types.SimpleNamespace(_chat_format=None), history)
 
 
 @pytest.mark.fast
